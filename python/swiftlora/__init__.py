@@ -1,0 +1,11 @@
+"""swiftlora: fast, memory-lean fine-tuning of LLMs on hand-written CUDA kernels.
+
+Importing swiftlora registers its ops as ``torch.ops.swiftlora.*`` and changes nothing else.
+"""
+from __future__ import annotations
+
+from ._build import build_info, compiled_arches, cuda_available, cuda_built
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "ops", "__version__"]

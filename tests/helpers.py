@@ -1,0 +1,39 @@
+"""Shared test helpers: devices, dtypes, and the tolerance rules of DESIGN.md."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are zero)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor | None = None, what: str = ""):
+    """DESIGN.md's rule: fp32 paths < 1e-5 relative error to the float64 reference; fp16/bf16 paths at most twice
+    the error of the plain-PyTorch reference run in the same low precision, and < 1e-2. NaN never passes."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values in the output"
+    err = rel_err(out, ref64)
+    if out.dtype in (torch.float32, torch.float64):
+        assert err < 1e-5, f"{what}: relative error {err:.3e} >= 1e-5 (float32 path)"
+        return
+    assert ref_lowp is not None, f"{what}: a low-precision reference is needed for {out.dtype}"
+    ref_err = rel_err(ref_lowp, ref64)
+    bound = 2 * max(ref_err, 1e-7)
+    assert err <= bound and err < 1e-2, (
+        f"{what}: relative error {err:.3e} vs the {out.dtype} reference's {ref_err:.3e} (bound {bound:.3e}, 1e-2)"
+    )
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False) -> torch.Tensor:
+    """Fresh random normal input (never zeros), made in float32 then cast."""
+    t = (torch.randn(*shape, device=device) * scale).to(dtype)
+    return t.requires_grad_(requires_grad)
