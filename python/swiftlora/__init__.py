@@ -5,7 +5,7 @@ Importing swiftlora registers its ops as ``torch.ops.swiftlora.*`` and changes n
 from __future__ import annotations
 
 from ._build import build_info, compiled_arches, cuda_available, cuda_built
-from . import ops
+from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "ops", "__version__"]
+__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "nn", "ops", "__version__"]
