@@ -1,7 +1,7 @@
 # Sourced by the README's commands: makes (or reuses) a virtual environment with torch and the build tools, and
 # builds swiftlora into it.   source scripts/_env.sh <cpu|cuda>
 #   cpu : torch 2.13.0 CPU build; CPU-only extension.
-#   cuda: torch 2.15.0 (CUDA 13 build from PyPI) and the CUDA kernels compiled with nvcc for SWIFTLORA_CUDA_ARCHS
+#   cuda: torch 2.14.1+cu130 (CUDA 13.0 build from PyPI) and the CUDA kernels compiled with nvcc for SWIFTLORA_CUDA_ARCHS
 #         (default here "80;90a"); works without a GPU (the kernels compile, gpu tests skip).
 # SWIFTLORA_PYTHON=/path/to/python skips the venv and installs into that interpreter as it is (e.g. a GPU machine
 # whose python already has a CUDA torch).
@@ -12,7 +12,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 case $swiftlora_mode in
   cpu)  torch_req="torch==2.13.0" ;;
-  cuda) torch_req="torch==2.15.0" ;;
+  cuda) torch_req="torch==2.14.1" ;;
   *) echo "unknown mode '$swiftlora_mode' (expected cpu or cuda)" >&2; return 2 ;;
 esac
 
