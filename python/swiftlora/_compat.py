@@ -1,0 +1,39 @@
+"""Every transformers/peft/trl version difference swiftlora depends on, and only here."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The model's RoPE settings as one flat dict with ``rope_type`` and ``rope_theta`` always present.
+
+    transformers >= 5 keeps them in ``config.rope_parameters`` (with ``rope_theta`` and ``partial_rotary_factor``
+    inside); 4.x had ``config.rope_theta`` beside an optional ``config.rope_scaling`` whose type key was once
+    ``type``. Models with one setting per attention type (Gemma 3: ``{"full_attention": {...},
+    "sliding_attention": {...}}``) need ``layer_type``.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:
+        if layer_type not in nested:
+            raise ValueError(f"{type(config).__name__} has one RoPE setting per layer type {nested}: "
+                             f"pass layer_type=<one of them>, got {layer_type!r}")
+        params = dict(params[layer_type])
+    scaling = getattr(config, "rope_scaling", None)
+    if not params and isinstance(scaling, dict):
+        params = dict(scaling)
+    if "rope_type" not in params:
+        params["rope_type"] = params.pop("type", "default")
+    if "rope_theta" not in params:
+        theta = getattr(config, "rope_theta", None)
+        if theta is None:
+            raise ValueError(f"{type(config).__name__} has no rope_theta (neither in rope_parameters nor on the config)")
+        params["rope_theta"] = theta
+    if "partial_rotary_factor" not in params and getattr(config, "partial_rotary_factor", None) is not None:
+        params["partial_rotary_factor"] = config.partial_rotary_factor
+    return params
+
+
+def head_dim(config: Any) -> int:
+    """``config.head_dim`` when set (Gemma, Qwen3 differ from hidden/heads), else hidden_size // heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
