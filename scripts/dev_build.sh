@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PATH="$(dirname "$(command -v "$PY")"):$PATH"   # the venv's cmake/ninja first
 tag=$($PY -c "import torch, sys; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}')")
-build="build/dev-$tag"
+build="build/dev-$tag${SWIFTLORA_FORCE_CPU:+-cpuonly}"
 mkdir -p build
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython3_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \

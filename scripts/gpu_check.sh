@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU machine's check, in one go: build for the GPU's arch, run the whole test suite (gpu tests included),
+# run compute-sanitizer (memcheck, racecheck) over the ops' gpu tests, check that a CPU-only build rejects CUDA
+# tensors clearly, and run the kernel benchmark (with peers when PEERS names a folder holding them).
+#   bash scripts/gpu_check.sh [OUT_DIR]      env: PYTHON (default python3), SWIFTLORA_CUDA_ARCHS (default 90a),
+#                                            PEERS (site folder with liger_kernel / unsloth), SKIP_SANITIZER=1
+# Every step runs even if an earlier one failed; OUT_DIR/summary.txt lists each step's status and time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(mkdir -p "${1:-build/gpu_check}" && cd "${1:-build/gpu_check}" && pwd)
+PY=${PYTHON:-python3}
+export SWIFTLORA_CUDA_ARCHS=${SWIFTLORA_CUDA_ARCHS:-90a} PYTHONUNBUFFERED=1 JOBS=${JOBS:-$(nproc)}
+summary="$out/summary.txt"; : >"$summary"
+overall=0
+
+step() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s) rc
+  echo; echo "================ $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || overall=1
+  printf '%-28s rc=%-4s %5ss\n' "$name" "$rc" "$(( $(date +%s) - start ))" | tee -a "$summary"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -n 2; } 2>&1 | tee "$out/versions.txt"
+
+step build 600 env PYTHON="$PY" bash scripts/dev_build.sh
+step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p no:cacheprovider -rfEs \
+  --junitxml="$out/tests.xml"
+
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  # Each tensor gets its own allocation (no caching allocator) so an out-of-bounds access cannot land silently in
+  # a neighbouring tensor; only swiftlora's kernels are instrumented.
+  for tool in memcheck racecheck; do
+    step "sanitizer-$tool" 900 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=python:. \
+      compute-sanitizer --tool "$tool" --error-exitcode 17 --kernel-name kns=swiftlora --print-limit 20 \
+      "$PY" -m pytest tests/ops -m gpu -q -x -p no:cacheprovider
+  done
+fi
+
+step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops rms_norm,rope,swiglu,geglu \
+  --out "$out/bench" ${PEERS:+--peers "$PEERS"}
+
+# Last, since it replaces python/swiftlora/_C: a CPU-only build must say how to rebuild when given CUDA tensors.
+step cpu-only-build 600 env PYTHON="$PY" SWIFTLORA_FORCE_CPU=ON bash scripts/dev_build.sh
+step cpu-only-tests 300 env PYTHONPATH=python:. "$PY" -m pytest tests/test_build.py tests/ops -q -p no:cacheprovider -rfEs
+
+echo; echo "================ summary"; cat "$summary"
+exit $overall
