@@ -96,10 +96,7 @@ class Harness:
 
     def measure(self, fn: Callable[[], object], restore: Restore | None = None) -> Measurement:
         untimed = self._untimed(restore)
-        for _ in range(self.warmup):
-            untimed()
-            fn()
-        times = self._wall_cuda(fn, untimed) if self.is_cuda else self._wall_cpu(fn, untimed)
+        times = self.wall_times(fn, untimed)
         m = Measurement(
             wall_ms=statistics.median(times), wall_ms_min=min(times), wall_ms_max=max(times), reps=len(times)
         )
@@ -107,6 +104,22 @@ class Harness:
             m.kernel_ms, m.kernels_per_call, m.kernel_note = self._kernel_time(fn, untimed, 1 + len(restore or ()))
             m.peak_extra_mib = self._peak_extra_mib(fn, restore)
         return m
+
+    def wall_times(self, fn: Callable[[], object], untimed: Callable[[], None]) -> list[float]:
+        """Milliseconds of each of ``reps`` calls, after ``warmup`` calls; ``untimed`` runs before each."""
+        for _ in range(self.warmup):
+            untimed()
+            fn()
+        return self._wall_cuda(fn, untimed) if self.is_cuda else self._wall_cpu(fn, untimed)
+
+    def copy_bandwidth_gbps(self, nbytes: int) -> float:
+        """Device-to-device copy bandwidth in GB/s (1e9 B/s), counting read + write: 2 * nbytes per
+        ``dst.copy_(src)``. Buffers much larger than L2, so no flush."""
+        src = torch.ones(nbytes, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        times = self.wall_times(lambda: dst.copy_(src), lambda: None)
+        del src, dst
+        return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
     def _untimed(self, restore: Restore | None) -> Callable[[], None]:
         def untimed():
@@ -138,7 +151,6 @@ class Harness:
         return times
 
     def _kernel_time(self, fn, untimed, untimed_per_call: int) -> tuple[float | None, float | None, str]:
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         n = self.profile_reps
@@ -148,21 +160,7 @@ class Harness:
                 untimed()
                 fn()
             self.sync()
-        total_us, kernels, n_untimed = 0.0, 0, 0
-        for evt in prof.events():
-            if evt.device_type != DeviceType.CUDA or _is_sync_event(evt):
-                continue
-            if UNTIMED_KERNEL in evt.name:
-                n_untimed += 1
-                continue
-            total_us += evt.time_range.elapsed_us()
-            kernels += 1
-        if n_untimed != n * untimed_per_call:
-            return None, None, (
-                f"kernel time unavailable: found {n_untimed} '{UNTIMED_KERNEL}' kernels in the profile, "
-                f"expected {n * untimed_per_call} (flush + restores)"
-            )
-        return total_us / n / 1e3, kernels / n, ""
+        return device_time_per_call(prof.events(), n, untimed_per_call)
 
     def _peak_extra_mib(self, fn, restore: Restore | None) -> float:
         if restore is not None:
@@ -177,24 +175,38 @@ class Harness:
         return (peak - base) / 2**20
 
 
-def _is_sync_event(evt) -> bool:
-    kind = getattr(evt, "activity_type", None)
+def device_time_per_call(events, n_calls: int, untimed_per_call: int) -> tuple[float | None, float | None, str]:
+    """(ms, device activities) per call from profiler events: the device events (kernels, memcpy, memset) other
+    than the untimed ``bitwise_not`` ones, whose count must be ``n_calls * untimed_per_call``."""
+    from torch.autograd import DeviceType
+
+    total_us, kernels, n_untimed = 0.0, 0, 0
+    for evt in events:
+        if not _is_device_work(evt, DeviceType.CUDA):
+            continue
+        if UNTIMED_KERNEL in evt.name:
+            n_untimed += 1
+            continue
+        total_us += evt.time_range.elapsed_us()
+        kernels += 1
+    if n_calls == 0 or n_untimed != n_calls * untimed_per_call:
+        return None, None, (
+            f"kernel time unavailable: {n_untimed} '{UNTIMED_KERNEL}' kernels in the profile, "
+            f"expected {n_calls * untimed_per_call} (L2 flush + restores)"
+        )
+    return total_us / n_calls / 1e3, kernels / n_calls, ""
+
+
+def _is_device_work(evt, device_type) -> bool:
+    """A kernel, memcpy or memset on the device; not a device-side annotation or synchronisation record."""
+    if evt.device_type != device_type:
+        return False
+    kind = getattr(evt, "activity_type", None)  # newer torch
     if kind:
-        return kind not in ("kernel", "gpu_memcpy", "gpu_memset")
-    return "Sync" in evt.name or "Wait Event" in evt.name
-
-
-def copy_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth, GB/s (1e9 B/s), counting read + write: 2 * nbytes per ``dst.copy_(src)``."""
-    device = torch.device(device)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    h = Harness(device, warmup=3, reps=reps, profile_reps=0)
-    times = h._wall_cuda(lambda: dst.copy_(src), lambda: None) if h.is_cuda else h._wall_cpu(
-        lambda: dst.copy_(src), lambda: None
-    )
-    del src, dst
-    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+        return kind in ("kernel", "gpu_memcpy", "gpu_memset")
+    if getattr(evt, "is_user_annotation", False):
+        return False
+    return "Sync" not in evt.name and "Wait Event" not in evt.name
 
 
 # ----------------------------------------------------------------------------------------------- environment header

@@ -165,7 +165,7 @@ def run_peer(provider: str, args: argparse.Namespace, work_dir: Path) -> tuple[l
         env.setdefault(k, v)
     path = [str(Path(args.peers).resolve())] if args.peers else []
     path += [str(REPO_ROOT)] + [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))  # in order, without repeats
     print(f"== {provider}: subprocess (PYTHONPATH={env['PYTHONPATH']}), log {log}", flush=True)
     reason = None
     try:
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         return 0
 
     copy_bytes = (64 << 20) if (args.quick or args.device == "cpu") else (1 << 30)
-    copy_bw = harness.copy_bandwidth_gbps(h.device, copy_bytes)
+    copy_bw = h.copy_bandwidth_gbps(copy_bytes)
     header = harness.environment(h.device, REPO_ROOT)
     header.update(copy_bw_gbps=copy_bw, copy_bw_bytes=copy_bytes, quick=args.quick, warmup=args.warmup,
                   reps=args.reps, profile_reps=args.profile_reps, peers_dir=args.peers)
