@@ -35,7 +35,7 @@ def liger(case: Case, inp: dict):
     if case.name != "tanh":
         raise Unavailable("liger's GeGLU (LigerGELUMulFunction) is the tanh approximation only")
     require_cuda(inp, "liger")
-    from liger_kernel.ops.geglu import LigerGELUMulFunction
+    from liger_kernel.ops import LigerGELUMulFunction
 
     return _glu.liger_bench(LigerGELUMulFunction, inp)
 

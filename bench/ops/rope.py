@@ -73,7 +73,7 @@ def _bshd(outs):
 
 def liger(case: Case, inp: dict):
     require_cuda(inp, "liger")
-    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops import LigerRopeFunction
 
     q, k = inp["q"], inp["k"]
     cos, sin = (inp[n][None].to(case.dtype) for n in ("cos_full", "sin_full"))  # [1, S, D]

@@ -32,7 +32,7 @@ def torch_reference(case: Case, inp: dict):
 
 def liger(case: Case, inp: dict):
     require_cuda(inp, "liger")
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.ops import LigerSiLUMulFunction
 
     return _glu.liger_bench(LigerSiLUMulFunction, inp)
 
