@@ -106,12 +106,12 @@ def run_provider(provider: str, op_names: list[str], quick: bool, h: harness.Har
 
 def _run_case(spec, case, provider: str, h: harness.Harness) -> list[dict]:
     rows = [_base_row(spec, case, provider, p) for p in PASSES]
+    label = f"{spec.OP}{'[' + case.name + ']' if case.name else ''} {case.shape} {provider}"
     try:
         inp = spec.make_inputs(case, h.device)
         bench = spec.PROVIDERS[provider](case, inp)
     except Exception as exc:  # noqa: BLE001 - a provider that cannot run is a row, never a crash
-        for row in rows:
-            row["status"] = f"unavailable: {_reason(exc)}"
+        _unavailable(rows, exc, label)
         return rows
     rows[0]["rel_err"], check_note = _check(spec, case, inp, bench)
     note = "; ".join(bench.notes + ([check_note] if check_note else []))
@@ -120,17 +120,26 @@ def _run_case(spec, case, provider: str, h: harness.Harness) -> list[dict]:
         try:
             m = h.measure(fn, bench.restore)
         except Exception as exc:  # noqa: BLE001
-            row["status"] = f"unavailable: {_reason(exc)}"
-            if os.environ.get("SWIFTLORA_BENCH_TRACEBACK"):
-                traceback.print_exc()
+            _unavailable([row], exc, f"{label} {row['pass']}")
             continue
         row.update({k: v for k, v in vars(m).items() if k != "kernel_note"})
         if m.kernel_note:
             row["note"] = "; ".join(filter(None, [note, m.kernel_note]))
+        kernel = f", kernel {m.kernel_ms:.4f} ms" if m.kernel_ms is not None else ""
+        print(f"   {label} {row['pass']}: {m.wall_ms:.4f} ms{kernel}", flush=True)
     del inp, bench
     if h.is_cuda:
         torch.cuda.empty_cache()
     return rows
+
+
+def _unavailable(rows: list[dict], exc: BaseException, label: str) -> None:
+    status = f"unavailable: {_reason(exc)}"
+    for row in rows:
+        row["status"] = status
+    print(f"   {label}: {status}", flush=True)
+    if not isinstance(exc, Unavailable):
+        traceback.print_exception(exc)
 
 
 def _check(spec, case, inp, bench) -> tuple[float | None, str]:
@@ -138,8 +147,8 @@ def _check(spec, case, inp, bench) -> tuple[float | None, str]:
     timed call rotates or overwrites them), and a note when it could not be computed."""
     try:
         ref = spec.reference(case, inp)
-    except Unavailable as exc:
-        return None, f"no error check: {exc}"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"no error check: {_reason(exc)}"
     try:
         return rel_err(bench.output(), ref), ""
     except Exception as exc:  # noqa: BLE001
