@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -223,8 +224,6 @@ def gpu_short_name(name: str | None) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'; no GPU -> 'cpu'."""
     if not name:
         return "cpu"
-    import re
-
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
     return (m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")).lower()
 
@@ -326,6 +325,9 @@ def markdown_report(header: dict, rows: list[dict], targets: list[dict]) -> str:
     gpu = header.get("gpu") or f"CPU ({header.get('host_cpu')})"
     sl = header.get("swiftlora", {})
     peers = ", ".join(f"{p}: {json.dumps(v)}" for p, v in header.get("peers", {}).items()) or "none"
+    cuda = header["device"] == "cuda"
+    timer = "CUDA events" if cuda else "time.perf_counter"
+    kernel = f"device kernels per call (torch.profiler, {header['profile_reps']} calls)" if cuda else "n/a on CPU"
     out = [
         f"# Kernel benchmark: {gpu}",
         "",
@@ -336,8 +338,8 @@ def markdown_report(header: dict, rows: list[dict], targets: list[dict]) -> str:
         f"- peers {peers}",
         f"- copy bandwidth {header['copy_bw_gbps']:.0f} GB/s ({header['copy_bw_bytes'] / 2**30:g} GiB "
         "`dst.copy_(src)`, read + write)",
-        f"- wall: median of {header['reps']} calls (CUDA events, L2 flushed before each); kernel: sum of device "
-        f"kernels per call (torch.profiler, {header['profile_reps']} calls); GB/s = floor bytes / time",
+        f"- wall: median of {header['reps']} calls ({timer}, caches flushed before each); kernel: {kernel}; "
+        "GB/s = floor bytes / time (see bench/NOTES.md)",
         "",
         markdown_table(rows),
         "",
