@@ -1,0 +1,1 @@
+"""swiftlora's benchmarks: `python -m bench.kernels` (kernels against the reference and peers). See NOTES.md."""

@@ -1,0 +1,13 @@
+"""One benchmark spec per op (see common.py for what a spec defines)."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+OPS = ("rms_norm", "rope", "swiglu", "geglu")
+
+
+def load(op: str) -> ModuleType:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    return importlib.import_module(f"{__name__}.{op}")

@@ -1,0 +1,116 @@
+"""What an op spec gives the runner, and helpers the specs share.
+
+A spec module (bench/ops/<op>.py) defines:
+    OP                      the op's name
+    cases(quick)            list[Case]: shapes, dtype, and the bytes fwd and fwd+bwd must move (the floor)
+    make_inputs(case, dev)  dict of fresh random tensors (seeded, so every provider gets the same values)
+    reference(case, inp)    the forward outputs of swiftlora's plain-PyTorch reference (for the error check)
+    PROVIDERS               {"swiftlora" | "torch" | "liger" | "unsloth": (case, inputs) -> Bench}
+A provider function raises ``Unavailable`` (or anything else) when it cannot run; the runner records a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..harness import Restore
+
+SEED = 0
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here: not installed, op not built yet, or needs another device."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # variant within the op ("" or e.g. "tanh")
+    shape: str  # for the table, e.g. "x[16384,4096]"
+    dtype: torch.dtype
+    dims: dict
+    bytes_fwd: int  # the floor: bytes a forward must read + write
+    bytes_fwd_bwd: int  # forward + backward (grads of every input)
+
+
+@dataclass
+class Bench:
+    """Callables for one provider on one case. ``output`` runs the forward on the still-pristine inputs and returns
+    its outputs in the reference's layout; ``restore`` puts back inputs an in-place provider overwrites."""
+
+    fwd: Callable[[], object]
+    fwd_bwd: Callable[[], object]
+    output: Callable[[], Sequence[torch.Tensor]]
+    restore: Restore | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def autograd_bench(
+    fn: Callable[[], object],
+    inputs: Sequence[torch.Tensor],
+    grad_like: Sequence[torch.Tensor],
+    canonical: Callable[[tuple], Sequence[torch.Tensor]] = lambda outs: outs,
+    restore: Restore | None = None,
+    notes: Sequence[str] = (),
+) -> Bench:
+    """A provider that is a differentiable function of ``inputs``: the forward records the graph (a training
+    forward); fwd+bwd takes the gradients of every input for fixed random output gradients shaped (and strided)
+    like ``grad_like``. ``torch.autograd.grad`` returns them instead of accumulating into ``.grad``, so no extra
+    accumulate kernel runs."""
+    grads = [torch.randn_like(t) for t in grad_like]
+
+    def fwd_bwd():
+        return torch.autograd.grad(as_tuple(fn()), inputs, grads)
+
+    def output():
+        with torch.no_grad():
+            return canonical(as_tuple(fn()))
+
+    return Bench(fwd=fn, fwd_bwd=fwd_bwd, output=output, restore=restore, notes=list(notes))
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def require_cuda(inputs: dict, who: str) -> None:
+    dev = next(t.device for t in inputs.values() if isinstance(t, torch.Tensor))
+    if dev.type != "cuda":
+        raise Unavailable(f"{who} runs Triton kernels, which need a CUDA device")
+
+
+def import_swiftlora_ops(*names: str) -> list:
+    """swiftlora.ops.<name> for each name; ops still being written raise Unavailable instead of ImportError."""
+    try:
+        import swiftlora.ops as ops
+    except Exception as exc:  # noqa: BLE001
+        raise Unavailable(f"import swiftlora: {type(exc).__name__}: {exc}") from exc
+    missing = [n for n in names if not hasattr(ops, n)]
+    if missing:
+        raise Unavailable(f"swiftlora.ops has no {', '.join(missing)} in this build")
+    return [getattr(ops, n) for n in names]
+
+
+def import_unsloth():
+    """Imports unsloth first, as it requires (it patches other libraries on import); its kernels afterwards."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        raise Unavailable(f"import unsloth: {type(exc).__name__}: {exc}") from exc
+
+
+def rel_err(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """max over outputs of ‖out − ref‖ / ‖ref‖, in float64."""
+    errs = []
+    for out, ref in zip(outs, refs, strict=True):
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ValueError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+        o, r = out.detach().double(), ref.detach().double()
+        denom = r.norm().item()
+        errs.append((o - r).norm().item() / (denom if denom > 0 else 1.0))
+    return max(errs)
