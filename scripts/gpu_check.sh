@@ -3,7 +3,8 @@
 # run compute-sanitizer (memcheck, racecheck) over the ops' gpu tests, check that a CPU-only build rejects CUDA
 # tensors clearly, and run the kernel benchmark (with peers when PEERS names a folder holding them).
 #   bash scripts/gpu_check.sh [OUT_DIR]      env: PYTHON (default python3), SWIFTLORA_CUDA_ARCHS (default 90a),
-#                                            PEERS (site folder with liger_kernel / unsloth), SKIP_SANITIZER=1
+#                                            PEERS (site folder with liger_kernel / unsloth),
+#                                            STEPS (default "build tests sanitizer bench cpu-only")
 # Every step runs even if an earlier one failed; OUT_DIR/summary.txt lists each step's status and time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,8 @@ PY=${PYTHON:-python3}
 export SWIFTLORA_CUDA_ARCHS=${SWIFTLORA_CUDA_ARCHS:-90a} PYTHONUNBUFFERED=1 JOBS=${JOBS:-$(nproc)}
 summary="$out/summary.txt"; : >"$summary"
 overall=0
+STEPS=" ${STEPS:-build tests sanitizer bench cpu-only} "
+want() { [[ $STEPS == *" $1 "* ]]; }
 
 step() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
@@ -27,11 +30,11 @@ step() {  # name, timeout seconds, command...
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -n 2; } 2>&1 | tee "$out/versions.txt"
 
-step build 600 env PYTHON="$PY" bash scripts/dev_build.sh
-step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p no:cacheprovider -rfEs \
+want build && step build 600 env PYTHON="$PY" bash scripts/dev_build.sh
+want tests && step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p no:cacheprovider -rfEs \
   --junitxml="$out/tests.xml"
 
-if [ -z "${SKIP_SANITIZER:-}" ]; then
+if want sanitizer; then
   # Each tensor gets its own allocation (no caching allocator) so an out-of-bounds access cannot land silently in
   # a neighbouring tensor; only swiftlora's kernels are instrumented.
   for tool in memcheck racecheck; do
@@ -41,12 +44,14 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 
-step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops rms_norm,rope,swiglu,geglu \
+want bench && step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops rms_norm,rope,swiglu,geglu \
   --out "$out/bench" ${PEERS:+--peers "$PEERS"}
 
 # Last, since it replaces python/swiftlora/_C: a CPU-only build must say how to rebuild when given CUDA tensors.
-step cpu-only-build 600 env PYTHON="$PY" SWIFTLORA_FORCE_CPU=ON bash scripts/dev_build.sh
-step cpu-only-tests 300 env PYTHONPATH=python:. "$PY" -m pytest tests/test_build.py tests/ops -q -p no:cacheprovider -rfEs
+if want cpu-only; then
+  step cpu-only-build 600 env PYTHON="$PY" SWIFTLORA_FORCE_CPU=ON bash scripts/dev_build.sh
+  step cpu-only-tests 300 env PYTHONPATH=python:. "$PY" -m pytest tests/test_build.py tests/ops -q -p no:cacheprovider -rfEs
+fi
 
 echo; echo "================ summary"; cat "$summary"
 exit $overall
