@@ -1,0 +1,89 @@
+// SwiGLU / GeGLU on the CPU: h = act(gate)·up and its backward, float32 math (csrc/common/glu_math.h), the
+// [rows, n] element range split over threads. Also the argument checks both backends share.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "common/glu_host.h"
+#include "ops.h"
+
+namespace swiftlora {
+
+void check_glu_args(const char* op, const at::Tensor& gate, const at::Tensor& up) {
+  check_float_dtype(gate, op, "gate");
+  check_same_dtype(gate, up, op, "gate", "up");
+  check_same_device(gate, up, op, "gate", "up");
+  TORCH_CHECK_VALUE(gate.dim() >= 1, op, ": gate must have at least one dim [..., N], got a scalar");
+  check_same_shape(gate, up, op, "gate", "up");
+  check_not_empty(gate, op, "gate");
+}
+
+void check_glu_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  check_glu_args(op, gate, up);
+  check_same_dtype(gate, grad, op, "gate", "grad");
+  check_same_device(gate, grad, op, "gate", "grad");
+  check_same_shape(gate, grad, op, "gate", "grad");
+}
+
+namespace {
+
+// Threads take contiguous ranges of the rows·n elements (so one very wide row is split too), row by row.
+constexpr int64_t kGrain = 1 << 15;
+
+struct RunCpu {
+  template <typename F, typename T, int kIn, int kOut>
+  void operator()(F f, const glu::GluOperands<T, kIn, kOut>& o) const {
+    const int64_t n = o.n;
+    at::parallel_for(0, o.rows * n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin / n; r * n < end; ++r) {
+        const int64_t c_end = std::min(end - r * n, n);
+        for (int64_t c = std::max<int64_t>(begin - r * n, 0); c < c_end; ++c) {
+          float x[kIn], y[kOut];
+          for (int k = 0; k < kIn; ++k) x[k] = static_cast<float>(o.in[k][r * o.in_stride[k] + c]);
+          f(x, y);
+          for (int k = 0; k < kOut; ++k) o.out[k][r * o.out_stride[k] + c] = static_cast<T>(y[k]);
+        }
+      }
+    });
+  }
+};
+
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  return glu::forward("swiglu", glu::Activation::kSilu, gate, up, RunCpu{});
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
+                                                       const at::Tensor& up) {
+  return glu::backward("swiglu_backward", glu::Activation::kSilu, grad, gate, up, RunCpu{});
+}
+
+void swiglu_backward_inplace_cpu(at::Tensor& grad, at::Tensor& gate, at::Tensor& up) {
+  glu::backward_inplace("swiglu_backward_", glu::Activation::kSilu, grad, gate, up, RunCpu{});
+}
+
+at::Tensor geglu_cpu(const at::Tensor& gate, const at::Tensor& up, bool approximate) {
+  return glu::forward("geglu", glu::gelu_activation(approximate), gate, up, RunCpu{});
+}
+
+std::tuple<at::Tensor, at::Tensor> geglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
+                                                      const at::Tensor& up, bool approximate) {
+  return glu::backward("geglu_backward", glu::gelu_activation(approximate), grad, gate, up, RunCpu{});
+}
+
+void geglu_backward_inplace_cpu(at::Tensor& grad, at::Tensor& gate, at::Tensor& up, bool approximate) {
+  glu::backward_inplace("geglu_backward_", glu::gelu_activation(approximate), grad, gate, up, RunCpu{});
+}
+
+}  // namespace
+}  // namespace swiftlora
+
+TORCH_LIBRARY_IMPL(swiftlora, CPU, m) {
+  m.impl("swiglu", &swiftlora::swiglu_cpu);
+  m.impl("swiglu_backward", &swiftlora::swiglu_backward_cpu);
+  m.impl("swiglu_backward_", &swiftlora::swiglu_backward_inplace_cpu);
+  m.impl("geglu", &swiftlora::geglu_cpu);
+  m.impl("geglu_backward", &swiftlora::geglu_backward_cpu);
+  m.impl("geglu_backward_", &swiftlora::geglu_backward_inplace_cpu);
+}
