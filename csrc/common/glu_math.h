@@ -16,7 +16,7 @@ namespace swiftlora::glu {
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;    // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)
-constexpr float kSqrt2OverPi = 0.79788456080286536f; // √(2/π)
+constexpr float kSqrt2OverPi = 0.79788456080286536f;  // √(2/π)
 constexpr float kGeluTanhCoeff = 0.044715f;
 
 // silu(g) = g·σ(g);  silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
@@ -29,23 +29,25 @@ struct Silu {
   }
 };
 
-// gelu(g) = g·Φ(g), Φ(g) = ½(1 + erf(g/√2));  gelu'(g) = Φ(g) + g·φ(g), φ(g) = exp(−g²/2)/√(2π).
+// gelu(g) = g·Φ(g), Φ(g) = ½(1 + erf(g/√2)) = ½·erfc(−g/√2) (no cancellation for g < 0);
+// gelu'(g) = Φ(g) + g·φ(g), φ(g) = exp(−g²/2)/√(2π).
 struct GeluExact {
-  static SWIFTLORA_HOST_DEVICE float cdf(float g) { return 0.5f * (1.f + erff(g * kInvSqrt2)); }
+  static SWIFTLORA_HOST_DEVICE float cdf(float g) { return 0.5f * erfcf(-g * kInvSqrt2); }
   static SWIFTLORA_HOST_DEVICE float value(float g) { return g * cdf(g); }
   static SWIFTLORA_HOST_DEVICE float grad(float g) { return cdf(g) + g * kInvSqrt2Pi * expf(-0.5f * g * g); }
 };
 
-// gelu_tanh(g) = ½g(1 + t), t = tanh(√(2/π)(g + 0.044715g³));
-// gelu_tanh'(g) = ½(1 + t) + ½g(1 − t²)·√(2/π)(1 + 3·0.044715g²).
+// gelu_tanh(g) = ½g(1 + t), t = tanh(u), u = √(2/π)(g + 0.044715g³); evaluated as g·σ(2u) (½(1 + tanh u) = σ(2u),
+// no cancellation for g < 0). gelu_tanh'(g) = ½(1 + t) + ½g(1 − t²)·u' = σ(2u) + 2g·σ(2u)(1 − σ(2u))·u',
+// u' = √(2/π)(1 + 3·0.044715g²).
 struct GeluTanh {
-  static SWIFTLORA_HOST_DEVICE float inner_tanh(float g) {
-    return tanhf(kSqrt2OverPi * (g + kGeluTanhCoeff * g * g * g));
+  static SWIFTLORA_HOST_DEVICE float half_one_plus_tanh(float g) {
+    return Silu::sigmoid(2.f * kSqrt2OverPi * (g + kGeluTanhCoeff * g * g * g));
   }
-  static SWIFTLORA_HOST_DEVICE float value(float g) { return 0.5f * g * (1.f + inner_tanh(g)); }
+  static SWIFTLORA_HOST_DEVICE float value(float g) { return g * half_one_plus_tanh(g); }
   static SWIFTLORA_HOST_DEVICE float grad(float g) {
-    const float t = inner_tanh(g);
-    return 0.5f * (1.f + t) + 0.5f * g * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kGeluTanhCoeff * g * g);
+    const float s = half_one_plus_tanh(g);
+    return s + 2.f * g * s * (1.f - s) * kSqrt2OverPi * (1.f + 3.f * kGeluTanhCoeff * g * g);
   }
 };
 
