@@ -19,9 +19,18 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)
 constexpr float kSqrt2OverPi = 0.79788456080286536f;  // √(2/π)
 constexpr float kGeluTanhCoeff = 0.044715f;
 
+// 1/x for x >= 1. On the device __fdividef (2 ulp): IEEE division's slow path is a call that spills registers.
+SWIFTLORA_HOST_DEVICE float reciprocal(float x) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.f, x);
+#else
+  return 1.f / x;
+#endif
+}
+
 // silu(g) = g·σ(g);  silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
 struct Silu {
-  static SWIFTLORA_HOST_DEVICE float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+  static SWIFTLORA_HOST_DEVICE float sigmoid(float g) { return reciprocal(1.f + expf(-g)); }
   static SWIFTLORA_HOST_DEVICE float value(float g) { return g * sigmoid(g); }
   static SWIFTLORA_HOST_DEVICE float grad(float g) {
     const float s = sigmoid(g);
