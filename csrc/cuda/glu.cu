@@ -11,6 +11,8 @@
 // done element by element.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "common/glu_host.h"
 
