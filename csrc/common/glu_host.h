@@ -1,9 +1,11 @@
 // The host side of swiglu/geglu that the CPU and CUDA backends share: checks, row views of the operands, output
-// allocation, dtype and activation dispatch. A backend supplies `run(functor, operands)`, which applies the
-// per-element functor (csrc/common/glu_math.h) to every element of the [rows, n] operands.
+// allocation, dtype and activation dispatch, and the six op entry points. A backend supplies a `Run` type whose
+// `run(functor, operands)` applies the per-element functor (csrc/common/glu_math.h) to every element of the
+// [rows, n] operands, and registers the ops with register_ops<Run>(m).
 #pragma once
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <array>
 #include <tuple>
@@ -99,6 +101,42 @@ void backward_inplace(const char* op, Activation act, at::Tensor& grad, at::Tens
       run(GluBackward<decltype(a), true>{}, make_operands<scalar_t>(in, out));
     });
   });
+}
+
+// The six ops of one backend.
+template <typename Run>
+struct Ops {
+  static at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+    return forward("swiglu", Activation::kSilu, gate, up, Run{});
+  }
+  static std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                            const at::Tensor& up) {
+    return backward("swiglu_backward", Activation::kSilu, grad, gate, up, Run{});
+  }
+  static void swiglu_backward_(at::Tensor& grad, at::Tensor& gate, at::Tensor& up) {
+    backward_inplace("swiglu_backward_", Activation::kSilu, grad, gate, up, Run{});
+  }
+  static at::Tensor geglu(const at::Tensor& gate, const at::Tensor& up, bool approximate) {
+    return forward("geglu", gelu_activation(approximate), gate, up, Run{});
+  }
+  static std::tuple<at::Tensor, at::Tensor> geglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                           const at::Tensor& up, bool approximate) {
+    return backward("geglu_backward", gelu_activation(approximate), grad, gate, up, Run{});
+  }
+  static void geglu_backward_(at::Tensor& grad, at::Tensor& gate, at::Tensor& up, bool approximate) {
+    backward_inplace("geglu_backward_", gelu_activation(approximate), grad, gate, up, Run{});
+  }
+};
+
+// Called from a backend's TORCH_LIBRARY_IMPL block.
+template <typename Run>
+void register_ops(torch::Library& m) {
+  m.impl("swiglu", &Ops<Run>::swiglu);
+  m.impl("swiglu_backward", &Ops<Run>::swiglu_backward);
+  m.impl("swiglu_backward_", &Ops<Run>::swiglu_backward_);
+  m.impl("geglu", &Ops<Run>::geglu);
+  m.impl("geglu_backward", &Ops<Run>::geglu_backward);
+  m.impl("geglu_backward_", &Ops<Run>::geglu_backward_);
 }
 
 }  // namespace swiftlora::glu

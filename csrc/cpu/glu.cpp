@@ -50,40 +50,9 @@ struct RunCpu {
   }
 };
 
-at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  return glu::forward("swiglu", glu::Activation::kSilu, gate, up, RunCpu{});
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
-                                                       const at::Tensor& up) {
-  return glu::backward("swiglu_backward", glu::Activation::kSilu, grad, gate, up, RunCpu{});
-}
-
-void swiglu_backward_inplace_cpu(at::Tensor& grad, at::Tensor& gate, at::Tensor& up) {
-  glu::backward_inplace("swiglu_backward_", glu::Activation::kSilu, grad, gate, up, RunCpu{});
-}
-
-at::Tensor geglu_cpu(const at::Tensor& gate, const at::Tensor& up, bool approximate) {
-  return glu::forward("geglu", glu::gelu_activation(approximate), gate, up, RunCpu{});
-}
-
-std::tuple<at::Tensor, at::Tensor> geglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
-                                                      const at::Tensor& up, bool approximate) {
-  return glu::backward("geglu_backward", glu::gelu_activation(approximate), grad, gate, up, RunCpu{});
-}
-
-void geglu_backward_inplace_cpu(at::Tensor& grad, at::Tensor& gate, at::Tensor& up, bool approximate) {
-  glu::backward_inplace("geglu_backward_", glu::gelu_activation(approximate), grad, gate, up, RunCpu{});
-}
-
 }  // namespace
 }  // namespace swiftlora
 
 TORCH_LIBRARY_IMPL(swiftlora, CPU, m) {
-  m.impl("swiglu", &swiftlora::swiglu_cpu);
-  m.impl("swiglu_backward", &swiftlora::swiglu_backward_cpu);
-  m.impl("swiglu_backward_", &swiftlora::swiglu_backward_inplace_cpu);
-  m.impl("geglu", &swiftlora::geglu_cpu);
-  m.impl("geglu_backward", &swiftlora::geglu_backward_cpu);
-  m.impl("geglu_backward_", &swiftlora::geglu_backward_inplace_cpu);
+  swiftlora::glu::register_ops<swiftlora::RunCpu>(m);  // swiglu, swiglu_backward(_), geglu, geglu_backward(_)
 }

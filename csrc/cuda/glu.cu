@@ -150,40 +150,9 @@ struct RunCuda {
   }
 };
 
-at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  return glu::forward("swiglu", glu::Activation::kSilu, gate, up, RunCuda{});
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
-                                                        const at::Tensor& up) {
-  return glu::backward("swiglu_backward", glu::Activation::kSilu, grad, gate, up, RunCuda{});
-}
-
-void swiglu_backward_inplace_cuda(at::Tensor& grad, at::Tensor& gate, at::Tensor& up) {
-  glu::backward_inplace("swiglu_backward_", glu::Activation::kSilu, grad, gate, up, RunCuda{});
-}
-
-at::Tensor geglu_cuda(const at::Tensor& gate, const at::Tensor& up, bool approximate) {
-  return glu::forward("geglu", glu::gelu_activation(approximate), gate, up, RunCuda{});
-}
-
-std::tuple<at::Tensor, at::Tensor> geglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
-                                                       const at::Tensor& up, bool approximate) {
-  return glu::backward("geglu_backward", glu::gelu_activation(approximate), grad, gate, up, RunCuda{});
-}
-
-void geglu_backward_inplace_cuda(at::Tensor& grad, at::Tensor& gate, at::Tensor& up, bool approximate) {
-  glu::backward_inplace("geglu_backward_", glu::gelu_activation(approximate), grad, gate, up, RunCuda{});
-}
-
 }  // namespace
 }  // namespace swiftlora::cuda
 
 TORCH_LIBRARY_IMPL(swiftlora, CUDA, m) {
-  m.impl("swiglu", &swiftlora::cuda::swiglu_cuda);
-  m.impl("swiglu_backward", &swiftlora::cuda::swiglu_backward_cuda);
-  m.impl("swiglu_backward_", &swiftlora::cuda::swiglu_backward_inplace_cuda);
-  m.impl("geglu", &swiftlora::cuda::geglu_cuda);
-  m.impl("geglu_backward", &swiftlora::cuda::geglu_backward_cuda);
-  m.impl("geglu_backward_", &swiftlora::cuda::geglu_backward_inplace_cuda);
+  swiftlora::glu::register_ops<swiftlora::cuda::RunCuda>(m);  // swiglu, swiglu_backward(_), geglu, geglu_backward(_)
 }
