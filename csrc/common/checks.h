@@ -1,6 +1,7 @@
 // Input checks shared by the CPU and CUDA implementations. Every failure is a TORCH_CHECK, which Python sees as
 // a RuntimeError/ValueError naming the argument and what was expected.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -54,6 +55,23 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   if (row_stride < n) return t.contiguous().view({-1, n});  // overlapping rows (e.g. expand): copy
   const int64_t rows = n == 0 ? 0 : t.numel() / n;
   return t.as_strided({rows, n}, {row_stride, 1});
+}
+
+// as_rows(t) for an op that writes t in place: an error naming t when that view would need a copy.
+inline at::Tensor writable_rows(const at::Tensor& t, const char* op, const char* name) {
+  at::Tensor rows = as_rows(t);
+  TORCH_CHECK_VALUE(rows.is_alias_of(t), op, ": ", name, " is written in place, so it must be viewable as rows "
+                    "[R, N] (unit stride on the last dim, rows that do not overlap), got shape ", t.sizes(),
+                    " strides ", t.strides());
+  return rows;
+}
+
+// Two tensors an op writes must not share elements (views of disjoint parts of one buffer are fine).
+inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
+                             const char* nb) {
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": ", na, " and ",
+                    nb, " share memory, but both are written in place; pass separate buffers");
 }
 
 }  // namespace swiftlora
