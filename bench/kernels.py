@@ -25,7 +25,7 @@ from . import harness, ops
 from .ops.common import Unavailable, rel_err
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LOCAL_PROVIDERS = ("swiftlora", "torch")
+LOCAL_PROVIDERS = ("swiftlora", "swiftlora_inplace", "torch")  # an op spec may lack swiftlora_inplace
 PEER_PROVIDERS = ("liger", "unsloth")
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS
 PASSES = ("fwd", "fwd+bwd")
@@ -99,6 +99,8 @@ def run_provider(provider: str, op_names: list[str], quick: bool, h: harness.Har
     rows = []
     for op in op_names:
         spec = ops.load(op)
+        if provider not in spec.PROVIDERS:  # e.g. swiftlora_inplace for an op without an in-place mode
+            continue
         for case in spec.cases(quick):
             rows += _run_case(spec, case, provider, h)
     return rows

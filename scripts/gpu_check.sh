@@ -31,7 +31,9 @@ step() {  # name, timeout seconds, command...
   nvcc --version | tail -n 2; } 2>&1 | tee "$out/versions.txt"
 
 want build && step build 600 env PYTHON="$PY" bash scripts/dev_build.sh
-want tests && step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p no:cacheprovider -rfEs \
+# pytest-xdist, where installed, runs the suite in 4 processes (a crashing test then fails alone).
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+want tests && step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p no:cacheprovider -rfEs $xdist \
   --junitxml="$out/tests.xml"
 
 if want sanitizer; then

@@ -35,6 +35,14 @@ def function_bench(fn: Callable, inp: dict, notes=()) -> Bench:
     return autograd_bench(lambda: fn(gate, up), [gate, up], [gate], notes=notes)
 
 
+def inplace_bench(fn: Callable, inp: dict) -> Bench:
+    """swiftlora with inplace_backward=True: dgate, dup go into gate's and up's buffers, h into dh's (the fused
+    MLP's mode, and what Liger always does): gate/up restored before each call, untimed."""
+    gate, up = inp["gate"], inp["up"]
+    return autograd_bench(lambda: fn(gate, up), [gate, up], [gate], restore=Restore(gate, up),
+                          notes=["inplace_backward (gate/up restored, untimed)"])
+
+
 def liger_bench(function_cls, inp: dict) -> Bench:
     """Liger's SiLUMul / GELUMul backward writes dgate, dup into the saved gate, up: restored before each call."""
     require_cuda(inp, "liger")

@@ -26,6 +26,11 @@ def swiftlora(case: Case, inp: dict):
     return _glu.function_bench(lambda g, u: geglu(g, u, approximate=case.name), inp)
 
 
+def swiftlora_inplace(case: Case, inp: dict):
+    (geglu,) = import_swiftlora_ops("geglu")
+    return _glu.inplace_bench(lambda g, u: geglu(g, u, approximate=case.name, inplace_backward=True), inp)
+
+
 def torch_reference(case: Case, inp: dict):
     (geglu_reference,) = import_swiftlora_ops("geglu_reference")
     return _glu.function_bench(lambda g, u: geglu_reference(g, u, approximate=case.name), inp, notes=["eager"])
@@ -46,4 +51,4 @@ def unsloth(case: Case, inp: dict):
     return _glu.unsloth_bench(fwd, bwd, inp)
 
 
-PROVIDERS = {"swiftlora": swiftlora, "torch": torch_reference, "liger": liger, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_inplace": swiftlora_inplace, "torch": torch_reference, "liger": liger, "unsloth": unsloth}

@@ -25,6 +25,11 @@ def swiftlora(case: Case, inp: dict):
     return _glu.function_bench(swiglu, inp)
 
 
+def swiftlora_inplace(case: Case, inp: dict):
+    (swiglu,) = import_swiftlora_ops("swiglu")
+    return _glu.inplace_bench(lambda g, u: swiglu(g, u, inplace_backward=True), inp)
+
+
 def torch_reference(case: Case, inp: dict):
     (swiglu_reference,) = import_swiftlora_ops("swiglu_reference")
     return _glu.function_bench(swiglu_reference, inp, notes=["eager"])
@@ -42,4 +47,4 @@ def unsloth(case: Case, inp: dict):
     return _glu.unsloth_bench(fwd, bwd, inp)
 
 
-PROVIDERS = {"swiftlora": swiftlora, "torch": torch_reference, "liger": liger, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_inplace": swiftlora_inplace, "torch": torch_reference, "liger": liger, "unsloth": unsloth}

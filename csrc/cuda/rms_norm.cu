@@ -86,78 +86,94 @@ __global__ void __launch_bounds__(1024) rms_norm_fwd_loop_kernel(const T* __rest
 
 // --------------------------------------------------------------------------------------------------- backward
 // dx may alias g (in-place backward): each thread reads its elements before writing them.
-template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(1024) rms_norm_bwd_kernel(const T* g, int64_t g_stride, const T* __restrict__ x,
-                                                            int64_t x_stride, const T* __restrict__ w,
-                                                            const float* __restrict__ rstd, T* dx, int64_t dx_stride,
-                                                            float* __restrict__ dw_partial, int64_t rows, int h,
-                                                            float offset) {
+// R rows per thread row are loaded together (more bytes in flight per thread); w is re-read from L1 rather than
+// held in registers, which go to the R rows and, with WGRAD, to this thread's dw partial sums.
+template <typename T, int VEC, int ITEMS, int R, bool WGRAD>
+__global__ void __launch_bounds__(R == 1 ? 1024 : kBlockThreads)
+    rms_norm_bwd_kernel(const T* g, int64_t g_stride, const T* __restrict__ x, int64_t x_stride,
+                        const T* __restrict__ w, const float* __restrict__ rstd, T* dx, int64_t dx_stride,
+                        float* __restrict__ dw_partial, int64_t rows, int h, float offset) {
   __shared__ float scratch[kMaxRowsPerBlock * 32];
-  float wn[ITEMS][VEC];
   float dw[ITEMS][VEC];
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * blockDim.x + threadIdx.x) * VEC;
-    Vec<T, VEC> wv;
-    if (col < h) wv = load_vec<T, VEC>(w + col);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      wn[it][j] = col < h ? static_cast<float>(wv.v[j]) + offset : 0.f;
-      dw[it][j] = 0.f;
-    }
+    for (int j = 0; j < VEC; ++j) dw[it][j] = 0.f;
   }
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t rows_per_step = static_cast<int64_t>(blockDim.y) * R;
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * rows_per_step;
   // The loop bound is uniform over the block (row_sum synchronises the whole block).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += row_step) {
-    const int64_t row = base + threadIdx.y;
-    const bool active = row < rows;
-    const float rs = active ? rstd[row] : 0.f;
-    Vec<T, VEC> gv[ITEMS], xv[ITEMS];
-    float dot = 0.f;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_step; base < rows; base += row_step) {
+    Vec<T, VEC> gv[R][ITEMS], xv[R][ITEMS];
+    float rs[R], dot[R];
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int col = (it * blockDim.x + threadIdx.x) * VEC;
-      if (active && col < h) {
-        gv[it] = load_vec_stream<T, VEC>(g + row * g_stride + col);
-        xv[it] = load_vec_stream<T, VEC>(x + row * x_stride + col);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = base + r * blockDim.y + threadIdx.y;
+      const bool active = row < rows;
+      rs[r] = active ? rstd[row] : 0.f;
+      dot[r] = 0.f;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          dot += static_cast<float>(gv[it].v[j]) * wn[it][j] * static_cast<float>(xv[it].v[j]);
+      for (int it = 0; it < ITEMS; ++it) {
+        const int col = (it * blockDim.x + threadIdx.x) * VEC;
+        if (active && col < h) {
+          gv[r][it] = load_vec_stream<T, VEC>(g + row * g_stride + col);
+          xv[r][it] = load_vec_stream<T, VEC>(x + row * x_stride + col);
         }
       }
     }
-    const float mean = row_sum(dot, scratch) * rs / static_cast<float>(h);
-    if (!active) continue;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * blockDim.x + threadIdx.x) * VEC;
-      if (col < h) {
+      if (col >= h) continue;
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (base + r * blockDim.y + threadIdx.y >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          dot[r] += static_cast<float>(gv[r][it].v[j]) * (static_cast<float>(wv.v[j]) + offset) *
+                    static_cast<float>(xv[r][it].v[j]);
+        }
+      }
+    }
+    float mean[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) mean[r] = row_sum(dot[r], scratch) * rs[r] / static_cast<float>(h);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * blockDim.x + threadIdx.x) * VEC;
+      if (col >= h) continue;
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = base + r * blockDim.y + threadIdx.y;
+        if (row >= rows) continue;
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float gj = static_cast<float>(gv[it].v[j]);
-          const float xhat = static_cast<float>(xv[it].v[j]) * rs;
-          dw[it][j] += gj * xhat;
-          out.v[j] = static_cast<T>(rs * (gj * wn[it][j] - xhat * mean));
+          const float gj = static_cast<float>(gv[r][it].v[j]);
+          const float xhat = static_cast<float>(xv[r][it].v[j]) * rs[r];
+          if constexpr (WGRAD) dw[it][j] += gj * xhat;
+          out.v[j] = static_cast<T>(rs[r] * (gj * (static_cast<float>(wv.v[j]) + offset) - xhat * mean[r]));
         }
         store_vec<T, VEC>(dx + row * dx_stride + col, out);
       }
     }
   }
-  if (dw_partial == nullptr) return;
+  if constexpr (!WGRAD) return;
   float* slot = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * h;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int col = (it * blockDim.x + threadIdx.x) * VEC;
     if (col < h) {
-      Vec<float, VEC> out;
+      if constexpr (VEC % 4 == 0) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out.v[j] = dw[it][j];
-      if constexpr (VEC == 4) {
-        store_vec<float, 4>(slot + col, out);
+        for (int j = 0; j < VEC; j += 4) {
+          store_vec<float, 4>(slot + col + j, Vec<float, 4>{{dw[it][j], dw[it][j + 1], dw[it][j + 2], dw[it][j + 3]}});
+        }
       } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) slot[col + j] = out.v[j];
+        for (int j = 0; j < VEC; ++j) slot[col + j] = dw[it][j];
       }
     }
   }
@@ -205,9 +221,9 @@ struct RowPlan {
 
 // tpr: the smallest power of two (>= 32) whose threads cover the row with at most 2 vectors each (8 scalars
 // each in the loop kernel, which takes rows that are not 16-byte aligned or wider than 1024·8 vectors).
-RowPlan plan_rows(int64_t h, int64_t elem_size, bool aligned) {
+RowPlan plan_rows(int64_t h, int64_t elem_size, bool aligned, int max_vec_items) {
   const int vec = static_cast<int>(16 / elem_size);
-  RowPlan p{aligned && h % vec == 0 && h / vec <= 1024 * 8, vec, 0, 32, 1};
+  RowPlan p{aligned && h % vec == 0 && h / vec <= int64_t{1024} * max_vec_items, vec, 0, 32, 1};
   const int64_t units = p.vectorized ? h / vec : h;
   const int64_t per_thread = p.vectorized ? 2 : 8;
   while (p.tpr < 1024 && ceil_div(units, p.tpr) > per_thread) p.tpr *= 2;
@@ -241,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
   auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const int64_t rows = x2.size(0), h = x2.size(1);
   TORCH_CHECK_VALUE(h <= INT32_MAX, "rms_norm: hidden size must be < 2^31, got ", h);
-  const RowPlan p = plan_rows(h, x.element_size(), rows_aligned(x2) && aligned_to(w.const_data_ptr(), 16));
+  const RowPlan p = plan_rows(h, x.element_size(), rows_aligned(x2) && aligned_to(w.const_data_ptr(), 16), 8);
   const dim3 block(p.tpr, p.rows_per_block);
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, p.rows_per_block)));
   const cudaStream_t stream = current_stream();
@@ -271,16 +287,16 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
   const int64_t rows = x2.size(0), h = x2.size(1);
   TORCH_CHECK_VALUE(h <= INT32_MAX, "rms_norm_backward: hidden size must be < 2^31, got ", h);
   const bool aligned = rows_aligned(g2) && rows_aligned(x2) && rows_aligned(dx2) && aligned_to(w.const_data_ptr(), 16);
-  const RowPlan p = plan_rows(h, x.element_size(), aligned);
+  const RowPlan p = plan_rows(h, x.element_size(), aligned, 2);  // wider rows: loop kernel (registers)
   const dim3 block(p.tpr, p.rows_per_block);
   const cudaStream_t stream = current_stream();
   const float off = offset ? 1.f : 0.f;
   at::Tensor partial;
   SWIFTLORA_DISPATCH_FLOAT(x.scalar_type(), "rms_norm_backward_cuda", [&] {
-    auto launch = [&](auto kernel) {
+    auto launch = [&](auto kernel, int rows_per_thread) {
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.tpr * p.rows_per_block, 0));
-      const int64_t groups = ceil_div(rows, p.rows_per_block);
+      const int64_t groups = ceil_div(rows, int64_t{p.rows_per_block} * rows_per_thread);
       const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(groups, int64_t{sm_count()} * std::max(per_sm, 1)));
       if (weight_grad) {
         partial = p.vectorized ? at::empty({grid * p.rows_per_block, h}, x.options().dtype(at::kFloat))
@@ -293,11 +309,31 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (p.vectorized) {
-      dispatch_items(p.items, [&](auto items) {
-        launch(rms_norm_bwd_kernel<scalar_t, 16 / sizeof(scalar_t), decltype(items)::value>);
-      });
+      // Vectorised rows need at most 2 vectors per thread (plan_rows); blocks of kBlockThreads take 2 rows at once.
+      auto pick = [&](auto items, auto wgrad) {
+        constexpr int kItems = decltype(items)::value;
+        constexpr bool kWgrad = decltype(wgrad)::value;
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        if (p.tpr * p.rows_per_block == kBlockThreads) {
+          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, 2, kWgrad>, 2);
+        } else {
+          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, 1, kWgrad>, 1);
+        }
+      };
+      auto with_items = [&](auto wgrad) {
+        if (p.items == 1) {
+          pick(std::integral_constant<int, 1>{}, wgrad);
+        } else {
+          pick(std::integral_constant<int, 2>{}, wgrad);
+        }
+      };
+      if (weight_grad) {
+        with_items(std::true_type{});
+      } else {
+        with_items(std::false_type{});
+      }
     } else {
-      launch(rms_norm_bwd_loop_kernel<scalar_t>);
+      launch(rms_norm_bwd_loop_kernel<scalar_t>, 1);
     }
   });
   return weight_grad ? partial.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options());

@@ -37,3 +37,15 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
 def head_dim(config: Any) -> int:
     """``config.head_dim`` when set (Gemma, Qwen3 differ from hidden/heads), else hidden_size // heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def below_autograd():
+    """Context in which torch.ops.swiftlora.* calls skip the Autograd dispatch key and go straight to the kernel.
+
+    The ops' Python entry points (swiftlora.ops.*) carry their own torch.autograd.Function, because the generic
+    autograd of torch.library.register_autograd costs ~70 µs of Python per call on torch 2.11-2.14, more than
+    many of our kernels take. The guard is private torch API (stable since 1.x), hence here.
+    """
+    import torch
+
+    return torch._C._AutoDispatchBelowAutograd()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import below_autograd
 from .. import _build  # noqa: F401  (registers torch.ops.swiftlora)
 
 _lib = torch.ops.swiftlora
@@ -42,9 +43,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
         ``[..., N]`` with gate's dtype (contiguous).
     """
     _check_tensors("swiglu", gate, up)
-    if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _GLUInplaceBackward.apply(gate, up, None)
-    return _lib.swiglu(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GLU.apply(gate, up, None, inplace_backward)
+    with below_autograd():
+        return _lib.swiglu(gate, up)
 
 
 def geglu(
@@ -63,9 +65,10 @@ def geglu(
     if approximate not in _APPROXIMATE:
         raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
     tanh = approximate == "tanh"
-    if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _GLUInplaceBackward.apply(gate, up, tanh)
-    return _lib.geglu(gate, up, tanh)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GLU.apply(gate, up, tanh, inplace_backward)
+    with below_autograd():
+        return _lib.geglu(gate, up, tanh)
 
 
 def _check_tensors(op: str, gate, up) -> None:
@@ -136,27 +139,38 @@ def _writable_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _GLUInplaceBackward(torch.autograd.Function):
-    """swiglu (approximate None) or geglu (approximate a bool) whose backward overwrites gate with grad_gate, up
-    with grad_up and the incoming gradient with the recomputed output."""
+class _GLU(torch.autograd.Function):
+    """swiglu (approximate None) or geglu (approximate a bool) for the Python entry points (see
+    _compat.below_autograd for why not the op's own autograd). With inplace, the backward overwrites gate with
+    grad_gate, up with grad_up and the incoming gradient with the recomputed output."""
 
     @staticmethod
-    def forward(ctx, gate, up, approximate):
+    def forward(ctx, gate, up, approximate, inplace):
         ctx.save_for_backward(gate, up)
-        ctx.approximate = approximate
-        return _lib.swiglu(gate, up) if approximate is None else _lib.geglu(gate, up, approximate)
+        ctx.approximate, ctx.inplace = approximate, inplace
+        with below_autograd():
+            return _lib.swiglu(gate, up) if approximate is None else _lib.geglu(gate, up, approximate)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = (t.detach() for t in ctx.saved_tensors)
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        if not ctx.inplace:
+            with below_autograd():
+                if ctx.approximate is None:
+                    grad_gate, grad_up = _lib.swiglu_backward(grad, gate, up)
+                else:
+                    grad_gate, grad_up = _lib.geglu_backward(grad, gate, up, ctx.approximate)
+            return (grad_gate if need_gate else None), (grad_up if need_up else None), None, None
         # An input whose gradient nobody wants keeps its values (as does up when it is gate, e.g. swiglu(x, x)):
         # the kernel writes into a copy of it instead.
-        keep = (not ctx.needs_input_grad[0], not ctx.needs_input_grad[1] or up.data_ptr() == gate.data_ptr())
+        keep = (not need_gate, not need_up or up.data_ptr() == gate.data_ptr())
         gate, up = (t.clone(memory_format=torch.contiguous_format) if k else _writable_rows(t)
                     for t, k in zip((gate, up), keep))
         grad = _writable_rows(grad)
-        if ctx.approximate is None:
-            _lib.swiglu_backward_(grad, gate, up)
-        else:
-            _lib.geglu_backward_(grad, gate, up, ctx.approximate)
-        return (gate if ctx.needs_input_grad[0] else None), (up if ctx.needs_input_grad[1] else None), None
+        with below_autograd():
+            if ctx.approximate is None:
+                _lib.swiglu_backward_(grad, gate, up)
+            else:
+                _lib.geglu_backward_(grad, gate, up, ctx.approximate)
+        return (gate if need_gate else None), (up if need_up else None), None, None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import below_autograd
 from .. import _build  # noqa: F401  (registers torch.ops.swiftlora)
 
 _lib = torch.ops.swiftlora
@@ -44,9 +45,10 @@ def rms_norm(
         raise TypeError(f"rms_norm: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
     if weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)
-    if inplace_backward and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNormInplaceBackward.apply(x, weight, float(eps), bool(offset))
-    return _lib.rms_norm(x, weight, float(eps), bool(offset))[0]
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, float(eps), bool(offset), bool(inplace_backward))
+    with below_autograd():
+        return _lib.rms_norm(x, weight, float(eps), bool(offset))[0]
 
 
 @torch.library.register_fake("swiftlora::rms_norm")
@@ -81,20 +83,27 @@ def _backward(ctx, grad_y, _grad_rstd):
 torch.library.register_autograd("swiftlora::rms_norm", _backward, setup_context=_setup_context)
 
 
-class _RMSNormInplaceBackward(torch.autograd.Function):
-    """rms_norm whose backward overwrites the incoming gradient with grad_x."""
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm for the Python entry point (see _compat.below_autograd for why not the op's own autograd); with
+    inplace, the backward overwrites the incoming gradient with grad_x."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
-        y, rstd = _lib.rms_norm(x, weight, eps, offset)
+    def forward(ctx, x, weight, eps, offset, inplace):
+        with below_autograd():
+            y, rstd = _lib.rms_norm(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
+        ctx.offset, ctx.inplace = offset, inplace
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
-        need_w = ctx.needs_input_grad[1]
-        grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-        grad_w = _lib.rms_norm_backward_(grad_y, x, weight, rstd, ctx.offset, need_w)
-        return grad_y, (grad_w if need_w else None), None, None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        with below_autograd():
+            if ctx.inplace:
+                grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
+                grad_w = _lib.rms_norm_backward_(grad_y, x, weight, rstd, ctx.offset, need_w)
+                grad_x = grad_y
+            else:
+                grad_x, grad_w = _lib.rms_norm_backward(grad_y, x, weight, rstd, ctx.offset, need_w)
+        return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None

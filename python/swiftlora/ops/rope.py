@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import below_autograd
 from .. import _build  # noqa: F401  (registers torch.ops.swiftlora)
 
 _lib = torch.ops.swiftlora
@@ -103,13 +104,16 @@ def rope(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rope: {name} must be a tensor, got {type(t).__name__}")
     tdt = _table_dtype(cos, q)
-    cos, sin = cos.to(tdt), sin.to(tdt)
-    if inplace:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return _RopeInplace.apply(q, k, cos, sin, position_ids, layout)
-        _lib.rope_(_to_bshd(q, layout), _to_bshd(k, layout), cos, sin, position_ids, False)
-        return q, k
-    qo, ko = _lib.rope(_to_bshd(q, layout), _to_bshd(k, layout), cos, sin, position_ids, False)
+    if cos.dtype != tdt or sin.dtype != tdt:
+        cos, sin = cos.to(tdt), sin.to(tdt)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _Rope.apply(q, k, cos, sin, position_ids, layout, inplace)
+    qb, kb = _to_bshd(q, layout), _to_bshd(k, layout)
+    with below_autograd():
+        if inplace:
+            _lib.rope_(qb, kb, cos, sin, position_ids, False)
+            return q, k
+        qo, ko = _lib.rope(qb, kb, cos, sin, position_ids, False)
     return _to_bshd(qo, layout), _to_bshd(ko, layout)
 
 
@@ -125,52 +129,66 @@ def _(q, k, cos, sin, position_ids, inverse):
     return None
 
 
-def _rotate_grads(gq, gk, q_like, k_like, cos, sin, position_ids, inverse):
-    """The backward of a rotation is the opposite rotation; an unused output's gradient is zero."""
+def _rotate_grads(gq, gk, q_meta, k_meta, cos, sin, position_ids, inverse):
+    """The backward of a rotation is the opposite rotation; an unused output's gradient is zero. q_meta/k_meta:
+    (shape, dtype, device) of the inputs, in the [B, S, H, D] order the kernel sees."""
     if gq is None and gk is None:
         return None, None
-    gq = q_like.new_zeros(q_like.shape) if gq is None else gq
-    gk = k_like.new_zeros(k_like.shape) if gk is None else gk
+    gq = torch.zeros(q_meta[0], dtype=q_meta[1], device=q_meta[2]) if gq is None else gq
+    gk = torch.zeros(k_meta[0], dtype=k_meta[1], device=k_meta[2]) if gk is None else gk
     return _lib.rope(gq, gk, cos, sin, position_ids, inverse)
+
+
+def _meta(t: torch.Tensor, layout: str = "bshd"):
+    b = _to_bshd(t, layout)
+    return b.shape, b.dtype, b.device
 
 
 def _setup_context(ctx, inputs, output):
     q, k, cos, sin, position_ids, inverse = inputs
     ctx.save_for_backward(cos, sin, position_ids)
     ctx.inverse = inverse
-    ctx.shapes = (q.new_zeros(()).expand(q.shape), k.new_zeros(()).expand(k.shape))
+    ctx.meta = (_meta(q), _meta(k))
 
 
 def _backward(ctx, gq, gk):
     cos, sin, position_ids = ctx.saved_tensors
-    dq, dk = _rotate_grads(gq, gk, *ctx.shapes, cos, sin, position_ids, not ctx.inverse)
+    dq, dk = _rotate_grads(gq, gk, *ctx.meta, cos, sin, position_ids, not ctx.inverse)
     return dq, dk, None, None, None, None
 
 
 torch.library.register_autograd("swiftlora::rope", _backward, setup_context=_setup_context)
 
 
-class _RopeInplace(torch.autograd.Function):
-    """rope_ under autograd: q and k are rotated in place and marked dirty; the backward rotates the grads back."""
+class _Rope(torch.autograd.Function):
+    """rope for the Python entry point (see _compat.below_autograd for why not the op's own autograd). In place,
+    q and k are rotated in their buffers and marked dirty; the backward always rotates the grads out of place."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, layout):
-        _lib.rope_(_to_bshd(q, layout), _to_bshd(k, layout), cos, sin, position_ids, False)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, q, k, cos, sin, position_ids, layout, inplace):
+        qb, kb = _to_bshd(q, layout), _to_bshd(k, layout)
+        with below_autograd():
+            if inplace:
+                _lib.rope_(qb, kb, cos, sin, position_ids, False)
+                ctx.mark_dirty(q, k)
+                out = q, k
+            else:
+                qo, ko = _lib.rope(qb, kb, cos, sin, position_ids, False)
+                out = _to_bshd(qo, layout), _to_bshd(ko, layout)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.layout = layout
-        ctx.shapes = (q.new_zeros(()).expand(q.shape), k.new_zeros(()).expand(k.shape))
-        return q, k
+        ctx.meta = ((qb.shape, q.dtype, q.device), (kb.shape, k.dtype, k.device))  # for an unused output's grad
+        return out
 
     @staticmethod
     def backward(ctx, gq, gk):
         cos, sin, position_ids = ctx.saved_tensors
         lay = ctx.layout
-        like_q, like_k = (_to_bshd(t, lay) for t in ctx.shapes)
-        dq, dk = _rotate_grads(
-            None if gq is None else _to_bshd(gq, lay), None if gk is None else _to_bshd(gk, lay),
-            like_q, like_k, cos, sin, position_ids, True,
-        )
+        with below_autograd():
+            dq, dk = _rotate_grads(
+                None if gq is None else _to_bshd(gq, lay), None if gk is None else _to_bshd(gk, lay),
+                *ctx.meta, cos, sin, position_ids, True,
+            )
         if dq is not None:
             dq, dk = _to_bshd(dq, lay), _to_bshd(dk, lay)
-        return dq, dk, None, None, None, None
+        return dq, dk, None, None, None, None, None
