@@ -9,6 +9,7 @@
 
 #include <array>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -23,11 +24,20 @@ inline Activation gelu_activation(bool approximate) {
   return approximate ? Activation::kGeluTanh : Activation::kGeluExact;
 }
 
-template <typename Fn>
+// T: the storage dtype. 16-bit outputs take the erf form of exact gelu (as PyTorch computes it): its cancellation
+// for very negative gate is far below their rounding, and erff is much cheaper than erfcf (the kernel stays
+// memory-bound); float32 keeps the erfc form.
+template <typename T, typename Fn>
 void dispatch_activation(Activation act, Fn&& fn) {
   switch (act) {
     case Activation::kSilu: fn(Silu{}); break;
-    case Activation::kGeluExact: fn(GeluExact{}); break;
+    case Activation::kGeluExact:
+      if constexpr (std::is_same_v<T, float>) {
+        fn(GeluExact{});
+      } else {
+        fn(GeluExactErf{});
+      }
+      break;
     case Activation::kGeluTanh: fn(GeluTanh{}); break;
   }
 }
@@ -59,7 +69,7 @@ at::Tensor forward(const char* op, Activation act, const at::Tensor& gate, const
   const std::array<at::Tensor, 2> in{as_rows(gate), as_rows(up)};
   const std::array<at::Tensor, 1> out{h.view({-1, gate.size(-1)})};
   SWIFTLORA_DISPATCH_FLOAT(gate.scalar_type(), "glu_forward", [&] {
-    dispatch_activation(act, [&](auto a) { run(GluForward<decltype(a)>{}, make_operands<scalar_t>(in, out)); });
+    dispatch_activation<scalar_t>(act, [&](auto a) { run(GluForward<decltype(a)>{}, make_operands<scalar_t>(in, out)); });
   });
   return h;
 }
@@ -75,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* op, Activation act, cons
   const std::array<at::Tensor, 3> in{as_rows(grad), as_rows(gate), as_rows(up)};
   const std::array<at::Tensor, 2> out{d_gate.view({-1, gate.size(-1)}), d_up.view({-1, gate.size(-1)})};
   SWIFTLORA_DISPATCH_FLOAT(gate.scalar_type(), "glu_backward", [&] {
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation<scalar_t>(act, [&](auto a) {
       run(GluBackward<decltype(a), false>{}, make_operands<scalar_t>(in, out));
     });
   });
@@ -97,7 +107,7 @@ void backward_inplace(const char* op, Activation act, at::Tensor& grad, at::Tens
                                      writable_rows(up, op, "up")};
   const std::array<at::Tensor, 3> out{in[1], in[2], in[0]};
   SWIFTLORA_DISPATCH_FLOAT(gate.scalar_type(), "glu_backward_", [&] {
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation<scalar_t>(act, [&](auto a) {
       run(GluBackward<decltype(a), true>{}, make_operands<scalar_t>(in, out));
     });
   });

@@ -46,6 +46,14 @@ struct GeluExact {
   static SWIFTLORA_HOST_DEVICE float grad(float g) { return cdf(g) + g * kInvSqrt2Pi * expf(-0.5f * g * g); }
 };
 
+// The same through erf: Φ(g) = ½ + ½·erf(g/√2). Cheaper; loses relative precision where Φ is tiny (g ≪ 0),
+// which only 16-bit outputs may afford (see dispatch_activation).
+struct GeluExactErf {
+  static SWIFTLORA_HOST_DEVICE float cdf(float g) { return 0.5f + 0.5f * erff(g * kInvSqrt2); }
+  static SWIFTLORA_HOST_DEVICE float value(float g) { return g * cdf(g); }
+  static SWIFTLORA_HOST_DEVICE float grad(float g) { return cdf(g) + g * kInvSqrt2Pi * expf(-0.5f * g * g); }
+};
+
 // gelu_tanh(g) = ½g(1 + t), t = tanh(u), u = √(2/π)(g + 0.044715g³); evaluated as g·σ(2u) (½(1 + tanh u) = σ(2u),
 // no cancellation for g < 0). gelu_tanh'(g) = ½(1 + t) + ½g(1 − t²)·u' = σ(2u) + 2g·σ(2u)(1 − σ(2u))·u',
 // u' = √(2/π)(1 + 3·0.044715g²).
@@ -73,7 +81,7 @@ template <typename Act, bool kRecompute>
 struct GluBackward {
   static constexpr int kIn = 3, kOut = kRecompute ? 3 : 2;
   SWIFTLORA_HOST_DEVICE void operator()(const float* in, float* out) const {
-    const float a = Act::value(in[1]);
+    const float a = Act::value(in[1]);  // shares cdf/sigmoid with grad() after inlining
     out[0] = in[0] * in[2] * Act::grad(in[1]);
     out[1] = in[0] * a;
     if constexpr (kRecompute) out[2] = a * in[2];

@@ -297,7 +297,10 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.tpr * p.rows_per_block, 0));
       const int64_t groups = ceil_div(rows, int64_t{p.rows_per_block} * rows_per_thread);
-      const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(groups, int64_t{sm_count()} * std::max(per_sm, 1)));
+      // With dw, a persistent grid (one fp32 partial row per resident row slot); without, one block per group.
+      const int64_t grid = weight_grad ? std::max<int64_t>(1, std::min<int64_t>(
+                                             groups, int64_t{sm_count()} * std::max(per_sm, 1)))
+                                       : groups;
       if (weight_grad) {
         partial = p.vectorized ? at::empty({grid * p.rows_per_block, h}, x.options().dtype(at::kFloat))
                                : at::zeros({grid * p.rows_per_block, h}, x.options().dtype(at::kFloat));
@@ -309,16 +312,12 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (p.vectorized) {
-      // Vectorised rows need at most 2 vectors per thread (plan_rows); blocks of kBlockThreads take 2 rows at once.
+      // One row per thread row (R = 1) with at most 2 vectors per thread (plan_rows): few registers, so many
+      // blocks per SM keep enough loads in flight.
       auto pick = [&](auto items, auto wgrad) {
-        constexpr int kItems = decltype(items)::value;
-        constexpr bool kWgrad = decltype(wgrad)::value;
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        if (p.tpr * p.rows_per_block == kBlockThreads) {
-          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, 2, kWgrad>, 2);
-        } else {
-          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, 1, kWgrad>, 1);
-        }
+        launch(rms_norm_bwd_kernel<scalar_t, 16 / sizeof(scalar_t), decltype(items)::value, 1,
+                                   decltype(wgrad)::value>,
+               1);
       };
       auto with_items = [&](auto wgrad) {
         if (p.items == 1) {
