@@ -137,9 +137,11 @@ def rope_tables(
     cfg: RopeConfig, length: int, device=None, dtype: torch.dtype = torch.float32, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-width ``(cos, sin)`` of shape ``[length, rotary_dim/2]`` for positions ``0 .. length-1``."""
-    inv, scaling = inv_freq_and_scaling(cfg, seq_len=seq_len, device=device)
+    # inv_freq on the CPU, as HF computes it at init: pow/exp on another device may differ by an ulp, which
+    # position ~1e4 turns into a visible angle error.
+    inv, scaling = inv_freq_and_scaling(cfg, seq_len=seq_len)
     t = torch.arange(length, device=device, dtype=torch.int64).float()
-    freqs = t[:, None] * inv.float()[None, :]
+    freqs = t[:, None] * inv.float().to(device)[None, :]
     return (freqs.cos() * scaling).to(dtype), (freqs.sin() * scaling).to(dtype)
 
 
