@@ -86,10 +86,11 @@ __global__ void __launch_bounds__(1024) rms_norm_fwd_loop_kernel(const T* __rest
 
 // --------------------------------------------------------------------------------------------------- backward
 // dx may alias g (in-place backward): each thread reads its elements before writing them.
-// R rows per thread row are loaded together (more bytes in flight per thread); w is re-read from L1 rather than
-// held in registers, which go to the R rows and, with WGRAD, to this thread's dw partial sums.
-template <typename T, int VEC, int ITEMS, int R, bool WGRAD>
-__global__ void __launch_bounds__(R == 1 ? 1024 : kBlockThreads)
+// One row per thread row and step; w is re-read from L1 rather than held in registers. With PREFETCH (the
+// persistent dw variant, 256-thread blocks) the next row's g and x are loaded before this row's reduction, so a
+// block keeps loads in flight across its barriers.
+template <typename T, int VEC, int ITEMS, bool PREFETCH, bool WGRAD>
+__global__ void __launch_bounds__(PREFETCH ? kBlockThreads : 1024)
     rms_norm_bwd_kernel(const T* g, int64_t g_stride, const T* __restrict__ x, int64_t x_stride,
                         const T* __restrict__ w, const float* __restrict__ rstd, T* dx, int64_t dx_stride,
                         float* __restrict__ dw_partial, int64_t rows, int h, float offset) {
@@ -100,63 +101,61 @@ __global__ void __launch_bounds__(R == 1 ? 1024 : kBlockThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) dw[it][j] = 0.f;
   }
-  const int64_t rows_per_step = static_cast<int64_t>(blockDim.y) * R;
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * rows_per_step;
-  // The loop bound is uniform over the block (row_sum synchronises the whole block).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_step; base < rows; base += row_step) {
-    Vec<T, VEC> gv[R][ITEMS], xv[R][ITEMS];
-    float rs[R], dot[R];
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  auto load_row = [&](int64_t row, Vec<T, VEC> (&gv)[ITEMS], Vec<T, VEC> (&xv)[ITEMS]) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = base + r * blockDim.y + threadIdx.y;
-      const bool active = row < rows;
-      rs[r] = active ? rstd[row] : 0.f;
-      dot[r] = 0.f;
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * blockDim.x + threadIdx.x) * VEC;
+      if (row < rows && col < h) {
+        gv[it] = load_vec_stream<T, VEC>(g + row * g_stride + col);
+        xv[it] = load_vec_stream<T, VEC>(x + row * x_stride + col);
+      }
+    }
+  };
+  Vec<T, VEC> gv[ITEMS], xv[ITEMS];
+  int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y;
+  if constexpr (PREFETCH) load_row(base + threadIdx.y, gv, xv);
+  // The loop bound is uniform over the block (row_sum synchronises the whole block).
+  for (; base < rows; base += row_step) {
+    const int64_t row = base + threadIdx.y;
+    const bool active = row < rows;
+    if constexpr (!PREFETCH) load_row(row, gv, xv);
+    Vec<T, VEC> gn[PREFETCH ? ITEMS : 1], xn[PREFETCH ? ITEMS : 1];
+    if constexpr (PREFETCH) load_row(row + row_step, gn, xn);
+    const float rs = active ? rstd[row] : 0.f;
+    float dot = 0.f;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * blockDim.x + threadIdx.x) * VEC;
+      if (!active || col >= h) continue;
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        dot += static_cast<float>(gv[it].v[j]) * (static_cast<float>(wv.v[j]) + offset) *
+               static_cast<float>(xv[it].v[j]);
+      }
+    }
+    const float mean = row_sum(dot, scratch) * rs / static_cast<float>(h);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * blockDim.x + threadIdx.x) * VEC;
+      if (!active || col >= h) continue;
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float gj = static_cast<float>(gv[it].v[j]);
+        const float xhat = static_cast<float>(xv[it].v[j]) * rs;
+        if constexpr (WGRAD) dw[it][j] += gj * xhat;
+        out.v[j] = static_cast<T>(rs * (gj * (static_cast<float>(wv.v[j]) + offset) - xhat * mean));
+      }
+      store_vec<T, VEC>(dx + row * dx_stride + col, out);
+    }
+    if constexpr (PREFETCH) {
 #pragma unroll
       for (int it = 0; it < ITEMS; ++it) {
-        const int col = (it * blockDim.x + threadIdx.x) * VEC;
-        if (active && col < h) {
-          gv[r][it] = load_vec_stream<T, VEC>(g + row * g_stride + col);
-          xv[r][it] = load_vec_stream<T, VEC>(x + row * x_stride + col);
-        }
-      }
-    }
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int col = (it * blockDim.x + threadIdx.x) * VEC;
-      if (col >= h) continue;
-      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (base + r * blockDim.y + threadIdx.y >= rows) continue;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          dot[r] += static_cast<float>(gv[r][it].v[j]) * (static_cast<float>(wv.v[j]) + offset) *
-                    static_cast<float>(xv[r][it].v[j]);
-        }
-      }
-    }
-    float mean[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) mean[r] = row_sum(dot[r], scratch) * rs[r] / static_cast<float>(h);
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int col = (it * blockDim.x + threadIdx.x) * VEC;
-      if (col >= h) continue;
-      const Vec<T, VEC> wv = load_vec<T, VEC>(w + col);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = base + r * blockDim.y + threadIdx.y;
-        if (row >= rows) continue;
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float gj = static_cast<float>(gv[r][it].v[j]);
-          const float xhat = static_cast<float>(xv[r][it].v[j]) * rs[r];
-          if constexpr (WGRAD) dw[it][j] += gj * xhat;
-          out.v[j] = static_cast<T>(rs[r] * (gj * (static_cast<float>(wv.v[j]) + offset) - xhat * mean[r]));
-        }
-        store_vec<T, VEC>(dx + row * dx_stride + col, out);
+        gv[it] = gn[it];
+        xv[it] = xn[it];
       }
     }
   }
@@ -315,9 +314,13 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
       // One row per thread row (R = 1) with at most 2 vectors per thread (plan_rows): few registers, so many
       // blocks per SM keep enough loads in flight.
       auto pick = [&](auto items, auto wgrad) {
-        launch(rms_norm_bwd_kernel<scalar_t, 16 / sizeof(scalar_t), decltype(items)::value, 1,
-                                   decltype(wgrad)::value>,
-               1);
+        constexpr int kVec = 16 / sizeof(scalar_t), kItems = decltype(items)::value;
+        constexpr bool kWgrad = decltype(wgrad)::value;
+        if (kWgrad && p.tpr * p.rows_per_block == kBlockThreads) {  // persistent: prefetch the next row
+          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, true, kWgrad>, 1);
+        } else {
+          launch(rms_norm_bwd_kernel<scalar_t, kVec, kItems, false, kWgrad>, 1);
+        }
       };
       auto with_items = [&](auto wgrad) {
         if (p.items == 1) {
