@@ -7,6 +7,7 @@
 // persistent grid (one wave of resident blocks) so each thread keeps its columns' dw in registers across rows.
 // Rows whose width or alignment rule out 16-byte vectors take a scalar loop kernel that reads twice (via L2).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -338,7 +339,8 @@ at::Tensor backward_into(const at::Tensor& grad_y, const at::Tensor& x, const at
       launch(rms_norm_bwd_loop_kernel<scalar_t>, 1);
     }
   });
-  return weight_grad ? partial.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options());
+  // One kernel: fp32 accumulation over the partial rows, written in the weight's dtype.
+  return weight_grad ? at::sum(partial, {0}, false, weight.scalar_type()) : at::empty({0}, weight.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
