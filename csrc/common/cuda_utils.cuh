@@ -28,17 +28,14 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-// Streamed once: skip L1 allocation so L1/L2 keep what is reused (weights, tables).
+// Streamed once: evict-first, so L1/L2 keep what is reused (weights, tables). Measured per kernel, not a rule:
+// on the H100 it helps rms_norm's forward but costs swiglu's backward 3% (bench/NOTES.md).
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
   Vec<T, N> out;
   static_assert(sizeof(Vec<T, N>) == 16 || sizeof(Vec<T, N>) <= 8, "16-byte or small vectors only");
   if constexpr (sizeof(Vec<T, N>) == 16) {
-#ifdef SWIFTLORA_PLAIN_STREAM_LOADS  // experiment switch (bench/NOTES.md): default-cached loads instead
-    const int4 raw = *reinterpret_cast<const int4*>(p);
-#else
     const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
-#endif
     out = *reinterpret_cast<const Vec<T, N>*>(&raw);
   } else {
     out = load_vec<T, N>(p);
