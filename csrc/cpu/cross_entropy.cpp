@@ -114,6 +114,7 @@ struct Transform {
 };
 
 struct RowStats {
+  float max, sum_exp;                  // lse = max + log(sum_exp); p_j = exp(z_j − max) / sum_exp
   float lse, z_label, z_sum, pz_sum;  // pz_sum = Σ p z (only when asked)
 };
 
@@ -154,6 +155,8 @@ RowStats row_stats(const T* x, int64_t v, int64_t label, const Transform& tf, bo
   float s = 0.f, ez = 0.f;
   for (int l = 0; l < kLanes; ++l) s += es[l], ez += ezs[l];
   RowStats r;
+  r.max = m;
+  r.sum_exp = s;
   r.lse = m + std::log(s);
   r.z_label = label >= 0 ? tf.z(static_cast<float>(x[label])) : 0.f;
   r.z_sum = z_sum;
@@ -161,14 +164,17 @@ RowStats row_stats(const T* x, int64_t v, int64_t label, const Transform& tf, bo
   return r;
 }
 
-// out[j] = (a·p_j + b·[j = label] + c + d·p_j·z_j)·dz_j/dx_j; out may be x (each element read before written).
+// out[j] = (a·p_j + b·[j = label] + c + d·p_j·z_j)·dz_j/dx_j with p_j = exp(z_j − shift)·mul (shift = lse,
+// mul = 1 from softmax_stats' output; shift = max, mul = 1/Σ exp inside one kernel: no rounding of a large lse).
+// out may be x (each element is read before it is written).
 template <typename T>
-void row_grad(const T* x, T* out, int64_t v, int64_t label, float lse, const float* coef, const Transform& tf) {
-  const float a = coef[0], b = coef[1], c = coef[2], d = coef[3];
+void row_grad(const T* x, T* out, int64_t v, int64_t label, float shift, float mul, const float* coef,
+              const Transform& tf) {
+  const float a = coef[0] * mul, b = coef[1], c = coef[2], d = coef[3] * mul;
   for (int64_t j = 0; j < v; ++j) {
     float z, dz;
     tf.z_dz(static_cast<float>(x[j]), z, dz);
-    const float p = std::exp(z - lse);
+    const float p = std::exp(z - shift);  // p_j / mul
     const float g = a * p + c + d * p * z + (j == label ? b : 0.f);
     out[j] = static_cast<T>(g * dz);
   }
@@ -231,7 +237,7 @@ void softmax_grad_into(const char* op, const at::Tensor& logits, const std::opti
     const scalar_t* xp = logits.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) row_grad(xp + r * xs, op_ + r * os, v, lab[r], lp[r], cp + 4 * r, tf);
+      for (int64_t r = begin; r < end; ++r) row_grad(xp + r * xs, op_ + r * os, v, lab[r], lp[r], 1.f, cp + 4 * r, tf);
     });
   });
 }
@@ -279,10 +285,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cpu(at::Tensor& logits, c
           std::fill(xr, xr + v, static_cast<scalar_t>(0.f));
           continue;
         }
-        lossp[r] = st.lse - (1.f - eps) * st.z_label - eps_v * st.z_sum + zl * st.lse * st.lse;
+        // lse − (1−ε)·z_label − (ε/V)·Σz, with lse = max + log Σ exp: the large terms cancel before rounding.
+        const float smooth = eps * (st.z_label - st.z_sum / static_cast<float>(v));
+        lossp[r] = std::log(st.sum_exp) + (st.max - st.z_label) + smooth + zl * st.lse * st.lse;
         const float g = gsp[r * gs_stride];
         const float coef[4] = {g * (1.f + 2.f * zl * st.lse), -g * (1.f - eps), -g * eps_v, 0.f};
-        row_grad(xr, xr, v, lab[r], st.lse, coef, tf);
+        row_grad(xr, xr, v, lab[r], st.max, 1.f / st.sum_exp, coef, tf);
       }
     });
   });

@@ -187,7 +187,7 @@ def cross_entropy_reference(logits, labels, *, ignore_index=-100, reduction="mea
     if o.reduction == "sum":
         return loss.sum()
     n = valid.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
-    n = n.to(loss.device, loss.dtype) if isinstance(n, torch.Tensor) else float(n)
+    n = n.to(loss.device, loss.dtype).reshape(()) if isinstance(n, torch.Tensor) else float(n)
     return loss.sum() / (n.clamp_min(1) if isinstance(n, torch.Tensor) else max(n, 1.0))
 
 
