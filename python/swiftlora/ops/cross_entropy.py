@@ -64,7 +64,7 @@ def ce_options(fn, ignore_index=-100, reduction="mean", label_smoothing=0.0, sof
     return CEOptions(ignore_index, reduction, float(label_smoothing), cap, scale, float(z_loss))
 
 
-def rows_of(fn, logits: torch.Tensor, labels: torch.Tensor | None, last: str = "vocab"):
+def rows_of(fn, logits: torch.Tensor, labels: torch.Tensor | None, last: str = "vocab", label_name: str = "labels"):
     """``logits [..., V]`` as rows ``[N, V]`` with unit stride on V (a view when possible), labels as ``[N]``
     (labels of shape ``[...]`` or ``[N]``), and the batch shape ``[...]``."""
     if not isinstance(logits, torch.Tensor):
@@ -78,9 +78,9 @@ def rows_of(fn, logits: torch.Tensor, labels: torch.Tensor | None, last: str = "
     if labels is None:
         return x2, None, batch
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{fn}: labels must be a tensor, got {type(labels).__name__}")
+        raise TypeError(f"{fn}: {label_name} must be a tensor, got {type(labels).__name__}")
     if labels.shape != batch and not (labels.dim() == 1 and labels.numel() == x2.shape[0]):
-        raise ValueError(f"{fn}: labels must have shape {tuple(batch)} (or [{x2.shape[0]}]), got "
+        raise ValueError(f"{fn}: {label_name} must have shape {tuple(batch)} (or [{x2.shape[0]}]), got "
                          f"{tuple(labels.shape)}")
     return x2, labels.reshape(-1), batch
 

@@ -60,7 +60,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
     check_linear(fn, hidden, weight)
     if token_ids is None:
         raise TypeError(f"{fn}: token_ids must be a tensor, got None")
-    h2, y, batch = rows_of(fn, hidden, token_ids, last="hidden")
+    h2, y, batch = rows_of(fn, hidden, token_ids, last="hidden", label_name="token_ids")
     rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, memory_budget_mb, chunk_size, fn)
     args = (ignore_index, 1.0 / t, bool(with_entropy), rows, batch)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
