@@ -26,7 +26,7 @@ from ..ops.fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, fused_lin
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """``labels[..., 1:]`` padded at the end with ignore_index: position t is scored on token t + 1."""
-    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
 
 
 def logit_options(config: Any) -> dict:
@@ -40,19 +40,19 @@ def logit_options(config: Any) -> dict:
     return {"softcap": softcap, "logit_scale": scale}
 
 
-def causal_lm_loss(logits_or_hidden: torch.Tensor, labels: torch.Tensor | None, vocab_size: int | None = None,
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None, ignore_index: int = -100,
                    shift_labels: torch.Tensor | None = None, *, lm_head_weight: torch.Tensor | None = None,
                    lm_head_bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
                    softcap: float | None = None, logit_scale: float = 1.0, z_loss: float = 0.0,
                    inplace_backward: bool = False, chunk_size: int | None = None,
                    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, **kwargs) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss``, usable as ``model.loss_function`` (extra keyword arguments are ignored,
-    as there).
+    """transformers' ``ForCausalLMLoss``, usable as ``model.loss_function`` (called as ``loss_function(logits=...,
+    labels=..., vocab_size=..., **kwargs)``; extra keyword arguments are ignored, as there).
 
     Args:
-        logits_or_hidden: logits ``[B, T, V]`` (any float dtype; not upcast), or, with ``lm_head_weight``, the
-            final hidden states ``[B, T, H]``.
+        logits: logits ``[B, T, V]`` (any float dtype; not upcast), or, with ``lm_head_weight``, the final hidden
+            states ``[B, T, H]`` (the name stays ``logits`` for transformers' keyword call).
         labels: ``[B, T]`` token ids, shifted here; ignored when ``shift_labels`` is given.
         vocab_size: checked against the logits' last dim (or the head's rows) when given.
         num_items_in_batch: divisor replacing the labelled-token count (int or tensor; no host sync).
@@ -65,7 +65,7 @@ def causal_lm_loss(logits_or_hidden: torch.Tensor, labels: torch.Tensor | None, 
     Returns:
         float32 scalar loss.
     """
-    x = logits_or_hidden
+    x = logits
     if shift_labels is None:
         if labels is None:
             raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels")
@@ -86,7 +86,7 @@ def causal_lm_loss(logits_or_hidden: torch.Tensor, labels: torch.Tensor | None, 
 class CausalLMLoss(nn.Module):
     """:func:`causal_lm_loss` with its options fixed at construction.
 
-    ``loss(logits, labels, num_items_in_batch=None)``, or the fused form
+    ``loss(logits, labels, num_items_in_batch=None)``, or the fused form on hidden states
     ``loss(hidden_states, labels, lm_head_weight=head.weight, lm_head_bias=head.bias)``.
     """
 
@@ -99,10 +99,10 @@ class CausalLMLoss(nn.Module):
                             z_loss=float(z_loss), inplace_backward=bool(inplace_backward), chunk_size=chunk_size,
                             memory_budget_mb=memory_budget_mb)
 
-    def forward(self, logits_or_hidden: torch.Tensor, labels: torch.Tensor | None,
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor | None,
                 num_items_in_batch: int | torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
                 lm_head_weight: torch.Tensor | None = None, lm_head_bias: torch.Tensor | None = None) -> torch.Tensor:
-        return causal_lm_loss(logits_or_hidden, labels, None, num_items_in_batch, self.ignore_index, shift_labels,
+        return causal_lm_loss(logits, labels, None, num_items_in_batch, self.ignore_index, shift_labels,
                               lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, **self.options)
 
     def extra_repr(self) -> str:
