@@ -4,10 +4,17 @@ log-probs.
 
 Forward, per chunk of rows: ``logits_c = hidden_c @ weightᵀ`` (input dtype), then ``softmax_stats`` with
 ``logit_scale = 1/temperature`` gives ``lse``, ``z[token]`` and ``E = Σ p z``: ``logprob = z[token] − lse``,
-``entropy = lse − E``. Only ``lse`` and ``E`` (float32 ``[N]``) are kept. Backward, per chunk: the logits are
-recomputed and ``softmax_grad_`` overwrites them with ``d/dx`` of ``Σ g_lp·logprob + g_ent·entropy``, i.e. the
-coefficients ``a = −g_lp + g_ent·E, b = g_lp, c = 0, d = −g_ent`` (``dH/dz_j = p_j (E − z_j)``); then
-``grad_hidden_c = grad_c @ weight`` and ``grad_weight += grad_cᵀ @ hidden_c`` (float32 accumulation).
+``entropy = lse − E``. The gradient w.r.t. the logits of ``Σ g_lp·logprob + g_ent·entropy`` is ``softmax_grad``
+with ``a = −g_lp + g_ent·E, b = g_lp, c = 0, d = −g_ent`` (``dH/dz_j = p_j (E − z_j)``). Two ways to the backward:
+
+- frozen weight (LoRA / QLoRA RL, the common case): ``grad_hidden = g_lp·u + g_ent·w`` is linear in the upstream
+  gradients, so the forward also computes ``u = d logprob/d hidden`` (``softmax_grad_`` with g_lp = 1 in the logits
+  chunk, then ``@ weight``) and, with entropy, ``w = d entropy/d hidden`` (a second chunk buffer), and the backward
+  only scales rows (``scale_rows_``): 2 GEMMs in all (3 with entropy), where recomputing costs 3 (4);
+- trainable weight: ``grad_weight`` needs the per-token gradients inside the GEMM, so only ``lse`` and ``E``
+  (float32 ``[N]``) are kept and the backward recomputes each chunk's logits, overwrites them with their gradient
+  (``softmax_grad_``), then ``grad_hidden_c = grad_c @ weight`` and ``grad_weight += grad_cᵀ @ hidden_c`` (float32
+  accumulation).
 """
 from __future__ import annotations
 
@@ -61,69 +68,115 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
     if token_ids is None:
         raise TypeError(f"{fn}: token_ids must be a tensor, got None")
     h2, y, batch = rows_of(fn, hidden, token_ids, last="hidden", label_name="token_ids")
-    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, memory_budget_mb, chunk_size, fn)
+    eager = hidden.requires_grad and not weight.requires_grad and torch.is_grad_enabled()
+    # the eager path with entropy holds two chunk buffers (both gradients): half the rows each
+    budget = memory_budget_mb / 2 if eager and with_entropy and chunk_size is None else memory_budget_mb
+    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, budget, chunk_size, fn)
     args = (ignore_index, 1.0 / t, bool(with_entropy), rows, batch)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _TokenLogprobs.apply(hidden, weight, h2.detach(), y, args)
+        return _TokenLogprobs.apply(hidden, weight, h2.detach(), y, args, eager)
     with below_autograd():
         lp, ent = _forward(h2, weight, y, args)[:2]
     return (lp, ent) if with_entropy else lp
 
 
-def _forward(h2, weight, y, args):
-    """(logprobs [...], entropy [...] or None, lse [N], E [N] or None)."""
+def _forward(h2, weight, y, args, eager=False):
+    """(logprobs [...], entropy [...] or None, lse [N], E [N] or None, u [N, H] or None, w [N, H] or None): u and w
+    (eager) are d logprob / d hidden and d entropy / d hidden per row."""
     ignore_index, scale, with_entropy, rows, batch = args
     n, dev = h2.shape[0], h2.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lp = torch.empty(n, dtype=torch.float32, device=dev)
     pz = torch.empty(n, dtype=torch.float32, device=dev) if with_entropy else None
+    u = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if eager else None
+    w = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if eager and with_entropy else None
+    valid = y != ignore_index
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        st = _lib.softmax_stats(chunk_logits(h2[s:e], weight, None), y[s:e], ignore_index, 0.0, scale, with_entropy)
+        logits = chunk_logits(h2[s:e], weight, None)
+        st = _lib.softmax_stats(logits, y[s:e], ignore_index, 0.0, scale, with_entropy)
         lse[s:e], lp[s:e] = st[0], st[1] - st[0]
         if with_entropy:
             pz[s:e] = st[3]
-    lp = torch.where(y != ignore_index, lp, 0.0).view(batch)
+        if eager:
+            one, zero = torch.ones_like(st[0]), torch.zeros_like(st[0])
+            if with_entropy:
+                g_ent = _lib.softmax_grad(logits, y[s:e], ignore_index, st[0],
+                                          torch.stack((st[3], zero, zero, -one), 1), 0.0, scale)
+                torch.mm(g_ent, weight, out=w[s:e])
+                del g_ent
+            v = valid[s:e].to(torch.float32)
+            _lib.softmax_grad_(logits, y[s:e], ignore_index, st[0], torch.stack((-v, v, zero, zero), 1), 0.0, scale)
+            torch.mm(logits, weight, out=u[s:e])
+    lp = torch.where(valid, lp, 0.0).view(batch)
     ent = (lse - pz).view(batch) if with_entropy else None
-    return lp, ent, lse, pz
+    return lp, ent, lse, pz, u, w
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Saves hidden, weight, ids, lse and E; the backward recomputes each chunk's logits."""
+    """eager (frozen weight): saves u, w and scales them in the backward; otherwise saves hidden, weight, ids, lse
+    and E, and the backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, h2, y, args):
+    def forward(ctx, hidden, weight, h2, y, args, eager):
         with below_autograd():
-            lp, ent, lse, pz = _forward(h2, weight, y, args)
-        ctx.save_for_backward(h2, weight, y, lse, pz)
-        ctx.args, ctx.shape = args, hidden.shape
+            lp, ent, lse, pz, u, w = _forward(h2, weight, y, args, eager)
+        if eager:
+            ctx.save_for_backward(u, w)
+        else:
+            ctx.save_for_backward(h2, weight, y, lse, pz)
+        ctx.args, ctx.shape, ctx.eager, ctx.used = args, hidden.shape, eager, False
         return (lp, ent) if args[2] else lp
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
-        h2, weight, y, lse, pz = ctx.saved_tensors
-        ignore_index, scale, with_entropy, rows, _ = ctx.args
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, dev = h2.shape[0], h2.device
         with below_autograd():
-            zero = torch.zeros(n, dtype=torch.float32, device=dev)
-            g_lp = zero if g_lp is None else g_lp.reshape(-1).to(torch.float32)
-            g_lp = torch.where(y != ignore_index, g_lp, 0.0)
-            a, d = -g_lp, zero
-            if with_entropy and g_ent is not None:
-                g_ent = g_ent.reshape(-1).to(torch.float32)
-                a, d = a + g_ent * pz, -g_ent
-            coef = torch.stack((a, g_lp, zero, d), 1)
-            grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
-            for s in range(0, n, rows):
-                e = min(s + rows, n)
-                hc = h2[s:e]
-                logits = chunk_logits(hc, weight, None)
-                _lib.softmax_grad_(logits, y[s:e], ignore_index, lse[s:e], coef[s:e], 0.0, scale)
-                if need_h:
-                    torch.mm(logits, weight, out=grad_h[s:e])
-                if need_w:
-                    addmm_fp32_(grad_w, logits.t(), hc)
-        return (None if grad_h is None else grad_h.view(ctx.shape)), \
-            (None if grad_w is None else grad_w.to(weight.dtype)), None, None, None
+            if ctx.eager:
+                grad_h, grad_w = _scaled_grads(ctx, g_lp, g_ent), None
+            else:
+                grad_h, grad_w = _recomputed_grads(ctx, g_lp, g_ent)
+        return (None if grad_h is None else grad_h.view(ctx.shape)), grad_w, None, None, None, None
+
+
+def _scaled_grads(ctx, g_lp, g_ent):
+    """grad_hidden = g_lp·u + g_ent·w, in u's buffer."""
+    if ctx.used:
+        raise RuntimeError("token_logprobs: with a frozen weight the backward can run only once (the gradients made "
+                           "in the forward are scaled in place); drop retain_graph")
+    ctx.used = True
+    u, w = ctx.saved_tensors
+    if g_lp is None:
+        u.zero_()
+    else:
+        _lib.scale_rows_(u, g_lp.reshape(-1).to(torch.float32))
+    if w is not None and g_ent is not None:
+        _lib.scale_rows_(w, g_ent.reshape(-1).to(torch.float32))
+        u.add_(w)
+    return u
+
+
+def _recomputed_grads(ctx, g_lp, g_ent):
+    h2, weight, y, lse, pz = ctx.saved_tensors
+    ignore_index, scale, with_entropy, rows, _ = ctx.args
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    n, dev = h2.shape[0], h2.device
+    zero = torch.zeros(n, dtype=torch.float32, device=dev)
+    g_lp = zero if g_lp is None else g_lp.reshape(-1).to(torch.float32)
+    g_lp = torch.where(y != ignore_index, g_lp, 0.0)
+    a, d = -g_lp, zero
+    if with_entropy and g_ent is not None:
+        g_ent = g_ent.reshape(-1).to(torch.float32)
+        a, d = a + g_ent * pz, -g_ent
+    coef = torch.stack((a, g_lp, zero, d), 1)
+    grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        hc = h2[s:e]
+        logits = chunk_logits(hc, weight, None)
+        _lib.softmax_grad_(logits, y[s:e], ignore_index, lse[s:e], coef[s:e], 0.0, scale)
+        if need_h:
+            torch.mm(logits, weight, out=grad_h[s:e])
+        if need_w:
+            addmm_fp32_(grad_w, logits.t(), hc)
+    return grad_h, (None if grad_w is None else grad_w.to(weight.dtype))
