@@ -126,11 +126,13 @@ def test_no_grad_and_backward_once(device):
 
 def test_chunk_rows_rule():
     bf16 = torch.bfloat16
+    assert chunk_rows(8192, 128256, bf16) == 256  # 64 MiB: cap 261 -> 256; 32 chunks
+    assert chunk_rows(8192, 151936, bf16) == 192  # cap 220 -> 192; 43 chunks of 191 -> 192
     assert chunk_rows(8192, 128256, bf16, 96) == 384  # cap 392 -> 384; 22 chunks of <= 384
-    assert chunk_rows(8192, 151936, bf16, 96) == 256  # cap 331 -> 256; 32 chunks
     assert chunk_rows(100, 128256, bf16, 96) == 100  # fits: one chunk
     assert chunk_rows(1000, 128256, torch.float32, 64) == 128  # cap 130 -> 128; 8 chunks of 125 -> 128
-    assert chunk_rows(50, 100000, torch.float32, 1) == 2  # cap 2 (< 128: not aligned); 25 chunks of 2
+    assert chunk_rows(1000, 128256, torch.float32, 100) == 192  # cap 204 -> 192; 6 chunks of 167 -> 192
+    assert chunk_rows(50, 100000, torch.float32, 1) == 2  # cap 2 (< 64: not aligned); 25 chunks of 2
     assert chunk_rows(7, 10**9, torch.float32, 1) == 1  # a row over budget still runs one row at a time
     assert chunk_rows(1000, 10, bf16, 96, chunk_size=33) == 33
     assert chunk_rows(20, 10, bf16, 96, chunk_size=33) == 20
@@ -148,6 +150,7 @@ def test_default_chunking_matches_reference(device):
     hidden, weight, bias = _inputs(300, 16, 1000, torch.float32, device)
     y = labels(300, 1000, device)
     _check(hidden, weight, bias, y, what="budget 0.5 MiB", memory_budget_mb=0.5)  # 131 rows -> 128 per chunk
+    _check(hidden, weight, bias, y, what="budget 0.1 MiB", memory_budget_mb=0.1)  # 26 rows, 12 chunks of 25
     _check(hidden, weight, bias, y, what="default budget")
 
 

@@ -20,8 +20,10 @@ from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import ce_options, mean_divisor, reduce_rows, row_loss, rows_of, cross_entropy_reference
 
 _lib = torch.ops.swiftlora
-DEFAULT_MEMORY_BUDGET_MB = 96
-ROW_ALIGN = 128  # chunks are whole 128-row GEMM tiles when the budget allows
+# 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
+# and cuBLAS's workspace stays inside the issue's 128 MiB of extra memory.
+DEFAULT_MEMORY_BUDGET_MB = 64
+ROW_ALIGN = 64  # chunks are whole 64-row GEMM tiles when the budget allows
 
 
 def chunk_rows(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
@@ -30,9 +32,10 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float =
 
     The one buffer whose size depends on the chunk is the logits chunk, ``C·V·itemsize`` bytes (its gradient is
     written over it; grad_hidden is ``[N, H]`` whatever C, so H does not enter). ``cap = ⌊budget / (V·itemsize)⌋``
-    rows, rounded down to a multiple of 128 when it is at least 128; ``n`` is then split into ``⌈n / cap⌉``
-    near-equal chunks, each rounded up to a multiple of 128 within ``cap``. ``chunk_size`` overrides all this.
-    Example: V = 128256 bf16, 96 MiB: cap = 392 -> 384; n = 8192 -> 22 chunks of 384 (the last 128).
+    rows, rounded down to a multiple of 64 when it is at least 64; ``n`` is then split into ``⌈n / cap⌉``
+    near-equal chunks, each rounded up to a multiple of 64 within ``cap``. ``chunk_size`` overrides all this.
+    Examples, n = 8192 bf16 at 64 MiB: V = 128256: cap 261 -> 256, 32 chunks of 256; V = 151936: cap 220 -> 192,
+    43 chunks of 192 (the last 128).
     """
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
