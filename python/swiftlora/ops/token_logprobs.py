@@ -8,9 +8,11 @@ Forward, per chunk of rows: ``logits_c = hidden_c @ weightᵀ`` (input dtype), t
 with ``a = −g_lp + g_ent·E, b = g_lp, c = 0, d = −g_ent`` (``dH/dz_j = p_j (E − z_j)``). Two ways to the backward:
 
 - frozen weight (LoRA / QLoRA RL, the common case): ``grad_hidden = g_lp·u + g_ent·w`` is linear in the upstream
-  gradients, so the forward also computes ``u = d logprob/d hidden`` (``softmax_grad_`` with g_lp = 1 in the logits
-  chunk, then ``@ weight``) and, with entropy, ``w = d entropy/d hidden`` (a second chunk buffer), and the backward
-  only scales rows (``scale_rows_``): 2 GEMMs in all (3 with entropy), where recomputing costs 3 (4);
+  gradients, so the forward also computes ``u = d logprob/d hidden`` (without entropy in one pass over the chunk:
+  ``cross_entropy_fused_`` with grad_scale −1 gives −logprob and overwrites the logits with d logprob/d logits; then
+  ``@ weight``) and, with entropy, ``w = d entropy/d hidden`` (``softmax_stats``, then ``softmax_grad`` into a second
+  chunk buffer and ``softmax_grad_``), and the backward only scales rows (``scale_rows_``): 2 GEMMs in all (3 with
+  entropy), where recomputing costs 3 (4);
 - trainable weight: ``grad_weight`` needs the per-token gradients inside the GEMM, so only ``lse`` and ``E``
   (float32 ``[N]``) are kept and the backward recomputes each chunk's logits, overwrites them with their gradient
   (``softmax_grad_``), then ``grad_hidden_c = grad_c @ weight`` and ``grad_weight += grad_cᵀ @ hidden_c`` (float32
@@ -91,9 +93,15 @@ def _forward(h2, weight, y, args, eager=False):
     u = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if eager else None
     w = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if eager and with_entropy else None
     valid = y != ignore_index
+    minus_one = torch.full((), -1.0, dtype=torch.float32, device=dev)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         logits = chunk_logits(h2[s:e], weight, None)
+        if eager and not with_entropy:  # one pass: −logprob and d logprob/d logits (grad_scale −1) in place
+            loss, lse[s:e] = _lib.cross_entropy_fused_(logits, y[s:e], ignore_index, 0.0, 0.0, 0.0, scale, minus_one)
+            lp[s:e] = -loss
+            torch.mm(logits, weight, out=u[s:e])
+            continue
         st = _lib.softmax_stats(logits, y[s:e], ignore_index, 0.0, scale, with_entropy)
         lse[s:e], lp[s:e] = st[0], st[1] - st[0]
         if with_entropy:
