@@ -252,6 +252,7 @@ def test_batch_shapes_strides_and_label_dtypes(device):
     _check_cross_entropy(padded, y.reshape(-1), inplace=True, what="padded rows inplace")
     transposed = randn(v, b * t, device=device).t()  # no unit stride on V: copied
     _check_cross_entropy(transposed, y.reshape(-1), what="transposed")
+    _check_cross_entropy(transposed, y.reshape(-1), inplace=True, what="transposed inplace (on a copy)")
     _check_cross_entropy(x[:, ::2], y[:, ::2], what="strided tokens")
 
 

@@ -120,7 +120,7 @@ def reduce_rows(rows: torch.Tensor, o: CEOptions, batch, divisor: torch.Tensor |
     return total if o.reduction == "sum" else total / divisor
 
 
-def grad_rows(grad: torch.Tensor, o: CEOptions, n: int, divisor: torch.Tensor | None) -> torch.Tensor:
+def grad_rows(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) -> torch.Tensor:
     """The loss's incoming gradient as one float32 weight per row (or [] for sum/mean, which broadcasts)."""
     if o.reduction == "none":
         return grad.reshape(-1).to(torch.float32)
@@ -222,7 +222,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
                    num_items_in_batch)
     x2, y, batch = rows_of("cross_entropy", logits, labels)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _CrossEntropy.apply(logits, x2, y, o, num_items_in_batch, bool(inplace_backward))
+        return _CrossEntropy.apply(logits, x2.detach(), y, o, num_items_in_batch, bool(inplace_backward))
     with below_autograd():
         stats = _lib.softmax_stats(x2, y, o.ignore_index, o.softcap, o.logit_scale, False)
     valid = y != o.ignore_index
@@ -246,15 +246,14 @@ class _CrossEntropy(torch.autograd.Function):
                 scale = one / divisor if divisor is not None else one
                 rows, _ = _lib.cross_entropy_fused_(x2, y, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
                                                     o.logit_scale, scale)
-                bump_version(logits)
+                if x2.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+                    bump_version(logits)  # (not when rows_of had to copy: then the copy holds the gradient)
                 ctx.save_for_backward(x2)
             else:
                 stats = _lib.softmax_stats(x2, y, o.ignore_index, o.softcap, o.logit_scale, False)
                 rows = row_loss(stats, valid, o, x2.shape[1])
                 ctx.save_for_backward(x2, y, stats[0], divisor)
-        if o.reduction == "none":
-            return rows.view(ctx.shape[:-1])
-        return rows.sum() if o.reduction == "sum" else rows.sum() / divisor
+        return reduce_rows(rows, o, ctx.shape[:-1], divisor)
 
     @staticmethod
     def backward(ctx, grad):
@@ -271,7 +270,7 @@ class _CrossEntropy(torch.autograd.Function):
                 dx = x2
             else:
                 x2, y, lse, divisor = ctx.saved_tensors
-                g = grad_rows(grad, o, x2.shape[0], divisor).expand(x2.shape[0])
+                g = grad_rows(grad, o, divisor).expand(x2.shape[0])
                 g = torch.where(y != o.ignore_index, g, 0.0)
                 dx = _lib.softmax_grad(x2, y, o.ignore_index, lse, ce_coef(g, lse, o, x2.shape[1]), o.softcap,
                                        o.logit_scale)
