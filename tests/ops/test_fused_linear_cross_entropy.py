@@ -14,7 +14,7 @@ from tests.ops.ce_helpers import IGNORE, assert_close_grad, labels, upstream_gra
 
 def _inputs(n, h, v, dtype, device, bias=True, train_w=True):
     hidden = randn(n, h, dtype=dtype, device=device, requires_grad=True)
-    weight = randn(v, h, dtype=dtype, device=device, scale=h**-0.5 * 3, requires_grad=train_w)
+    weight = randn(v, h, dtype=dtype, device=device, scale=h**-0.5, requires_grad=train_w)  # logits ~ N(0, 1)
     b = randn(v, dtype=dtype, device=device, requires_grad=train_w) if bias else None
     return hidden, weight, b
 
