@@ -9,7 +9,7 @@ import torch
 from swiftlora.ops import (cross_entropy, cross_entropy_reference, softmax_grad_reference,
                            softmax_stats_reference)
 from tests.helpers import DEVICES, DTYPES, assert_close, randn, rel_err
-from tests.ops.ce_helpers import IGNORE, assert_close_grad, upstream_grad
+from tests.ops.ce_helpers import IGNORE, assert_close_grad, rounded_twice, upstream_grad
 from tests.ops.ce_helpers import labels as _labels
 
 ops = torch.ops.swiftlora
@@ -156,7 +156,7 @@ def _check_cross_entropy(x, y, inplace=False, what="", **opts):
         refs[name] = lr.detach(), xr.grad
     assert loss.dtype == torch.float32
     assert_close(loss, refs["64"][0], what=f"{what} loss")
-    twice = inplace and not bool((g == 1).all())
+    twice = inplace and rounded_twice(x.dtype, opts.get("reduction", "mean"), g)
     assert_close_grad(xa.grad, refs["64"][1], refs["lowp"][1], twice, what=f"{what} grad")
     return loss, xa.grad
 
@@ -206,8 +206,10 @@ def test_extreme_logits_stay_finite(device, dtype):
             assert torch.isfinite(loss).all() and torch.isfinite(xa.grad).all(), f"{opts} {inplace}"
             assert rel_err(loss, ref) < 1e-5, f"{opts} {inplace}"
             # + 5e-5: at |z| ~ 1e4 the float32 lse that softmax_stats returns has an ulp of 1e-3, which shifts each
-            # p = exp(z − lse) of the out-of-place backward by up to 5e-4 (measured: 1e-5 overall).
-            bound = 2 * rel_err(refs[1], refs[0]) + 5e-5
+            # p = exp(z − lse) of the out-of-place backward by up to 5e-4 (measured: 1e-5 overall). In place in
+            # fp16 the gradient is formed at unit scale and divided by the token count in the backward: x3.
+            twice = inplace and dtype == torch.float16
+            bound = (3 if twice else 2) * rel_err(refs[1], refs[0]) + 5e-5
             assert rel_err(xa.grad, refs[0]) <= bound, f"{opts} {inplace}: {rel_err(xa.grad, refs[0]):.2e}"
 
 

@@ -128,6 +128,23 @@ def grad_rows(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) ->
     return g / divisor if o.reduction == "mean" else g
 
 
+def forward_grad_scale(dtype: torch.dtype, divisor: torch.Tensor | None, device):
+    """For a gradient formed in the forward, before the upstream gradient is known: (grad_scale for the kernel,
+    divisor left for the backward). bf16/fp32 take 1/divisor at once; float16 (normal range from 6e-5) stays at unit
+    scale and the backward applies upstream/divisor as one float32 factor, so the probabilities of a large batch
+    are not pushed into fp16's subnormals before a GradScaler's large upstream gradient can lift them."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    if divisor is None:
+        return one, None
+    return (one, divisor) if dtype == torch.float16 else (one / divisor, None)
+
+
+def backward_scale(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) -> torch.Tensor:
+    """The float32 factor (per row for reduction "none") that turns a forward-formed gradient into the final one."""
+    s = grad.reshape(-1 if o.reduction == "none" else ()).to(torch.float32)
+    return s if divisor is None else s / divisor
+
+
 # ----------------------------------------------------------------------------------------------- references
 
 
@@ -214,7 +231,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
             passes it under gradient accumulation (loss = sum / num_items_in_batch); int or tensor, no host sync.
         inplace_backward: compute the gradient in the forward, **overwriting logits with it** (no second ``[N, V]``
             buffer: the backward only scales it by the incoming gradient). Logits must not be used afterwards.
-            Autograd's version counter of logits is bumped, so an earlier op that saved them fails loudly.
+            Autograd's version counter of logits is bumped, so an earlier op that saved them fails loudly. The
+            backward runs once (no retain_graph). float16 logits get their gradient at unit scale and the mean's
+            division in the backward (one more pass) so a GradScaler's factor is not applied to underflowed values.
     Returns:
         float32 loss: a scalar, or ``[...]`` for reduction "none".
     """
@@ -242,8 +261,7 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.o, ctx.inplace, ctx.shape, ctx.used = o, inplace, logits.shape, False
         with below_autograd():
             if inplace:
-                one = torch.ones((), dtype=torch.float32, device=x2.device)
-                scale = one / divisor if divisor is not None else one
+                scale, ctx.divisor = forward_grad_scale(x2.dtype, divisor, x2.device)
                 rows, _ = _lib.cross_entropy_fused_(x2, y, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
                                                     o.logit_scale, scale)
                 if x2.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
@@ -265,8 +283,7 @@ class _CrossEntropy(torch.autograd.Function):
                                        "gradient lives in the logits' buffer); drop retain_graph or inplace_backward")
                 ctx.used = True
                 (x2,) = ctx.saved_tensors
-                scale = grad.reshape(-1) if o.reduction == "none" else grad.reshape(())
-                _lib.scale_rows_(x2, scale.to(torch.float32))
+                _lib.scale_rows_(x2, backward_scale(grad, o, ctx.divisor))
                 dx = x2
             else:
                 x2, y, lse, divisor = ctx.saved_tensors

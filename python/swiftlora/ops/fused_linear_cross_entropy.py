@@ -17,7 +17,8 @@ import math
 import torch
 
 from .._compat import addmm_fp32_, below_autograd
-from .cross_entropy import ce_options, mean_divisor, reduce_rows, row_loss, rows_of, cross_entropy_reference
+from .cross_entropy import (backward_scale, ce_options, cross_entropy_reference, forward_grad_scale, mean_divisor,
+                            reduce_rows, row_loss, rows_of)
 
 _lib = torch.ops.swiftlora
 # 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
@@ -175,8 +176,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss = _loss_chunks(h2, weight, bias, y, o, rows)
                 ctx.save_for_backward(h2, weight, bias, y)
             else:
-                one = torch.ones((), dtype=torch.float32, device=h2.device)
-                scale = one / divisor if divisor is not None else one
+                scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device)
                 loss, gh, gw, gb = _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b)
                 ctx.save_for_backward(gh, gw, gb)
         return reduce_rows(loss, o, hidden.shape[:-1], divisor)
@@ -195,7 +195,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                                        "are made in the forward and scaled in place); drop retain_graph")
                 ctx.used = True
                 gh, gw, gb = ctx.saved_tensors
-                scale = grad.reshape(-1 if o.reduction == "none" else ()).to(torch.float32)
+                scale = backward_scale(grad, o, ctx.divisor)
                 for g in (gh, gw, gb):  # per-row scale ("none") only reaches here with gh alone
                     if g is not None:
                         _lib.scale_rows_(g, scale)
