@@ -134,9 +134,9 @@ def _loss_chunks(h2, weight, bias, y, o, rows) -> torch.Tensor:
     return out
 
 
-def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b):
+def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb_factor=None):
     """Per-row loss and the gradients of Σ scale_i·loss_i w.r.t. hidden rows, weight and bias (None if not needed).
-    scale: float32 [] or [N]."""
+    scale: float32 [] or [N]; wb_factor: float32 [] applied to the float32 weight/bias sums before their cast."""
     n, dev = h2.shape[0], h2.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if need_h else None
@@ -155,6 +155,10 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b):
             addmm_fp32_(grad_w, logits.t(), hc)
         if need_b:
             grad_b += logits.sum(0, dtype=torch.float32)
+    if wb_factor is not None:
+        for acc in (grad_w, grad_b):
+            if acc is not None:
+                acc.mul_(wb_factor)
     grad_w = grad_w.to(weight.dtype) if need_w else None
     grad_b = grad_b.to(bias.dtype) if need_b else None
     return loss, grad_h, grad_w, grad_b
@@ -176,8 +180,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss = _loss_chunks(h2, weight, bias, y, o, rows)
                 ctx.save_for_backward(h2, weight, bias, y)
             else:
+                # fp16: unit-scale chunks (see forward_grad_scale); grad_hidden keeps that scale until the
+                # backward, the float32 weight/bias sums take 1/divisor before their cast (they could overflow)
                 scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device)
-                loss, gh, gw, gb = _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b)
+                wb = None if ctx.divisor is None else 1.0 / ctx.divisor
+                loss, gh, gw, gb = _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb)
                 ctx.save_for_backward(gh, gw, gb)
         return reduce_rows(loss, o, hidden.shape[:-1], divisor)
 
@@ -195,8 +202,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                                        "are made in the forward and scaled in place); drop retain_graph")
                 ctx.used = True
                 gh, gw, gb = ctx.saved_tensors
-                scale = backward_scale(grad, o, ctx.divisor)
-                for g in (gh, gw, gb):  # per-row scale ("none") only reaches here with gh alone
+                if gh is not None:
+                    _lib.scale_rows_(gh, backward_scale(grad, o, ctx.divisor))
+                for g in (gw, gb):  # a per-row scale ("none") never reaches here with these
                     if g is not None:
-                        _lib.scale_rows_(g, scale)
+                        _lib.scale_rows_(g, backward_scale(grad, o, None))
         return (None if gh is None else gh.view(ctx.shape)), gw, gb, None, None, None, None, None
