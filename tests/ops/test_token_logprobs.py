@@ -7,7 +7,7 @@ import torch
 
 from swiftlora.ops import token_logprobs, token_logprobs_reference
 from tests.helpers import DEVICES, DTYPES, assert_close, randn, rel_err
-from tests.ops.ce_helpers import IGNORE, assert_close_grad
+from tests.ops.ce_helpers import IGNORE, assert_close_grad, assert_close_values
 
 
 def _inputs(shape, h, v, dtype, device, train_w=True):
@@ -40,7 +40,7 @@ def _check(hidden, weight, ids, use=("lp",), what="", **opts):
             [o for o, _ in rp], [t for t in (rh, rw) if t.requires_grad], [g.to(dt) for _, g in rp])
     for name, o, r64, rlow in zip(("logprobs", "entropy"), outs, refs["64"][0], refs["lowp"][0]):
         assert o.dtype == torch.float32 and o.shape == ids.shape
-        assert_close(o, r64 if hidden.dtype == torch.float32 else rlow.double(), what=f"{what} {name}")
+        assert_close_values(o, r64, rlow, hidden.dtype, what=f"{what} {name}")
     # frozen weight: grad_hidden is formed in the forward and scaled in the backward (two roundings)
     twice = not weight.requires_grad
     for name, g, r64, rlow in zip(("hidden", "weight"), grads, refs["64"][1], refs["lowp"][1]):
