@@ -297,6 +297,7 @@ COLUMNS = [  # (header, row key, format)
     ("GB/s", "gbps", "{:.0f}"),
     ("% copy BW", "copy_bw_frac", "{:.0%}"),
     ("kernel % copy BW", "kernel_copy_bw_frac", "{:.0%}"),
+    ("TFLOP/s", "tflops", "{:.0f}"),
     ("x torch", "speedup_vs_torch", "{:.2f}"),
     ("peak extra MiB", "peak_extra_mib", "{:.1f}"),
     ("rel err", "rel_err", "{:.1e}"),

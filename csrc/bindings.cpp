@@ -25,6 +25,29 @@ TORCH_LIBRARY(swiftlora, m) {
   m.def("geglu(Tensor gate, Tensor up, bool approximate) -> Tensor");
   m.def("geglu_backward(Tensor grad, Tensor gate, Tensor up, bool approximate) -> (Tensor, Tensor)");
   m.def("geglu_backward_(Tensor(a!) grad, Tensor(b!) gate, Tensor(c!) up, bool approximate) -> ()");
+
+  // Softmax-over-vocab primitives behind cross_entropy, fused_linear_cross_entropy and token_logprobs
+  // (python/swiftlora/ops/cross_entropy.py). Rows of logits x [N, V]; z = softcap·tanh(scale·x/softcap) when
+  // softcap > 0, else scale·x; p = softmax(z). Labels equal to ignore_index (or labels None) select no target.
+  // Row statistics in float32 [N]: (lse, z at the label (0 if none), Σ_j z_j, Σ_j p_j z_j (only when
+  // with_entropy, else an empty tensor)).
+  m.def("softmax_stats(Tensor logits, Tensor? labels, int ignore_index, float softcap, float logit_scale, "
+        "bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+  // dL/dx_j = (a·p_j + b·[j = label] + c + d·p_j·z_j) · dz_j/dx_j with per-row coefficients coef [N, 4] float32
+  // (a, b, c, d); returns a new [N, V] tensor in logits' dtype.
+  m.def("softmax_grad(Tensor logits, Tensor? labels, int ignore_index, Tensor lse, Tensor coef, float softcap, "
+        "float logit_scale) -> Tensor");
+  // Same, written into logits' own buffer.
+  m.def("softmax_grad_(Tensor(a!) logits, Tensor? labels, int ignore_index, Tensor lse, Tensor coef, "
+        "float softcap, float logit_scale) -> ()");
+  // One pass: per-row cross-entropy loss (label smoothing, z-loss; 0 for ignored rows) and lse, with the
+  // gradient of Σ_i grad_scale_i·loss_i written into logits' buffer. grad_scale: float32 [] or [N] on the device
+  // (e.g. 1/number of counted tokens, computed there: no host sync). Returns (loss [N], lse [N]) float32.
+  m.def("cross_entropy_fused_(Tensor(a!) logits, Tensor labels, int ignore_index, float label_smoothing, "
+        "float z_loss, float softcap, float logit_scale, Tensor grad_scale) -> (Tensor, Tensor)");
+  // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
+  // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
+  m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
 }
 
 namespace py = pybind11;

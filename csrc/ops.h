@@ -17,7 +17,12 @@
   X(swiglu_backward_)            \
   X(geglu)                       \
   X(geglu_backward)              \
-  X(geglu_backward_)
+  X(geglu_backward_)             \
+  X(softmax_stats)               \
+  X(softmax_grad)                \
+  X(softmax_grad_)               \
+  X(cross_entropy_fused_)        \
+  X(scale_rows_)
 
 namespace swiftlora {
 
@@ -34,5 +39,17 @@ void check_rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // swiglu/geglu: gate, up [..., N] of one shape (grad too in the backward).
 void check_glu_args(const char* op, const at::Tensor& gate, const at::Tensor& up);
 void check_glu_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
+
+// softmax_* / cross_entropy_fused_: logits [N, V] (row stride free, unit column stride), labels [N] int64/int32.
+void check_softmax_args(const char* op, const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                        double softcap, double logit_scale);
+// lse [N] float32, coef [N, 4] float32.
+void check_softmax_grad_args(const char* op, const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                             const at::Tensor& lse, const at::Tensor& coef, double softcap, double logit_scale);
+// grad_scale float32 [] or [N]; label_smoothing in [0, 1]; z_loss >= 0.
+void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& labels, double label_smoothing,
+                                    double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
+// t [N, ...] float, scale float32 [] or [N].
+void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
 
 }  // namespace swiftlora

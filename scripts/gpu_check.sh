@@ -4,7 +4,8 @@
 # tensors clearly, and run the kernel benchmark (with peers when PEERS names a folder holding them).
 #   bash scripts/gpu_check.sh [OUT_DIR]      env: PYTHON (default python3), SWIFTLORA_CUDA_ARCHS (default 90a),
 #                                            PEERS (site folder with liger_kernel / unsloth),
-#                                            STEPS (default "build tests sanitizer bench cpu-only")
+#                                            STEPS (default "build tests sanitizer bench cpu-only"),
+#                                            BENCH_OPS (default: every op in bench/ops)
 # Every step runs even if an earlier one failed; OUT_DIR/summary.txt lists each step's status and time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,8 @@ if want sanitizer; then
   done
 fi
 
-want bench && step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops rms_norm,rope,swiglu,geglu \
+BENCH_OPS=${BENCH_OPS:-rms_norm,rope,swiglu,geglu,cross_entropy,fused_linear_cross_entropy,token_logprobs}
+want bench && step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops "$BENCH_OPS" \
   --out "$out/bench" ${PEERS:+--peers "$PEERS"}
 
 # Last, since it replaces python/swiftlora/_C: a CPU-only build must say how to rebuild when given CUDA tensors.

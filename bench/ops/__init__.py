@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-OPS = ("rms_norm", "rope", "swiglu", "geglu")
+OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs")
 
 
 def load(op: str) -> ModuleType:

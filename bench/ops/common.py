@@ -32,6 +32,8 @@ class Case:
     dims: dict
     bytes_fwd: int  # the floor: bytes a forward must read + write
     bytes_fwd_bwd: int  # forward + backward (grads of every input)
+    flops_fwd: int = 0  # the matmul FLOPs a forward must do (the fused LM-head ops; 0 = a memory-bound op)
+    flops_fwd_bwd: int = 0
 
 
 @dataclass
@@ -70,6 +72,30 @@ def autograd_bench(
     def output():
         with torch.no_grad():
             return canonical(as_tuple(fn()))
+
+    return Bench(fwd=fn, fwd_bwd=fwd_bwd, output=output, restore=restore, notes=list(notes))
+
+
+def loss_bench(
+    fn: Callable[[], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    restore: Restore | None = None,
+    notes: Sequence[str] = (),
+) -> Bench:
+    """A provider whose output is a loss (or per-token values, or a tuple of them): fwd+bwd takes the gradients of
+    ``inputs`` for the upstream gradient(s) ``grad``, by default 1 for a scalar loss, as ``loss.backward()`` in
+    training (providers that form the gradient in the forward then skip their scaling pass, as they would there)."""
+    wrt = [t for t in inputs if t.requires_grad]
+
+    def fwd_bwd():
+        outs = as_tuple(fn())
+        grads = [torch.ones((), device=o.device) for o in outs] if grad is None else as_tuple(grad)
+        return torch.autograd.grad(outs, wrt, grads)
+
+    def output():
+        with torch.no_grad():
+            return as_tuple(fn())
 
     return Bench(fwd=fn, fwd_bwd=fwd_bwd, output=output, restore=restore, notes=list(notes))
 

@@ -49,3 +49,41 @@ def below_autograd():
     import torch
 
     return torch._C._AutoDispatchBelowAutograd()
+
+
+def bump_version(t) -> None:
+    """Marks ``t`` as modified in place for autograd (its version counter), after a torch.ops.swiftlora op wrote into
+    it below autograd: an earlier op that saved ``t`` then fails loudly in its backward instead of using the new
+    values. torch.autograd.graph.increment_version exists since torch 2.1."""
+    import torch
+
+    torch.autograd.graph.increment_version(t)
+
+
+def addmm_fp32_(acc, a, b) -> None:
+    """``acc += a @ b`` with ``acc`` float32 and ``a``, ``b`` possibly 16-bit, accumulating in float32.
+
+    CUDA with torch's ``addmm(out_dtype=float32)`` (sm80+, torch >= 2.8) does it in one GEMM without a temporary;
+    otherwise the operands are upcast (a temporary of each operand's size, not of ``acc``'s).
+    """
+    import torch
+
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and a.dtype == b.dtype and _addmm_out_dtype_ok(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def _addmm_out_dtype_ok(device) -> bool:
+    import torch
+
+    key = (device.type, device.index)
+    if key not in _ADDMM_OUT_DTYPE:
+        has_overload = hasattr(torch.ops.aten.addmm, "dtype_out")
+        _ADDMM_OUT_DTYPE[key] = has_overload and torch.cuda.get_device_capability(device)[0] >= 8
+    return _ADDMM_OUT_DTYPE[key]

@@ -119,3 +119,31 @@ def test_gpu_short_name():
     assert harness.gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
     assert harness.gpu_short_name("NVIDIA H200") == "h200"
     assert harness.gpu_short_name(None) == "cpu"
+
+
+def test_cross_entropy_targets_on_synthetic_rows():
+    def row(op, provider, wall, mib, case=""):
+        spec = ops.load(op).cases(False)[0]
+        return {"op": op, "case": case, "shape": spec.shape, "pass": "fwd+bwd", "provider": provider, "status": "ok",
+                "wall_ms": wall, "kernel_ms": wall, "floor_bytes": spec.bytes_fwd_bwd, "peak_extra_mib": mib}
+
+    rows = [row("cross_entropy", "swiftlora", 2.2, 2100.0), row("cross_entropy", "swiftlora_inplace", 1.5, 40.0),
+            row("cross_entropy", "liger", 1.8, 60.0), row("cross_entropy", "unsloth", 2.0, 2100.0),
+            row("fused_linear_cross_entropy", "swiftlora", 13.0, 130.0),
+            row("fused_linear_cross_entropy", "gemm", 12.0, 0.0),
+            row("fused_linear_cross_entropy", "liger", 12.5, 300.0),
+            row("token_logprobs", "swiftlora", 8.0, 120.0), row("token_logprobs", "gemm", 7.0, 0.0)]
+    kernels.derive(rows, 3000.0)
+    names = ["cross_entropy", "fused_linear_cross_entropy", "token_logprobs"]
+    verdicts = {t["target"]: t["passed"] for t in kernels.targets(rows, "cuda", names)}
+    assert verdicts == {
+        "cross_entropy fwd+bwd wall <= 1.6 ms (in place)": True,
+        "cross_entropy fwd+bwd peak extra <= 64 MiB (in place)": True,
+        "fused_linear_cross_entropy fwd+bwd <= 1.15x its GEMMs": True,  # 13 / 12 = 1.083
+        "fused_linear_cross_entropy fwd+bwd peak extra <= 128 MiB": False,
+        "token_logprobs fwd+bwd <= 1.2x its GEMMs": True,  # 8 / 7 = 1.14
+        "token_logprobs fwd+bwd peak extra <= 256 MiB": True,
+        "cross_entropy fwd+bwd faster than the best peer": True,  # in place 1.5 < liger 1.8
+        "fused_linear_cross_entropy fwd+bwd faster than the best peer": False,  # 13 vs liger 12.5
+        "token_logprobs fwd+bwd faster than the best peer": None,  # no peer row
+    }
