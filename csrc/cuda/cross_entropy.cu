@@ -6,11 +6,13 @@
 // Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused kernel
 // reads a row, then re-reads it from L2 while writing the gradient (a persistent grid of one block per SM keeps
 // 132 rows · 256 KB = 33 MB in flight, inside the 50 MB L2), so HBM sees one read and one write.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
@@ -419,25 +421,34 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
 
 void scale_rows_inplace_cuda(at::Tensor& t, const at::Tensor& scale_in) {
   check_scale_rows_args(t, scale_in);
+  at::assert_no_internal_overlap(t);
+  if (t.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor scale = scale_in.contiguous();
-  const bool per_row = scale.dim() != 0;
-  // Per-row scales need t's rows; one scale lets a contiguous t be one long row.
-  const at::Tensor flat = t.dim() == 0 ? t.view({1, 1}) : (per_row ? t.reshape({t.size(0), -1}) : t.reshape({1, -1}));
-  at::Tensor t2 = writable_rows(flat.dim() == 2 ? flat : flat.view({1, -1}), "scale_rows_", "t");
-  TORCH_CHECK_VALUE(t2.is_alias_of(t), "scale_rows_: t must be writable in place as rows (unit stride on its last dims)");
+  const int64_t scale_stride = scale.dim() == 0 ? 0 : 1;
+  // Rows [N, M] in place when each row's elements are contiguous (the usual case), as on the CPU; otherwise
+  // ATen's broadcast multiply (same float32 math, one rounding).
+  const at::Tensor row0 = t.select(0, 0);
+  if (!row0.is_contiguous()) {
+    std::vector<int64_t> shape(t.dim(), 1);
+    shape[0] = scale_stride ? t.size(0) : 1;
+    t.mul_(scale.reshape(shape));
+    return;
+  }
+  at::Tensor t2 = t.as_strided({t.size(0), row0.numel()}, {t.stride(0), 1});
   const int64_t rows = t2.size(0), cols = t2.size(1);
   SWIFTLORA_DISPATCH_FLOAT(t.scalar_type(), "scale_rows_cuda", [&] {
     using T = scalar_t;
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, 65535), 65535)));
-    const unsigned threads = static_cast<unsigned>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
+    const auto threads =
+        static_cast<unsigned>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
     if (vector_rows(t2)) {
       scale_rows_kernel<T, 16 / sizeof(T)><<<grid, threads, 0, current_stream()>>>(
-          t2.mutable_data_ptr<T>(), t2.stride(0), rows, cols, scale.const_data_ptr<float>(), per_row ? 1 : 0);
+          t2.mutable_data_ptr<T>(), t2.stride(0), rows, cols, scale.const_data_ptr<float>(), scale_stride);
     } else {
       scale_rows_kernel<T, 1><<<grid, threads, 0, current_stream()>>>(
-          t2.mutable_data_ptr<T>(), t2.stride(0), rows, cols, scale.const_data_ptr<float>(), per_row ? 1 : 0);
+          t2.mutable_data_ptr<T>(), t2.stride(0), rows, cols, scale.const_data_ptr<float>(), scale_stride);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
