@@ -9,7 +9,8 @@ import torch
 from swiftlora.ops import (cross_entropy, cross_entropy_reference, softmax_grad_reference,
                            softmax_stats_reference)
 from tests.helpers import DEVICES, DTYPES, assert_close, randn, rel_err
-from tests.ops.ce_helpers import IGNORE, assert_close_grad, rounded_twice, upstream_grad
+from tests.ops.ce_helpers import (IGNORE, assert_close_grad, backward_factor, rounded_twice, scaled_after_rounding,
+                                  upstream_grad)
 from tests.ops.ce_helpers import labels as _labels
 
 ops = torch.ops.swiftlora
@@ -156,8 +157,17 @@ def _check_cross_entropy(x, y, inplace=False, what="", **opts):
         refs[name] = lr.detach(), xr.grad
     assert loss.dtype == torch.float32
     assert_close(loss, refs["64"][0], what=f"{what} loss")
-    twice = inplace and rounded_twice(x.dtype, opts.get("reduction", "mean"), g)
-    assert_close_grad(xa.grad, refs["64"][1], refs["lowp"][1], twice, what=f"{what} grad")
+    reduction = opts.get("reduction", "mean")
+    twice = inplace and rounded_twice(x.dtype, reduction, g)
+    ref_twice = None
+    if twice:
+        unit_opts = {k: v for k, v in opts.items() if k not in ("reduction", "num_items_in_batch")}
+        xr = x.detach().requires_grad_()
+        cross_entropy_reference(xr, y, reduction="none", **unit_opts).sum().backward()
+        ignore = opts.get("ignore_index", IGNORE)
+        factor = backward_factor(reduction, g, torch.where(y == ignore, IGNORE, 0), opts.get("num_items_in_batch"))
+        (ref_twice,) = scaled_after_rounding([xr.grad], factor)
+    assert_close_grad(xa.grad, refs["64"][1], refs["lowp"][1], twice, what=f"{what} grad", ref_twice=ref_twice)
     return loss, xa.grad
 
 

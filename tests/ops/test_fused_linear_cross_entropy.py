@@ -10,7 +10,8 @@ from swiftlora.ops import (cross_entropy, cross_entropy_reference, fused_linear_
                            fused_linear_cross_entropy_reference)
 from swiftlora.ops.fused_linear_cross_entropy import chunk_rows
 from tests.helpers import DEVICES, DTYPES, assert_close, randn, rel_err
-from tests.ops.ce_helpers import IGNORE, assert_close_grad, assert_close_values, labels, rounded_twice, upstream_grad
+from tests.ops.ce_helpers import (IGNORE, assert_close_grad, assert_close_values, backward_factor, labels,
+                                  rounded_twice, scaled_after_rounding, upstream_grad)
 
 
 def _inputs(n, h, v, dtype, device, bias=True, train_w=True):
@@ -36,10 +37,20 @@ def _check(hidden, weight, bias, y, what="", **opts):
                                                       g.to(rl.dtype))
     assert loss.dtype == torch.float32 and loss.shape == refs["64"][0].shape
     assert_close_values(loss, refs["64"][0], refs["lowp"][0], hidden.dtype, what=f"{what} loss")
-    twice = rounded_twice(hidden.dtype, opts.get("reduction", "mean"), g)
-    for name, out, r64, rlow in zip(("hidden", "weight", "bias"), grads, refs["64"][1], refs["lowp"][1]):
+    reduction = opts.get("reduction", "mean")
+    deferred = reduction == "none" and weight.requires_grad  # grads made in the backward: rounded once
+    twice = rounded_twice(hidden.dtype, reduction, g) and not deferred
+    ref_twice = [None] * len(grads)
+    if twice:
+        unit_opts = {k: v for k, v in ref_opts.items() if k not in ("reduction", "num_items_in_batch")}
+        rp = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (hidden, weight, bias)]
+        unit = fused_linear_cross_entropy_reference(*rp[:2], y, rp[2], reduction="none", **unit_opts).sum()
+        unit_grads = torch.autograd.grad(unit, [t for t in rp if t is not None and t.requires_grad])
+        ref_twice = scaled_after_rounding(unit_grads, backward_factor(reduction, g, y, opts.get("num_items_in_batch")))
+    for name, out, r64, rlow, r2 in zip(("hidden", "weight", "bias"), grads, refs["64"][1], refs["lowp"][1],
+                                        ref_twice):
         assert out.dtype == rlow.dtype, f"{what} grad_{name} dtype"
-        assert_close_grad(out, r64, rlow, twice, what=f"{what} grad_{name}")
+        assert_close_grad(out, r64, rlow, twice, what=f"{what} grad_{name}", ref_twice=r2)
     return loss, grads
 
 

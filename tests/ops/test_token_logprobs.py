@@ -55,7 +55,9 @@ def _check(hidden, weight, ids, use=("lp",), what="", **opts):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("head", ["trainable", "frozen"])
 def test_matches_reference(device, dtype, use, temperature, head):
-    hidden, weight, ids = _inputs((3, 7), 40, 301, dtype, device, train_w=head == "trainable")
+    # 128 rows: the 2x rule compares two rounding errors; on 21 rows x 40 their ratio had a tail past 2 (measured
+    # max 1.8 in 2000 draws for the entropy gradient in fp16; 1.35 at this size)
+    hidden, weight, ids = _inputs((8, 16), 64, 301, dtype, device, train_w=head == "trainable")
     ids[0, 2] = IGNORE
     _check(hidden, weight, ids, use, what=f"{use} T={temperature}", temperature=temperature,
            with_entropy="ent" in use or dtype == torch.float32, chunk_size=5)
