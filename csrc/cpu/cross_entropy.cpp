@@ -100,12 +100,14 @@ struct Transform {
         capped(softcap_ > 0) {}
 
   float z(float x) const { return capped ? softcap * std::tanh(x * inner) : x * scale; }
-  // z and dz/dx = scale·(1 − tanh²) (capped) or scale.
+  // z and dz/dx = scale·(1 − tanh² u) (capped, u = x·scale/softcap) or scale. 1 − tanh² u is computed as
+  // 4e/(1+e)² with e = exp(−2|u|), not from tanh: near saturation 1 − t·t cancels (at 1 − t² = 1e-3 float32 keeps
+  // 4 digits), the exp form keeps full precision for every u.
   void z_dz(float x, float& z, float& dz) const {
     if (capped) {
-      const float t = std::tanh(x * inner);
-      z = softcap * t;
-      dz = scale * (1.f - t * t);
+      const float u = x * inner, e = std::exp(-2.f * std::fabs(u));
+      z = softcap * std::tanh(u);
+      dz = scale * (4.f * e / ((1.f + e) * (1.f + e)));
     } else {
       z = x * scale;
       dz = scale;
