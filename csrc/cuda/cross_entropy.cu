@@ -32,9 +32,11 @@ struct Transform {
   __device__ __forceinline__ float z(float x) const { return cap > 0.f ? cap * tanhf(x * scale * inv_cap) : x * scale; }
   __device__ __forceinline__ float z_and_dz(float x, float& dz) const {
     if (cap > 0.f) {
-      const float t = tanhf(x * scale * inv_cap);
-      dz = scale * (1.f - t * t);
-      return cap * t;
+      const float u = x * scale * inv_cap;
+      // 1 − tanh²(u) = 4e/(1 + e)², e = exp(−2|u|): no cancellation near saturation (as the CPU kernel).
+      const float e = expf(-2.f * fabsf(u));
+      dz = scale * 4.f * e / ((1.f + e) * (1.f + e));
+      return cap * tanhf(u);
     }
     dz = scale;
     return x * scale;
