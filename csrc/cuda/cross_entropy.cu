@@ -259,8 +259,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (threadIdx.x == 0) {
       lse_out[row] = label == -2 ? kNaN : l;
-      loss[row] = label >= 0 ? l - (1.f - smoothing) * label_z - smoothing / static_cast<float>(v) * o.sz +
-                                   z_loss * l * l
+      // log Σexp(z − m) + (m − z_label): no cancellation between two large numbers when |z| ~ 1e4 (as the CPU).
+      loss[row] = label >= 0 ? __logf(o.s) + (1.f - smoothing) * (o.m - label_z) +
+                                   smoothing * (o.m - o.sz / static_cast<float>(v)) + z_loss * l * l
                              : (label == -2 ? kNaN : 0.f);
     }
     row_grad<T, VEC>(xr, xr, v, k, f);
