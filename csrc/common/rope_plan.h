@@ -1,9 +1,12 @@
 // What both rope backends need to walk q, k and the cos/sin tables: sizes and element strides, with every
 // broadcast (batch of 1 in the tables or position ids) turned into a zero stride. Built after check_rope_args.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 
 namespace swiftlora {
 
@@ -42,6 +45,24 @@ inline RopePlan make_rope_plan(const at::Tensor& q, const at::Tensor& k, const a
     p.pos_ss = position_ids->stride(1);
   }
   return p;
+}
+
+// q/k as the out-of-place kernels read them: unit stride on head_dim (a copy only when that is missing).
+inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// cos/sin as the kernels read them: unit stride on the last dim, one set of strides for both.
+inline std::pair<at::Tensor, at::Tensor> kernel_tables(const at::Tensor& cos, const at::Tensor& sin) {
+  if (cos.stride(-1) == 1 && cos.strides() == sin.strides()) return {cos, sin};
+  return {cos.contiguous(), sin.contiguous()};
+}
+
+// rope_: q and k are written in place, so each must be writable element for element and apart from the other.
+inline void check_rope_inplace_args(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_VALUE(q.stride(-1) == 1 && k.stride(-1) == 1,
+                    "rope_: q and k must have unit stride on head_dim to be rotated in place");
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
 }
 
 }  // namespace swiftlora

@@ -1,7 +1,6 @@
 // Rotary position embedding on the CPU, and the argument checks both backends share.
 // For each head: out[i] = x[i]·cos - x[i+R/2]·sin, out[i+R/2] = x[i+R/2]·cos + x[i]·sin for i < R/2 (rotate-half
 // convention of Llama and most HF models); inverse negates sin (the backward). Dims [R, D) pass through.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -105,9 +104,7 @@ void rope_rows(const RopePlan& p, const T* q, const T* k, T* qo, T* ko, int64_t 
 // Runs the rotation from (q, k) into (qo, ko), which may be the same tensors (in place).
 void rope_cpu_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in,
                    const std::optional<at::Tensor>& position_ids, bool inverse, at::Tensor& qo, at::Tensor& ko) {
-  const bool tables_ok = cos_in.stride(-1) == 1 && cos_in.strides() == sin_in.strides();
-  const at::Tensor cos = tables_ok ? cos_in : cos_in.contiguous();
-  const at::Tensor sin = tables_ok ? sin_in : sin_in.contiguous();
+  const auto [cos, sin] = kernel_tables(cos_in, sin_in);
   const RopePlan p = make_rope_plan(q, k, cos, position_ids);
   SWIFTLORA_DISPATCH_FLOAT(q.scalar_type(), "rope_cpu", [&] {
     using T = scalar_t;
@@ -135,8 +132,6 @@ void rope_cpu_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
   });
 }
 
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos,
                                             const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                             bool inverse) {
@@ -151,11 +146,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q_in, const at::Te
 void rope_inplace_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& position_ids, bool inverse) {
   check_rope_args(q, k, cos, sin, position_ids);
-  TORCH_CHECK_VALUE(q.stride(-1) == 1 && k.stride(-1) == 1,
-                    "rope_: q and k must have unit stride on head_dim to be rotated in place");
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
+  check_rope_inplace_args(q, k);
   rope_cpu_into(q, k, cos, sin, position_ids, inverse, q, k);
 }
 

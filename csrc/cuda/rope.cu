@@ -1,7 +1,6 @@
 // Rotary position embedding on the GPU: q and k of one token in one block row, 16-byte vectors of rotate-half
 // pairs (x[i..i+V), x[i+R/2..i+R/2+V)) per thread, cos/sin read once per vector (they stay in L1/L2 across heads).
 // Memory-bound: reads and writes q and k once.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -81,9 +80,7 @@ bool strides_multiple_of(std::initializer_list<int64_t> strides, int64_t v) {
 void rope_cuda_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in,
                     const std::optional<at::Tensor>& position_ids, bool inverse, at::Tensor& qo, at::Tensor& ko) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const bool tables_ok = cos_in.stride(-1) == 1 && cos_in.strides() == sin_in.strides();
-  const at::Tensor cos = tables_ok ? cos_in : cos_in.contiguous();
-  const at::Tensor sin = tables_ok ? sin_in : sin_in.contiguous();
+  const auto [cos, sin] = kernel_tables(cos_in, sin_in);
   const RopePlan p = make_rope_plan(q, k, cos, position_ids);
   const RopeOut o{qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2)};
   const bool copy_rest = !qo.is_same(q) && 2 * p.half < p.head_dim;
@@ -140,8 +137,6 @@ void rope_cuda_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos,
                                              const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                              bool inverse) {
@@ -156,11 +151,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q_in, const at::T
 void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                        const std::optional<at::Tensor>& position_ids, bool inverse) {
   check_rope_args(q, k, cos, sin, position_ids);
-  TORCH_CHECK_VALUE(q.stride(-1) == 1 && k.stride(-1) == 1,
-                    "rope_: q and k must have unit stride on head_dim to be rotated in place");
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
+  check_rope_inplace_args(q, k);
   rope_cuda_into(q, k, cos, sin, position_ids, inverse, q, k);
 }
 
