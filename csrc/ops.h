@@ -22,7 +22,8 @@
   X(softmax_grad)                \
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
-  X(scale_rows_)
+  X(scale_rows_)                 \
+  X(online_softmax_block_)
 
 namespace swiftlora {
 
@@ -51,5 +52,10 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
                                     double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
 // t [N, ...] float, scale float32 [] or [N].
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
+// online_softmax_block_: block [N, B] as logits above; stats float32 [N, kOnlineStats] contiguous; pz like block.
+constexpr int64_t kOnlineStats = 6;
+void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,
+                                     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& pz,
+                                     int64_t col0, double softcap, double logit_scale);
 
 }  // namespace swiftlora

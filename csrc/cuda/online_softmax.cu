@@ -1,0 +1,180 @@
+// online_softmax_block_ on the GPU (see csrc/cpu/online_softmax.cpp for what it computes). One 256-thread block per
+// row of the vocabulary block; each thread holds up to kBlockVecs 16-byte vectors of the row in registers, so the
+// row is read once and written once (plus pz when asked) whatever the two reductions (max, then Σe) need.
+// Floor: N·B·E read + N·B·E written (×2 written with pz); the block was just written by the logits GEMM, so much of
+// it comes from L2.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
+#include "ops.h"
+#include "softmax_row.cuh"
+
+namespace swiftlora::cuda {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kBlockVecs = 8;  // 16-byte vectors a thread holds: B ≤ 256·8·VEC (16384 for 16-bit, 8192 for fp32)
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kBlockThreads / 32 ? scratch[lane] : kNegInf;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < kBlockThreads / 32 ? scratch[lane] : 0.f);
+}
+
+template <typename T, typename L, int VEC, bool kPz>
+__global__ void __launch_bounds__(kBlockThreads)
+    online_softmax_block_kernel(T* x, int64_t x_stride, T* pz, int64_t pz_stride, const L* __restrict__ labels,
+                                int64_t col0, int64_t ignore_index, int b, Transform f, float* __restrict__ stats,
+                                float* __restrict__ rescale) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  T* xr = x + row * x_stride;
+  float* st = stats + row * kOnlineStats;
+  int label = -1;  // the label's column inside this block
+  if (labels != nullptr) {
+    const int64_t l = static_cast<int64_t>(labels[row]);
+    if (l != ignore_index && l >= col0 && l < col0 + b) label = static_cast<int>(l - col0);
+  }
+  constexpr int kStep = kBlockThreads * VEC;
+  const int c0 = static_cast<int>(threadIdx.x) * VEC;
+
+  Vec<T, VEC> xv[kBlockVecs];
+#pragma unroll
+  for (int u = 0; u < kBlockVecs; ++u) {
+    const int c = c0 + u * kStep;
+    if (c + VEC <= b) {
+      xv[u] = load_vec<T, VEC>(xr + c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xv[u].v[j] = c + j < b ? xr[c + j] : T(0);
+    }
+  }
+  float bm = kNegInf, zsum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kBlockVecs; ++u) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (c0 + u * kStep + j < b) {
+        const float z = f.z(static_cast<float>(xv[u].v[j]));
+        bm = fmaxf(bm, z);
+        zsum += z;
+      }
+    }
+  }
+  bm = block_max(bm, scratch);
+  zsum = block_sum(zsum, scratch);
+  const float m_old = st[0], m = fmaxf(m_old, bm);
+  const float r = m_old == kNegInf ? 0.f : (m == kNegInf ? 1.f : __expf(m_old - m));
+
+  float s = 0.f, spz = 0.f;
+#pragma unroll
+  for (int u = 0; u < kBlockVecs; ++u) {
+    const int c = c0 + u * kStep;
+    Vec<T, VEC> p, q;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float dz;
+      const float z = f.z_and_dz(static_cast<float>(xv[u].v[j]), dz);
+      const float e = (c + j < b && m != kNegInf) ? __expf(z - m) : 0.f;
+      s += e;
+      if constexpr (kPz) spz += e * z;
+      if (c + j == label) st[4] = z, st[5] = dz;  // one thread of the block owns the label's column
+      p.v[j] = static_cast<T>(e * dz);
+      if constexpr (kPz) q.v[j] = static_cast<T>(e * z * dz);
+    }
+    if (c + VEC <= b) {
+      store_vec<T, VEC>(xr + c, p);
+      if constexpr (kPz) store_vec<T, VEC>(pz + row * pz_stride + c, q);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (c + j < b) {
+          xr[c + j] = p.v[j];
+          if constexpr (kPz) pz[row * pz_stride + c + j] = q.v[j];
+        }
+      }
+    }
+  }
+  s = block_sum(s, scratch);
+  if constexpr (kPz) spz = block_sum(spz, scratch);
+  if (threadIdx.x == 0) {
+    st[0] = m;
+    st[1] = st[1] * r + s;
+    st[2] += zsum;
+    if constexpr (kPz) st[3] = st[3] * r + spz;
+    rescale[row] = r;
+  }
+}
+
+at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels_in,
+                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
+                                     double softcap, double logit_scale) {
+  constexpr const char* op = "online_softmax_block_";
+  check_online_softmax_block_args(block, stats, labels_in, pz, col0, softcap, logit_scale);
+  const c10::cuda::CUDAGuard guard(block.device());
+  const int64_t n = block.size(0), b = block.size(1);
+  const int64_t vec = 16 / block.element_size();
+  TORCH_CHECK_VALUE(b <= kBlockThreads * kBlockVecs * vec, op, ": on CUDA a block has at most ",
+                    kBlockThreads * kBlockVecs * vec, " columns for ", block.scalar_type(), ", got ", b);
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(), op, ": too many rows (", n, ")");
+  at::Tensor rescale = at::empty({n}, stats.options());
+  const std::optional<at::Tensor> labels =
+      labels_in.has_value() ? std::optional<at::Tensor>(labels_in->contiguous()) : std::nullopt;
+  const bool aligned = aligned_to(block.const_data_ptr(), 16) && (block.stride(0) * block.element_size()) % 16 == 0 &&
+                       (!pz.has_value() || (aligned_to(pz->const_data_ptr(), 16) &&
+                                            (pz->stride(0) * pz->element_size()) % 16 == 0));
+  TORCH_CHECK_VALUE(aligned, op, ": on CUDA block (and pz) must start 16-byte aligned with 16-byte aligned rows");
+  const Transform f{static_cast<float>(logit_scale), static_cast<float>(softcap),
+                    softcap > 0 ? static_cast<float>(1.0 / softcap) : 0.f};
+  SWIFTLORA_DISPATCH_FLOAT(block.scalar_type(), "online_softmax_block_cuda", [&] {
+    using T = scalar_t;
+    constexpr int VEC = 16 / sizeof(T);
+    auto launch = [&](auto label_tag, auto with_pz) {
+      using L = decltype(label_tag);
+      const L* lp = labels.has_value() ? labels->const_data_ptr<L>() : nullptr;
+      online_softmax_block_kernel<T, L, VEC, decltype(with_pz)::value>
+          <<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
+              block.mutable_data_ptr<T>(), block.stride(0), pz.has_value() ? pz->mutable_data_ptr<T>() : nullptr,
+              pz.has_value() ? pz->stride(0) : 0, lp, col0, ignore_index, static_cast<int>(b), f,
+              stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto with_labels = [&](auto with_pz) {
+      if (labels.has_value() && labels->scalar_type() == at::kInt) {
+        launch(int32_t{}, with_pz);
+      } else {
+        launch(int64_t{}, with_pz);
+      }
+    };
+    if (pz.has_value()) {
+      with_labels(std::true_type{});
+    } else {
+      with_labels(std::false_type{});
+    }
+  });
+  return rescale;
+}
+
+}  // namespace
+}  // namespace swiftlora::cuda
+
+TORCH_LIBRARY_IMPL(swiftlora, CUDA, m) { m.impl("online_softmax_block_", &swiftlora::cuda::online_softmax_block_cuda); }
