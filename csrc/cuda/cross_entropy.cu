@@ -5,8 +5,10 @@
 // csrc/cpu/cross_entropy.cpp (shared with the CPU kernels).
 //
 // Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused
-// cross-entropy reads and writes N·V·E: on Hopper in one pass (cross_entropy_cluster.cuh); elsewhere a persistent
-// grid of one block per SM re-reads each row for its gradient, from L2 while the 132 rows in flight (33 MB) fit.
+// cross-entropy reads and writes N·V·E when a persistent grid of one block per SM re-reads each row for its
+// gradient from L2 (132 rows of 256 KB in flight: 33 MB). Holding rows on chip instead (a thread-block cluster per
+// row, the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100: latency-bound, since
+// registers or shared memory cannot hold enough rows in flight (bench/NOTES.md).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -18,7 +20,6 @@
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
-#include "cross_entropy_cluster.cuh"
 #include "ops.h"
 #include "softmax_row.cuh"
 
@@ -26,6 +27,8 @@ namespace swiftlora::cuda {
 namespace {
 
 constexpr int kThreads = 1024;
+// The fused kernel's gradient pass with evict-first loads and stores (A/B in bench/NOTES.md).
+constexpr bool kFusedStreaming = false;
 
 // ---------------------------------------------------------------------------------------------------- kernels
 template <typename T, typename L, int VEC, bool kEntropy>
@@ -61,8 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Cross-entropy of each row and the gradient of grad_scale[row]·loss written over the row (two passes over it;
-// the one-pass kernel for Hopper is in cross_entropy_cluster.cuh).
+// Cross-entropy of each row and the gradient of grad_scale[row]·loss written over the row (two passes over it).
 template <typename T, typename L, int VEC>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_fused_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t ignore_index,
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
       lse_out[row] = r.lse;
       loss[row] = r.loss;
     }
-    row_grad<T, VEC>(xr, xr, v, r.k, f);
+    row_grad<T, VEC, kFusedStreaming>(xr, xr, v, r.k, f);
   }
 }
 
@@ -232,13 +234,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
     using L = decltype(l_tag);
     constexpr int VEC = decltype(vec)::value;
     const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
-    if (rows > 0 && launch_cross_entropy_cluster<T, L, VEC>(
-                        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
-                        static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                        grad_scale.const_data_ptr<float>(), scale_stride, loss.mutable_data_ptr<float>(),
-                        lse.mutable_data_ptr<float>())) {
-      return;
-    }
     // One block per SM: the rows in flight stay in L2 for the gradient pass.
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
         x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,

@@ -1,6 +1,6 @@
 // online_softmax_block_ on the GPU (see csrc/cpu/online_softmax.cpp for what it computes). One 256-thread block per
-// row of the vocabulary block; each thread holds up to kBlockVecs 16-byte vectors of the row in registers, so the
-// row is read once and written once (plus pz when asked) whatever the two reductions (max, then Σe) need.
+// row of the vocabulary block; each thread holds up to kBlockVecs 16-byte vectors of the row in registers (as
+// single elements when rows are not 16-byte aligned), so the row is read once and written once (plus pz when asked) whatever the two reductions (max, then Σe) need.
 // Floor: N·B·E read + N·B·E written (×2 written with pz); the block was just written by the logits GEMM, so much of
 // it comes from L2.
 #include <ATen/ops/empty.h>
@@ -40,7 +40,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(lane < kBlockThreads / 32 ? scratch[lane] : 0.f);
 }
 
-template <typename T, typename L, int VEC, bool kPz>
+// NV vectors of VEC elements a thread: 16-byte vectors, or single elements (NV 8x larger) for unaligned rows.
+template <typename T, typename L, int VEC, int NV, bool kPz>
 __global__ void __launch_bounds__(kBlockThreads)
     online_softmax_block_kernel(T* x, int64_t x_stride, T* pz, int64_t pz_stride, const L* __restrict__ labels,
                                 int64_t col0, int64_t ignore_index, int b, Transform f, float* __restrict__ stats,
@@ -57,9 +58,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr int kStep = kBlockThreads * VEC;
   const int c0 = static_cast<int>(threadIdx.x) * VEC;
 
-  Vec<T, VEC> xv[kBlockVecs];
+  Vec<T, VEC> xv[NV];
 #pragma unroll
-  for (int u = 0; u < kBlockVecs; ++u) {
+  for (int u = 0; u < NV; ++u) {
     const int c = c0 + u * kStep;
     if (c + VEC <= b) {
       xv[u] = load_vec<T, VEC>(xr + c);
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   float bm = kNegInf, zsum = 0.f;
 #pragma unroll
-  for (int u = 0; u < kBlockVecs; ++u) {
+  for (int u = 0; u < NV; ++u) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (c0 + u * kStep + j < b) {
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   float s = 0.f, spz = 0.f;
 #pragma unroll
-  for (int u = 0; u < kBlockVecs; ++u) {
+  for (int u = 0; u < NV; ++u) {
     const int c = c0 + u * kStep;
     Vec<T, VEC> p, q;
 #pragma unroll
@@ -132,9 +133,9 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
   check_online_softmax_block_args(block, stats, labels_in, pz, col0, softcap, logit_scale);
   const c10::cuda::CUDAGuard guard(block.device());
   const int64_t n = block.size(0), b = block.size(1);
-  const int64_t vec = 16 / block.element_size();
-  TORCH_CHECK_VALUE(b <= kBlockThreads * kBlockVecs * vec, op, ": on CUDA a block has at most ",
-                    kBlockThreads * kBlockVecs * vec, " columns for ", block.scalar_type(), ", got ", b);
+  const int64_t cap = kBlockThreads * kBlockVecs * (16 / block.element_size());
+  TORCH_CHECK_VALUE(b <= cap, op, ": on CUDA a block has at most ", cap, " columns for ", block.scalar_type(),
+                    ", got ", b);
   TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(), op, ": too many rows (", n, ")");
   at::Tensor rescale = at::empty({n}, stats.options());
   const std::optional<at::Tensor> labels =
@@ -142,27 +143,34 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
   const bool aligned = aligned_to(block.const_data_ptr(), 16) && (block.stride(0) * block.element_size()) % 16 == 0 &&
                        (!pz.has_value() || (aligned_to(pz->const_data_ptr(), 16) &&
                                             (pz->stride(0) * pz->element_size()) % 16 == 0));
-  TORCH_CHECK_VALUE(aligned, op, ": on CUDA block (and pz) must start 16-byte aligned with 16-byte aligned rows");
   const Transform f{static_cast<float>(logit_scale), static_cast<float>(softcap),
                     softcap > 0 ? static_cast<float>(1.0 / softcap) : 0.f};
   SWIFTLORA_DISPATCH_FLOAT(block.scalar_type(), "online_softmax_block_cuda", [&] {
     using T = scalar_t;
-    constexpr int VEC = 16 / sizeof(T);
-    auto launch = [&](auto label_tag, auto with_pz) {
+    constexpr int kVec = 16 / sizeof(T);
+    auto launch = [&](auto label_tag, auto with_pz, auto vec) {
       using L = decltype(label_tag);
+      constexpr int VEC = decltype(vec)::value;
       const L* lp = labels.has_value() ? labels->const_data_ptr<L>() : nullptr;
-      online_softmax_block_kernel<T, L, VEC, decltype(with_pz)::value>
+      online_softmax_block_kernel<T, L, VEC, kBlockVecs * kVec / VEC, decltype(with_pz)::value>
           <<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
               block.mutable_data_ptr<T>(), block.stride(0), pz.has_value() ? pz->mutable_data_ptr<T>() : nullptr,
               pz.has_value() ? pz->stride(0) : 0, lp, col0, ignore_index, static_cast<int>(b), f,
               stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
+    auto with_vec = [&](auto label_tag, auto with_pz) {
+      if (aligned) {
+        launch(label_tag, with_pz, std::integral_constant<int, kVec>{});
+      } else {
+        launch(label_tag, with_pz, std::integral_constant<int, 1>{});
+      }
+    };
     auto with_labels = [&](auto with_pz) {
       if (labels.has_value() && labels->scalar_type() == at::kInt) {
-        launch(int32_t{}, with_pz);
+        with_vec(int32_t{}, with_pz);
       } else {
-        launch(int64_t{}, with_pz);
+        with_vec(int64_t{}, with_pz);
       }
     };
     if (pz.has_value()) {

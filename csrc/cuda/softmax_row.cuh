@@ -97,20 +97,21 @@ __device__ __forceinline__ Online block_merge(Online o, Online* scratch) {
 
 // Visits x[0, n) as this thread's share of the block: fn(vector, first column) for VEC-element vectors (kUnroll of
 // them loaded before the first is used, to keep loads in flight), then fn(1-element vector, column) for the tail
-// that does not fill a vector. x must be 16-byte aligned when VEC > 1.
-template <typename T, int VEC, typename Fn>
+// that does not fill a vector. x must be 16-byte aligned when VEC > 1. kLastUse: evict-first loads.
+template <typename T, int VEC, bool kLastUse = false, typename Fn>
 __device__ __forceinline__ void walk_row(const T* x, int64_t n, Fn&& fn) {
+  auto load = [](const T* p) { return kLastUse ? load_vec_stream<T, VEC>(p) : load_vec<T, VEC>(p); };
   const int64_t full = n / VEC * VEC;
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   int64_t c = static_cast<int64_t>(threadIdx.x) * VEC;
   for (; c + (kUnroll - 1) * step + VEC <= full; c += kUnroll * step) {
     Vec<T, VEC> xv[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xv[u] = load_vec<T, VEC>(x + c + u * step);
+    for (int u = 0; u < kUnroll; ++u) xv[u] = load(x + c + u * step);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) fn(xv[u], c + u * step);
   }
-  for (; c + VEC <= full; c += step) fn(load_vec<T, VEC>(x + c), c);
+  for (; c + VEC <= full; c += step) fn(load(x + c), c);
   for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
 }
 
@@ -144,15 +145,20 @@ __device__ __forceinline__ T grad_at(float xv, int64_t col, const GradCoef& k, c
   return static_cast<T>(g * dz);
 }
 
-// out[0, n) = gradient of x[0, n); out may be x, or x may be a shared-memory copy of it.
-template <typename T, int VEC>
+// out[0, n) = gradient of x[0, n); out may be x. kStreaming: x is read for the last time and out is not read
+// again soon (evict-first loads and stores).
+template <typename T, int VEC, bool kStreaming = false>
 __device__ __forceinline__ void row_grad(const T* x, T* out, int64_t n, const GradCoef& k, const Transform& f) {
-  walk_row<T, VEC>(x, n, [&](const auto& xv, int64_t c) {
+  walk_row<T, VEC, kStreaming>(x, n, [&](const auto& xv, int64_t c) {
     constexpr int kN = sizeof(xv.v) / sizeof(T);
     Vec<T, kN> g;
 #pragma unroll
     for (int j = 0; j < kN; ++j) g.v[j] = grad_at<T>(static_cast<float>(xv.v[j]), c + j, k, f);
-    store_vec<T, kN>(out + c, g);
+    if constexpr (kStreaming) {
+      store_vec_stream<T, kN>(out + c, g);
+    } else {
+      store_vec<T, kN>(out + c, g);
+    }
   });
 }
 

@@ -112,6 +112,7 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             addmm_fp32_(g, block, wb)
             if with_gz:
                 addmm_fp32_(gz, pz, wb)
+            del block, pz  # before the next block is allocated: one block alive at a time
         yield ChunkSums(s, e, stats, g, gz)
 
 
