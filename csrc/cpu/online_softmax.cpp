@@ -1,8 +1,8 @@
 // online_softmax_block_ on the CPU, and its argument checks (shared with CUDA). One vocabulary block [N, B] of the
 // logits hidden @ Wᵀ at a time (fused_linear_cross_entropy and token_logprobs with a frozen head, which accumulate
 // G = Σ_blocks P @ W_block like flash attention's output): per row, the running statistics (m, s, Σz, Σe^{z−m}z,
-// z_label, dz_label) take the block in, the block is overwritten with P_j = e^{z_j − m}·dz_j/dx_j under the new
-// running max m, and the factor e^{m_old − m} by which earlier blocks' accumulations must be rescaled is returned.
+// z_label, dz_label) take the block in, the block is overwritten with P_j = e^{z_j − m}·dz_j/dx_j under the
+// running reference max m (common/online_softmax.h: it moves only when a block's max passes it by a slack), and the factor e^{m_old − m} by which earlier blocks' accumulations must be rescaled is returned.
 // One row per task, two passes over the block row (max, then exponentials), float32 math.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/online_softmax.h"
 #include "cpu/softmax_transform.h"
 #include "ops.h"
 
@@ -45,7 +46,7 @@ namespace {
 using cpu::Transform;
 
 template <typename T>
-void block_row(T* x, T* pz, int64_t b, int64_t label, float* st, float& rescale, const Transform& tf) {
+void block_row(T* x, T* pz, int64_t b, int64_t label, float* st, float& rescale, const Transform& tf, float slack) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   float bm = kNegInf, zsum = 0.f;
   for (int64_t j = 0; j < b; ++j) {
@@ -53,8 +54,8 @@ void block_row(T* x, T* pz, int64_t b, int64_t label, float* st, float& rescale,
     bm = std::max(bm, z);
     zsum += z;
   }
-  const float m_old = st[0], m = std::max(m_old, bm);
-  const float r = m_old == kNegInf ? 0.f : (m == kNegInf ? 1.f : std::exp(m_old - m));
+  const float m_old = st[0], m = online_reference_max(m_old, bm, slack);
+  const float r = m_old == kNegInf ? 0.f : (m == m_old ? 1.f : std::exp(m_old - m));
   float s = 0.f, spz = 0.f;
   for (int64_t j = 0; j < b; ++j) {
     float z, dz;
@@ -84,6 +85,7 @@ at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const 
   const int64_t* lp = labels.has_value() ? lab.const_data_ptr<int64_t>() : nullptr;
   float *sp = stats.mutable_data_ptr<float>(), *rp = rescale.mutable_data_ptr<float>();
   const Transform tf(softcap, logit_scale);
+  const float slack = online_max_slack(block.scalar_type());
   SWIFTLORA_DISPATCH_FLOAT(block.scalar_type(), "online_softmax_block_cpu", [&] {
     scalar_t* xp = block.mutable_data_ptr<scalar_t>();
     scalar_t* pp = pz.has_value() ? pz->mutable_data_ptr<scalar_t>() : nullptr;
@@ -92,7 +94,7 @@ at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const 
         // The label's column inside this block, or -1 (none, ignored, or in another block).
         const int64_t l = lp == nullptr || lp[r] == ignore_index ? -1 : lp[r] - col0;
         block_row(xp + r * xs, pp == nullptr ? nullptr : pp + r * ps, b, l >= 0 && l < b ? l : -1,
-                  sp + r * kOnlineStats, rp[r], tf);
+                  sp + r * kOnlineStats, rp[r], tf, slack);
       }
     });
   });

@@ -27,8 +27,9 @@ namespace swiftlora::cuda {
 namespace {
 
 constexpr int kThreads = 1024;
-// The fused kernel's gradient pass with evict-first loads and stores (A/B in bench/NOTES.md).
-constexpr bool kFusedStreaming = false;
+// The fused kernel's gradient pass with evict-first loads and stores: 1.99 ms against 2.13 at [8192, 128256] bf16
+// on the H100 (the stores no longer push rows still to be re-read out of L2).
+constexpr bool kFusedStreaming = true;
 
 // ---------------------------------------------------------------------------------------------------- kernels
 template <typename T, typename L, int VEC, bool kEntropy>

@@ -9,6 +9,7 @@
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
+#include "common/online_softmax.h"
 #include "ops.h"
 #include "softmax_row.cuh"
 
@@ -18,35 +19,37 @@ namespace {
 constexpr int kBlockThreads = 256;
 constexpr int kBlockVecs = 8;  // 16-byte vectors a thread holds: B ≤ 256·8·VEC (16384 for 16-bit, 8192 for fp32)
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
+// Two block-wide reductions at once (one pair of barriers): (max, sum) or (sum, sum). scratch: 2·32 floats.
+template <bool kFirstIsMax>
+__device__ __forceinline__ float2 block_reduce2(float2 v, float* scratch) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const float x = __shfl_xor_sync(0xffffffffu, v.x, o), y = __shfl_xor_sync(0xffffffffu, v.y, o);
+    v.x = kFirstIsMax ? fmaxf(v.x, x) : v.x + x;
+    v.y += y;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch may still be read by the previous reduction
+  if (lane == 0) scratch[warp] = v.x, scratch[32 + warp] = v.y;
   __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < kBlockThreads / 32 ? scratch[lane] : kNegInf;
+  constexpr int kWarps = kBlockThreads / 32;
+  v = lane < kWarps ? make_float2(scratch[lane], scratch[32 + lane]) : make_float2(kFirstIsMax ? kNegInf : 0.f, 0.f);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const float x = __shfl_xor_sync(0xffffffffu, v.x, o), y = __shfl_xor_sync(0xffffffffu, v.y, o);
+    v.x = kFirstIsMax ? fmaxf(v.x, x) : v.x + x;
+    v.y += y;
+  }
   return v;
-}
-
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  return warp_sum(lane < kBlockThreads / 32 ? scratch[lane] : 0.f);
 }
 
 // NV vectors of VEC elements a thread: 16-byte vectors, or single elements (NV 8x larger) for unaligned rows.
 template <typename T, typename L, int VEC, int NV, bool kPz>
 __global__ void __launch_bounds__(kBlockThreads)
     online_softmax_block_kernel(T* x, int64_t x_stride, T* pz, int64_t pz_stride, const L* __restrict__ labels,
-                                int64_t col0, int64_t ignore_index, int b, Transform f, float* __restrict__ stats,
-                                float* __restrict__ rescale) {
-  __shared__ float scratch[32];
+                                int64_t col0, int64_t ignore_index, int b, Transform f, float max_slack,
+                                float* __restrict__ stats, float* __restrict__ rescale) {
+  __shared__ float scratch[64];
   const int64_t row = blockIdx.x;
   T* xr = x + row * x_stride;
   float* st = stats + row * kOnlineStats;
@@ -81,10 +84,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
     }
   }
-  bm = block_max(bm, scratch);
-  zsum = block_sum(zsum, scratch);
-  const float m_old = st[0], m = fmaxf(m_old, bm);
-  const float r = m_old == kNegInf ? 0.f : (m == kNegInf ? 1.f : __expf(m_old - m));
+  const float2 mz = block_reduce2<true>(make_float2(bm, zsum), scratch);
+  const float m_old = st[0], m = online_reference_max(m_old, mz.x, max_slack);
+  const float r = m_old == kNegInf ? 0.f : (m == m_old ? 1.f : __expf(m_old - m));
 
   float s = 0.f, spz = 0.f;
 #pragma unroll
@@ -97,7 +99,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       const float z = f.z_and_dz(static_cast<float>(xv[u].v[j]), dz);
       const float e = (c + j < b && m != kNegInf) ? __expf(z - m) : 0.f;
       s += e;
-      if constexpr (kPz) spz += e * z;
+      spz += e * z;
       if (c + j == label) st[4] = z, st[5] = dz;  // one thread of the block owns the label's column
       p.v[j] = static_cast<T>(e * dz);
       if constexpr (kPz) q.v[j] = static_cast<T>(e * z * dz);
@@ -115,13 +117,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
     }
   }
-  s = block_sum(s, scratch);
-  if constexpr (kPz) spz = block_sum(spz, scratch);
+  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
   if (threadIdx.x == 0) {
     st[0] = m;
-    st[1] = st[1] * r + s;
-    st[2] += zsum;
-    if constexpr (kPz) st[3] = st[3] * r + spz;
+    st[1] = st[1] * r + sums.x;
+    st[2] += mz.y;
+    st[3] = st[3] * r + sums.y;
     rescale[row] = r;
   }
 }
@@ -156,7 +157,7 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
           <<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
               block.mutable_data_ptr<T>(), block.stride(0), pz.has_value() ? pz->mutable_data_ptr<T>() : nullptr,
               pz.has_value() ? pz->stride(0) : 0, lp, col0, ignore_index, static_cast<int>(b), f,
-              stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+              online_max_slack(block.scalar_type()), stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     auto with_vec = [&](auto label_tag, auto with_pz) {
