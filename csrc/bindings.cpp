@@ -53,7 +53,7 @@ TORCH_LIBRARY(swiftlora, m) {
   // float32 [N, 6] = (m, s, Σz, Σe^{z−m}·z, z_label, dz_label) carried across blocks (start: (−inf, 0, 0, 0, 0, 0)),
   // s = Σe^{z−m} under a running reference max m (it moves to a block's max only when that passes m by 16, 8 for
   // float16: csrc/common/online_softmax.h). Overwrites block with P_j = e^{z_j−m}·dz_j/dx_j, writes e^{z_j−m}·z_j·dz_j/dx_j into pz when given, and returns e^{m_before − m} float32 [N], the factor
-  // that rescales sums over earlier blocks. On CUDA B ≤ 16384 (16-bit) or 8192 (float32).
+  // that rescales sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
   m.def("online_softmax_block_(Tensor(a!) block, Tensor(b!) stats, Tensor? labels, Tensor(c!)? pz, int col0, "
         "int ignore_index, float softcap, float logit_scale) -> Tensor");
 }

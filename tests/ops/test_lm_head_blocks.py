@@ -75,8 +75,10 @@ def test_block_op_rejects_bad_input():
 def test_block_plan_rule():
     bf16, f32 = torch.bfloat16, torch.float32
     assert block_plan(8192, 128256, bf16, 64) == (2048, 8192)  # 32 MiB blocks: they stay in L2
+    assert block_plan(1000, 128256, bf16, 64) == (1000, 8192)  # CUDA's register-resident limit for 16-bit
     assert block_plan(8192, 128256, bf16, 16) == (2048, 4096)
     assert block_plan(8192, 151936, f32, 64) == (2048, 4096)
+    assert block_plan(100, 151936, f32, 64) == (100, 4096)
     assert block_plan(100, 1000, f32, 64) == (100, 1000)  # one block
     assert block_plan(300, 1000, f32, 0.5) == (300, 256)  # 436 columns, rounded down to 256
     assert block_plan(5, 10, f32, 1e-9) == (5, 1)

@@ -25,7 +25,7 @@ from .._compat import addmm_fp32_
 _lib = torch.ops.swiftlora
 ROW_CHUNK = 2048  # tokens per chunk: 16 x 128-row GEMM tiles, and G [2048, H] float32 (16 MiB at H = 2048)
 COL_ALIGN = 256
-CUDA_MAX_COLS = {2: 16384, 4: 8192}  # the CUDA kernel's register-resident row, by element size
+CUDA_MAX_COLS = {2: 8192, 4: 4096}  # the CUDA kernel's register-resident row, by element size
 # A block stays in the H100's 50 MB L2 between the GEMM that writes it, the softmax kernel and the GEMM that reads
 # it (measured: 64 MiB blocks made the kernel run at 1.9 TB/s, from HBM)
 L2_BLOCK_BYTES = 32 * 2**20
