@@ -118,7 +118,7 @@ def test_eos_set_to_existing_stop_token(name):
 
 
 def test_map_eos_token_false():
-    base = tiny_tokenizer("metaspace")
+    base = tiny_tokenizer("wordlevel")
     with pytest.warns(UserWarning, match="not a token of this tokenizer"):
         tok = get_chat_template(base, "chatml", map_eos_token=False)
     assert tok.eos_token == "</s>"
