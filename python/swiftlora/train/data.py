@@ -25,10 +25,11 @@ _ROLES = {**{a: "system" for a in _SYSTEM_ALIASES}, **{a: "user" for a in _USER_
 
 def default_chat_dataset(max_conversations: int | None = None, *, categories: list[str] | None = None,
                          language: str = "english"):
-    """The main job's default data: chatterbot-corpus (PyPI ``chatterbot-corpus``, BSD), 2,026 hand-written
+    """The main job's default data: chatterbot-corpus (PyPI ``chatterbot-corpus``, BSD), 2,025 hand-written
     English conversations in 21 topic files (greetings, ai, science, ...), turns alternating user/assistant.
 
-    A conversation with an odd number of turns loses its last (user) turn, so every one ends with an answer.
+    A conversation with an odd number of turns loses its last (user) turn, so every one ends with an answer;
+    the corpus's one malformed entry (a bare string) is skipped.
     ``categories``: file stems to keep (e.g. ``["greetings", "ai"]``); ``max_conversations``: the first N in file
     order (files sorted by name). Returns a ``datasets.Dataset`` with a ``messages`` column.
     """
@@ -51,8 +52,10 @@ def default_chat_dataset(max_conversations: int | None = None, *, categories: li
     rows = []
     for f in files:
         for turns in yaml.load(f.read_text(encoding="utf-8"), Loader=loader)["conversations"]:
+            if not isinstance(turns, list):
+                continue  # one entry of the corpus (in trivia.yml) is a bare string, not a conversation
             turns = [str(t).strip() for t in turns][: len(turns) // 2 * 2]
-            if turns:
+            if turns and all(turns):
                 rows.append({"messages": [{"role": ("user", "assistant")[k % 2], "content": t}
                                           for k, t in enumerate(turns)]})
     return Dataset.from_list(rows[:max_conversations])
