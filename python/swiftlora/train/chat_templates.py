@@ -99,10 +99,11 @@ def _header(default_system: str, mapping: dict[str, str]) -> str:
 
 def _set_stop_word(tokenizer, stop_word: str | None, map_eos_token: bool):
     """A copy of the tokenizer whose EOS is ``stop_word`` when ``map_eos_token`` (see get_chat_template)."""
-    tokenizer = copy.deepcopy(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if stop_word is None or stop_word in vocab or not map_eos_token:
+        tokenizer = copy.deepcopy(tokenizer)
     if stop_word is None:
         return tokenizer
-    vocab = tokenizer.get_vocab()
     if stop_word in vocab:
         if tokenizer.encode(stop_word, add_special_tokens=False) != [vocab[stop_word]]:
             # In the vocabulary but split by the pre-tokenizer: make it atomic (same id, no new row).

@@ -245,7 +245,7 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
 
 
 def _relabel(dataset, label_batch, masker: ResponseMasker, tokenizer, num_proc, name: str):
-    if "input_ids" not in (dataset.column_names or []):
+    if dataset.column_names is not None and "input_ids" not in dataset.column_names:
         raise ValueError(f"train_on_responses_only needs a tokenized {name} dataset (an input_ids column), got "
                          f"columns {dataset.column_names}; build the trainer (which tokenizes) first")
     kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens ({name})"} if hasattr(dataset, "__len__") else {}
