@@ -16,7 +16,8 @@ TEMPLATE_NAMES = [t.name for t in _TEMPLATES]
 CONVERSATIONS = [
     [("user", "Hi")],
     [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Bye")],
-    [("user", 'Say "{{ .Content }}" \\ ok'), ("assistant", "\n  spaced\ttab\n"), ("user", "\u65e5\u672c \u2014 \u00e9")],
+    [("user", 'Say "{{ .Content }}" \\ ok'), ("assistant", "\n  spaced\ttab\n"),
+     ("user", "\u65e5\u672c \u2014 \u00e9")],
     [("system", "Line one\nline two"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"),
      ("user", "e")],
 ]

@@ -66,7 +66,8 @@ def test_template_text_is_exact(name):
                       "zephyr": "</s>\n", "alpaca": "\n\n", "vicuna": " "}.get(name, "<|eot_id|>")
         assert no_system == opening + body[len(system_end):]
     # Without the generation prompt the conversation ends right after the last message.
-    assert not tok.apply_chat_template(CONVO[:3], tokenize=False).endswith(("assistant\n", "model\n", "### Response:\n"))
+    ending = tok.apply_chat_template(CONVO[:3], tokenize=False)
+    assert not ending.endswith(("assistant\n", "model\n", "### Response:\n"))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -142,7 +142,8 @@ def test_format_for_sft_drops_bos_the_tokenizer_adds():
     from tokenizers.processors import TemplateProcessing
 
     tok = get_chat_template(tiny_tokenizer("bytelevel"), "llama-3")
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
     assert tok("a")["input_ids"][0] == tok.bos_token_id
     text = format_for_sft([{"messages": MESSAGES}], tok)[0]["text"]
     assert text.startswith("<|start_header_id|>") and text.endswith("<|eot_id|>")

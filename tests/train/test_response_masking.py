@@ -15,8 +15,10 @@ TEMPLATE_NAMES = [t.name for t in _TEMPLATES]
 CONVERSATIONS = [
     [("user", "Hello, how are you today?"), ("assistant", "I am fine, thank you.")],
     [("system", "You are a helpful assistant."), ("user", "Tell me 3 facts about the sea."),
-     ("assistant", "\nThe sea is big."), ("user", "What would you like to know?"), ("assistant", " 7 facts, 42 and 2024.")],
-    [("user", "Quotes: 'single'"), ("assistant", "\n\nA\n\nB"), ("user", "7"), ("assistant", "\u201cdouble\u201d text")],
+     ("assistant", "\nThe sea is big."), ("user", "What would you like to know?"),
+     ("assistant", " 7 facts, 42 and 2024.")],
+    [("user", "Quotes: 'single'"), ("assistant", "\n\nA\n\nB"), ("user", "7"),
+     ("assistant", "\u201cdouble\u201d text")],
 ]
 
 

@@ -143,8 +143,9 @@ def _read_json_rows(path: Path) -> list[dict]:
 
 def _detect_format(row: dict, where: str) -> str:
     keys = set(row)
-    for fmt, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
-                        ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+    for fmt, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
+                        ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}),
+                        ("text", {"text"})):
         if needed <= keys:
             return fmt
     raise ValueError(f"cannot tell the format of {where}: its rows have keys {sorted(keys)}; expected 'messages', "

@@ -248,9 +248,10 @@ def _relabel(dataset, label_batch, masker: ResponseMasker, tokenizer, num_proc, 
     if dataset.column_names is not None and "input_ids" not in dataset.column_names:
         raise ValueError(f"train_on_responses_only needs a tokenized {name} dataset (an input_ids column), got "
                          f"columns {dataset.column_names}; build the trainer (which tokenizes) first")
-    kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens ({name})"} if hasattr(dataset, "__len__") else {}
+    sized = hasattr(dataset, "__len__")  # a streaming (iterable) dataset has no length and maps lazily
+    kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens ({name})"} if sized else {}
     dataset = dataset.map(label_batch, batched=True, **kwargs)
-    if not hasattr(dataset, "__len__"):  # streaming: rows are checked batch by batch in the collator
+    if not sized:  # rows are checked batch by batch in the collator
         return dataset.filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]))
     total = len(dataset)
     kept = dataset.filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]), num_proc=num_proc)

@@ -214,7 +214,8 @@ def _system_fields(render, lead: str, head: str, user_prefix: str) -> dict:
     pre_user = head[:len(head) - len(user_prefix)]
     default = None
     if pre_user:
-        if not (pre_user.startswith(before) and pre_user.endswith(suffix) and len(pre_user) >= len(before) + len(suffix)):
+        fits = len(pre_user) >= len(before) + len(suffix)
+        if not (fits and pre_user.startswith(before) and pre_user.endswith(suffix)):
             raise TemplateProbeError(f"cannot read the default system turn from {pre_user!r}")
         default = pre_user[len(before):len(pre_user) - len(suffix)]
     return dict(system_mode="turn", system_prefix=before, system_suffix=suffix, default_system=default)
