@@ -16,11 +16,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .chat_templates import _ASSISTANT_ALIASES, _SYSTEM_ALIASES, _USER_ALIASES, _standard_turn
+from .chat_templates import ASSISTANT_ALIASES, SYSTEM_ALIASES, USER_ALIASES, standard_message
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
-_ROLES = {**{a: "system" for a in _SYSTEM_ALIASES}, **{a: "user" for a in _USER_ALIASES},
-          **{a: "assistant" for a in _ASSISTANT_ALIASES}}
+_ROLES = {**{a: "system" for a in SYSTEM_ALIASES}, **{a: "user" for a in USER_ALIASES},
+          **{a: "assistant" for a in ASSISTANT_ALIASES}}
 
 
 def default_chat_dataset(max_conversations: int | None = None, *, categories: list[str] | None = None,
@@ -155,7 +155,7 @@ def _detect_format(row: dict, where: str) -> str:
 def _turns(turns, row: int, what: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"row {row}: {what} must be a non-empty list of messages, got {turns!r:.80}")
-    return [_standard_turn(t, _ROLES, row, k) for k, t in enumerate(turns)]
+    return [standard_message(t, _ROLES, row, k) for k, t in enumerate(turns)]
 
 
 def _from_alpaca(row: dict, i: int) -> list[dict]:
