@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from ._build import build_info, compiled_arches, cuda_available, cuda_built
 from . import nn, ops
-from .train.chat_templates import get_chat_template, standardize_sharegpt
-from .train.response_masking import train_on_responses_only
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "nn", "ops", "__version__",
-           "get_chat_template", "standardize_sharegpt", "train_on_responses_only"]
+__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "nn", "ops", "__version__"]
