@@ -1,0 +1,1 @@
+"""Training integration: chat templates, conversation data and response-only masking."""
