@@ -1,6 +1,7 @@
-"""The two fixed tables of bitsandbytes' NF4 format, as exact fp32 bit patterns (never regenerated).
+"""The fixed tables of bitsandbytes' NF4 format, as exact fp32 bit patterns (never regenerated).
 
 - ``nf4_code()``: the 16 NF4 values (``bitsandbytes.functional.get_4bit_type("nf4")``; ``weight.quant_map``).
+- ``nf4_thresholds()``: the 15 thresholds bitsandbytes' CUDA encoder compares against (strict ``>``).
 - ``dynamic_code()``: the signed 8-bit dynamic map that double quantization stores the block scales with
   (``create_dynamic_map(signed=True)``, 256 sorted values, 0.0 at index 127, 1.0 at 255; ``weight.nested_quant_map``).
   Regenerating it in another precision could move a value by an ulp, so it is hardcoded; the tests check both tables
@@ -14,6 +15,14 @@ import torch
 _NF4_BITS = (
     0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
     0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A, 0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000,
+)
+
+# fp32 bits of the 15 thresholds of bitsandbytes' CUDA NF4 encoder (dQuantizeNF4), as nvcc compiles its decimal
+# literals: the fp32 midpoints of adjacent codes, except indices 0, 8, 12, 14, which are one ulp away from them
+# (csrc/common/nf4.h explains why). A value goes to the number of thresholds strictly below it.
+_NF4_THRESHOLD_BITS = (
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
+    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
 )
 
 # fp32 bits of the dynamic map's indices 128..255. The map is odd-symmetric: index i < 127 holds -map[254 - i],
@@ -48,6 +57,11 @@ def _from_bits(bits, device) -> torch.Tensor:
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The NF4 table: float32 ``[16]``, code ``c`` -> value (sorted, ``[7] == 0.0``)."""
     return _from_bits(_NF4_BITS, device)
+
+
+def nf4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The CUDA encoder's 15 decision thresholds: float32 ``[15]``, ascending."""
+    return _from_bits(_NF4_THRESHOLD_BITS, device)
 
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
