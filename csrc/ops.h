@@ -72,7 +72,14 @@ at::Tensor nf4_block_scales_cpu(const Nf4Weight& w);
 // x: float32/float16/bfloat16, not empty; blocksize a power of two in [32, 4096]; code2 (double quantization)
 // float32 [256] on x's device.
 void check_nf4_quantize_args(const at::Tensor& x, int64_t blocksize, const std::optional<at::Tensor>& code2);
-// nf4_gemv: x [..., K] float16/bfloat16 with 1..16 rows; the weight [out_features, K] (checked by check_nf4_weight).
-void check_nf4_gemv_args(const at::Tensor& x, const Nf4Weight& w, int64_t out_features);
+// nf4_dequantize: dtype float32/float16/bfloat16, shape non-negative; returns the checked weight of prod(shape).
+Nf4Weight check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                                    const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                                    at::ScalarType dtype);
+// nf4_gemv: x [..., K] float16/bfloat16 with 1..16 rows; the weight is [out_features, K]. Returns it checked.
+Nf4Weight check_nf4_gemv_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                              const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features);
 
 }  // namespace swiftlora

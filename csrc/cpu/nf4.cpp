@@ -88,6 +88,21 @@ Nf4Weight check_nf4_weight(const char* op, const at::Tensor& packed, const at::T
   return w;
 }
 
+Nf4Weight check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                                    const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                                    at::ScalarType dtype) {
+  constexpr const char* op = "nf4_dequantize";
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  int64_t n = 1;
+  for (const int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, op, ": shape must not have negative sizes, got ", shape);
+    n *= d;
+  }
+  return check_nf4_weight(op, packed, absmax, absmax2, code2, offset, blocksize, n);
+}
+
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 16;
@@ -197,19 +212,11 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                               const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                               at::ScalarType dtype) {
-  constexpr const char* op = "nf4_dequantize";
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  int64_t n = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK_VALUE(d >= 0, op, ": shape must not have negative sizes, got ", shape);
-    n *= d;
-  }
-  const Nf4Weight w = check_nf4_weight(op, packed, absmax, absmax2, code2, offset, blocksize, n);
+  const Nf4Weight w = check_nf4_dequantize_args(packed, absmax, absmax2, code2, offset, blocksize, shape, dtype);
   auto out = at::empty(shape, packed.options().dtype(dtype));
   const at::Tensor scales = nf4_block_scales_cpu(w);
   SWIFTLORA_DISPATCH_FLOAT(dtype, "nf4_dequantize_cpu", [&] {
-    dequantize_blocks<scalar_t>(w.packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), n, blocksize,
+    dequantize_blocks<scalar_t>(w.packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), w.n, blocksize,
                                 out.mutable_data_ptr<scalar_t>());
   });
   return out;

@@ -16,19 +16,21 @@ namespace swiftlora {
 
 constexpr int64_t kNf4GemvMaxRows = 16;
 
-void check_nf4_gemv_args(const at::Tensor& x, const Nf4Weight& w, int64_t out_features) {
+Nf4Weight check_nf4_gemv_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                              const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features) {
   constexpr const char* op = "nf4_gemv";
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
                    ": x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have shape [..., K] with K > 0, got ",
                     x.sizes());
-  check_same_device(x, w.packed, op, "x", "packed");
+  TORCH_CHECK_VALUE(out_features > 0, op, ": out_features must be positive, got ", out_features);
   const int64_t k = x.size(-1), rows = x.numel() / k;
   TORCH_CHECK_VALUE(rows >= 1 && rows <= kNf4GemvMaxRows, op, ": x must have 1..16 rows (decode), got ", rows,
                     " (shape ", x.sizes(), "); dequantize and use a matmul for more");
-  TORCH_CHECK_VALUE(out_features > 0 && w.n == out_features * k, op, ": the weight must be [out_features, K] = [",
-                    out_features, ", ", k, "] (", out_features * k, " elements), but packed/absmax describe ", w.n,
-                    " elements");
+  check_same_device(x, packed, op, "x", "packed");
+  // The weight is [out_features, K]: packed/absmax sizes are checked against out_features * K elements.
+  return check_nf4_weight(op, packed, absmax, absmax2, code2, offset, blocksize, out_features * k);
 }
 
 namespace {
@@ -54,12 +56,7 @@ void gemv_rows(const T* x, int64_t m, int64_t k, const Nf4Weight& w, const float
 at::Tensor nf4_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
                         const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                         const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features) {
-  constexpr const char* op = "nf4_gemv";
-  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) > 0, op, ": x must have shape [..., K] with K > 0, got ",
-                    x_in.sizes());
-  const Nf4Weight w = check_nf4_weight(op, packed, absmax, absmax2, code2, offset, blocksize,
-                                       out_features * x_in.size(-1));
-  check_nf4_gemv_args(x_in, w, out_features);
+  const Nf4Weight w = check_nf4_gemv_args(x_in, packed, absmax, absmax2, code2, offset, blocksize, out_features);
   const at::Tensor x = x_in.contiguous();
   const int64_t k = x.size(-1), m = x.numel() / k;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
