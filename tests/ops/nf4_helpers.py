@@ -28,7 +28,8 @@ def expected_codes(xn: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    b = packed.reshape(-1).long()
+    """The first n 4-bit codes (high nibble first), int64 on the CPU."""
+    b = packed.reshape(-1).long().cpu()
     return torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]
 
 
