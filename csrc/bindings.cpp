@@ -52,10 +52,24 @@ TORCH_LIBRARY(swiftlora, m) {
   // python/swiftlora/ops/lm_head_blocks.py): block [N, B] holds columns [col0, col0 + B) of the logits; stats
   // float32 [N, 6] = (m, s, Σz, Σe^{z−m}·z, z_label, dz_label) carried across blocks (start: (−inf, 0, 0, 0, 0, 0)),
   // s = Σe^{z−m} under a running reference max m (it moves to a block's max only when that passes m by 16, 8 for
-  // float16: csrc/common/online_softmax.h). Overwrites block with P_j = e^{z_j−m}·dz_j/dx_j, writes e^{z_j−m}·z_j·dz_j/dx_j into pz when given, and returns e^{m_before − m} float32 [N], the factor
-  // that rescales sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
+  // float16: csrc/common/online_softmax.h). Overwrites block with P_j = e^{z_j−m}·dz_j/dx_j, writes
+  // e^{z_j−m}·z_j·dz_j/dx_j into pz when given, and returns e^{m_before − m} float32 [N], the factor that rescales
+  // sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
   m.def("online_softmax_block_(Tensor(a!) block, Tensor(b!) stats, Tensor? labels, Tensor(c!)? pz, int col0, "
         "int ignore_index, float softcap, float logit_scale) -> Tensor");
+
+  // NF4 in bitsandbytes' layout (csrc/common/nf4.h; python/swiftlora/ops/nf4.py). A weight is (packed, absmax,
+  // absmax2, code2, offset): packed uint8 [(n+1)/2, 1]; absmax float32 [nblocks], or with double quantization uint8
+  // [nblocks] plus absmax2 float32 [ceil(nblocks/256)], code2 float32 [256] and offset float32 [] (else None).
+  // Quantize: (packed, absmax, absmax2, offset); passing code2 (the 8-bit dynamic map) turns on double
+  // quantization, otherwise absmax2 and offset come back empty. Bit-identical to bitsandbytes' CUDA quantize_4bit.
+  m.def("nf4_quantize(Tensor x, int blocksize, Tensor? code2) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The tensor of shape `shape` in `dtype` (fp32 value·scale rounded once), bit-identical to dequantize_4bit.
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // y [..., N] = x [..., K] @ dequant(W [N, K])ᵀ for 1..16 rows of x (decode), fp32 accumulation, y in x's dtype.
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int out_features) -> Tensor");
 }
 
 namespace py = pybind11;
