@@ -48,6 +48,21 @@ TORCH_LIBRARY(swiftlora, m) {
   // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
   // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
   m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
+
+  // LoRA linears over frozen base weights (python/swiftlora/ops/qlora_linear.py): P projections of one input x
+  // [..., K], y = [y_1 | ... | y_P], y_p = x @ W_pᵀ (+ bias_p) + scale_p · (dropout_p(x) @ A_pᵀ) @ B_pᵀ with
+  // dropout_p(x) = x · dropout_mask[p] · dropout_scale. W_p is NF4 (uint8 codes, absmax float32, or uint8 with
+  // nested_absmax/nested_code/offset: bitsandbytes' layout) or dense (absmax None, x's dtype). Lists hold one entry
+  // per projection (bias and dropout_mask may be empty). Returns (y [..., N], xa [..., R]) with xa = the LoRA
+  // inputs [dropout_1(x) @ A_1ᵀ | ...], in x's dtype.
+  m.def("qlora_linear(Tensor x, Tensor[] weight, Tensor?[] absmax, Tensor?[] nested_absmax, Tensor?[] nested_code, "
+        "float[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, Tensor?[] bias, "
+        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+  // (grad_x [..., K], grad_xa [..., R]): grad_xa_p = scale_p · grad_y_p @ B_p, the gradient of xa (grad_A and grad_B
+  // are small GEMMs the caller forms from it and from xa).
+  m.def("qlora_linear_backward(Tensor grad_y, Tensor[] weight, Tensor?[] absmax, Tensor?[] nested_absmax, "
+        "Tensor?[] nested_code, float[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
+        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -22,7 +22,9 @@
   X(softmax_grad)                \
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
-  X(scale_rows_)
+  X(scale_rows_)                 \
+  X(qlora_linear)                \
+  X(qlora_linear_backward)
 
 namespace swiftlora {
 
