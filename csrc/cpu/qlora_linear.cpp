@@ -133,7 +133,7 @@ Projections make_projections(const char* op, const at::Tensor& x_like, bool is_g
     p.base.push_back(make_base(op, i, x_like, weight[i], absmax.get(i), nested_absmax.get(i), nested_code.get(i),
                                offset[i], blocksize[i], b.size(0), p.k, compute));
     p.lora_a.push_back(a.to(compute));
-    p.lora_b.push_back(b.mul(scale[i]).to(compute));
+    p.lora_b.push_back(b.to(at::kFloat).mul(scale[i]).to(compute));  // one rounding of s·B
     p.n_off.push_back(p.n);
     p.r_off.push_back(p.r);
     p.n += b.size(0);

@@ -202,18 +202,18 @@ class _LoRALinear(torch.autograd.Function):
             if need_x:
                 grad_x, grad_xa = backward_op(grad_y, projs, masks, spec.dscale)
             elif any(need_a):
-                grad_xa = rows(grad_y) @ _scaled_b_block(projs, grad_y.dtype)
+                grad_xa = rows(grad_y) @ scaled_b_block(projs, grad_y.dtype)
             ga, gb, gbias = lora_grads(factor_lists(projs), masks, spec.dscale, rows(x), rows(xa), rows(grad_y),
                                        None if grad_xa is None else rows(grad_xa), (need_a, need_b, need_bias))
         grads = [g for i in range(np_) for g in (ga[i], gb[i], gbias[i])]
         return None, grad_x, *grads, *([None] * np_)
 
 
-def _scaled_b_block(projs, dtype) -> torch.Tensor:
+def scaled_b_block(projs, dtype) -> torch.Tensor:
     """[N, R] with scale_p·B_p on the block diagonal (grad_xa = grad_y @ this)."""
     if len(projs) == 1:
-        return (projs[0].lora_b * projs[0].scale).to(dtype)
-    return torch.block_diag(*[(p.lora_b * p.scale).to(dtype) for p in projs])
+        return (projs[0].lora_b.float() * projs[0].scale).to(dtype)
+    return torch.block_diag(*[(p.lora_b.float() * p.scale).to(dtype) for p in projs])
 
 
 @torch.library.register_fake("swiftlora::qlora_linear")
@@ -252,7 +252,18 @@ def _backward(ctx, grad_y, _grad_xa):
              [b is not None and b.requires_grad for b in bias])
     ga, gb, gbias = lora_grads((lora_a, lora_b, scale, bias), masks, dscale, rows(x), rows(xa), rows(grad_y),
                                rows(grad_xa), needs)
-    return (grad_x, None, None, None, None, None, None, ga, gb, None, gbias if args[10] else None, None, None)
+    # One entry per input, lists for list inputs (the structure torch.library checks).
+    grads = [[None] * len(a) if _tensor_list(a) else None for a in args]
+    grads[0], grads[7], grads[8] = grad_x, ga, gb
+    if args[10] and _tensor_list(args[10]):
+        grads[10] = gbias
+    return tuple(grads)
+
+
+def _tensor_list(a) -> bool:
+    """Lists of tensors get a list of gradients; any other argument (lists with a None included, which
+    torch.library treats as one non-differentiable leaf, so a bias list with a None gets no gradients) gets None."""
+    return isinstance(a, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in a)
 
 
 torch.library.register_autograd("swiftlora::qlora_linear", _backward, setup_context=_setup_context)
