@@ -76,7 +76,14 @@ def reference_runs(ref: Callable, x: torch.Tensor, projs: Sequence[LoRAProjectio
     return runs
 
 
-def check_against_reference(outs: Sequence[torch.Tensor], x: torch.Tensor, projs, runs: dict, what: str) -> None:
+# A bfloat16 LoRA MLP chains three GEMMs and an activation, each rounding to bfloat16 (and the dequantized weights
+# are rounded too): its bfloat16 reference's own error reached 2.2e-2 (max over 20 seeds at the test sizes), so the
+# 1e-2 cap of single ops cannot hold; the twice-the-reference rule still does.
+CHAINED_BF16_CAP = 5e-2
+
+
+def check_against_reference(outs: Sequence[torch.Tensor], x: torch.Tensor, projs, runs: dict, what: str,
+                            cap: float = 1e-2) -> None:
     """outs (our forward outputs) and the gradients left in x.grad and the projections' factors, against runs."""
     ours = (*outs, x.grad, *(t.grad for t in trainable(projs)))
     names = [f"out{i}" for i in range(len(outs))] + ["grad_x"] + [
@@ -91,4 +98,4 @@ def check_against_reference(outs: Sequence[torch.Tensor], x: torch.Tensor, projs
         assert out.dtype == rlow.dtype, f"{what}: {name} dtype {out.dtype} != {rlow.dtype}"
         # Judged by the lower of the compute dtype (x's) and the result's own dtype.
         path = out.dtype if out.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        assert_close(out, r64, rlow, what=f"{what} {name}", path_dtype=path)
+        assert_close(out, r64, rlow, what=f"{what} {name}", path_dtype=path, cap=cap)

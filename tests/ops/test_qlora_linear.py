@@ -12,8 +12,9 @@ from tests.ops.lora_helpers import (check_against_reference, random_base, random
 
 # (rows of x, K, N, r, blocksize). K < N takes the one-GEMM panel plan, K >= N the lora-first plan. K = 200 and 37
 # are not multiples of the blocksize (blocks straddle rows), 37 is odd (rows start mid-byte); M = 1 (decode).
-SHAPES = [(1, 64, 96, 8, 64), (7, 200, 96, 4, 64), (5, 37, 70, 3, 32), (9, 128, 300, 16, 128), (3, 96, 40, 5, 64),
-          (16, 256, 64, 1, 4096)]
+# rows·r >= 64: see tests/ops/test_lora_blocks.py (the 2x rule on grad_A/grad_B needs that many samples).
+SHAPES = [(1, 64, 96, 64, 64), (7, 200, 96, 10, 64), (5, 37, 70, 13, 32), (9, 128, 300, 16, 128), (16, 96, 40, 5, 64),
+          (16, 256, 64, 4, 4096)]
 LORA_DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -45,7 +46,7 @@ def test_matches_reference(device, dtype, lora_dtype, shape, base):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batched_and_strided_input(device, dtype):
-    proj = random_projection(48, 80, 6, "nf4", dtype, torch.float32, device)
+    proj = random_projection(48, 80, 12, "nf4", dtype, torch.float32, device)
     for x in (randn(2, 3, 80, dtype=dtype, device=device), randn(80, 6, dtype=dtype, device=device).t()):
         x = x.requires_grad_()
         grad = randn(*x.shape[:-1], 48, dtype=dtype, device=device)
@@ -58,7 +59,7 @@ def test_batched_and_strided_input(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_frozen_input_and_partial_grads(device):
-    proj = random_projection(64, 32, 4, "nf4", torch.bfloat16, torch.float32, device)
+    proj = random_projection(64, 32, 16, "nf4", torch.bfloat16, torch.float32, device)
     proj.lora_a.requires_grad_(False)
     x = randn(5, 32, dtype=torch.bfloat16, device=device)  # e.g. the embeddings: no grad_x
     grad = randn(5, 64, dtype=torch.bfloat16, device=device)
@@ -73,7 +74,7 @@ def test_frozen_input_and_partial_grads(device):
 @pytest.mark.parametrize("shape", [(6, 40, 72), (6, 72, 40)], ids=["panel", "lora_first"])
 def test_dropout_with_given_mask(device, dtype, shape):
     m, k, n = shape
-    proj = random_projection(n, k, 4, "nf4", dtype, torch.float32, device)
+    proj = random_projection(n, k, 12, "nf4", dtype, torch.float32, device)
     x = randn(m, k, dtype=dtype, device=device, requires_grad=True)
     grad = randn(m, n, dtype=dtype, device=device)
     mask = dropout_masks(x, 0.3, 1)[0]
@@ -218,7 +219,7 @@ def test_device_mismatch_is_rejected():
 def test_cuda_large_shapes(dtype, shape):
     # Model-sized rows (the vectorised dequantization, cuBLAS paths) against the reference on the GPU.
     m, k, n = shape
-    proj = random_projection(n, k, 16, "nf4", dtype, torch.float32, "cuda")
+    proj = random_projection(n, k, 64 if m == 1 else 16, "nf4", dtype, torch.float32, "cuda")
     x = randn(m, k, dtype=dtype, device="cuda", requires_grad=True)
     grad = randn(m, n, dtype=dtype, device="cuda")
     runs = reference_runs(_single(), x, [proj], [grad])

@@ -147,18 +147,22 @@ def lora_grads(factors, masks, dscale, x, xa, grad_y, grad_xa, needs):
             xl = x if masks[i] is None else x * masks[i].reshape(x.shape) * dscale
             ga[i] = _mm_as(grad_xa[:, r_off:r_off + r].t(), xl, a.dtype)
         if need_b[i]:
-            gb[i] = _mm_as(grad_y[:, n_off:n_off + n].t(), xa[:, r_off:r_off + r], b.dtype).mul_(scale[i])
+            gb[i] = _mm_as(grad_y[:, n_off:n_off + n].t(), xa[:, r_off:r_off + r], b.dtype, scale[i])
         if need_bias[i]:
             gbias[i] = grad_y[:, n_off:n_off + n].sum(0, dtype=torch.float32).to(bias[i].dtype)
         r_off, n_off = r_off + r, n_off + n
     return ga, gb, gbias
 
 
-def _mm_as(a, b, dtype):
-    """a @ b with the result in dtype; float32 results accumulate and stay in float32 (no 16-bit rounding)."""
+def _mm_as(a, b, dtype, scale: float = 1.0):
+    """scale · (a @ b) in dtype: float32 results accumulate and stay in float32 (no 16-bit rounding); the scale is
+    applied in float32 before the one rounding to dtype."""
     if dtype == torch.float32 and a.dtype != torch.float32:
-        return mm_fp32(a, b)
-    return (a @ b).to(dtype)
+        return mm_fp32(a, b).mul_(scale)
+    out = a @ b
+    if scale == 1.0:
+        return out.to(dtype)
+    return out.float().mul_(scale).to(dtype)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
