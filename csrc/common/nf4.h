@@ -9,6 +9,9 @@
 // With double quantization the fp32 scale itself is stored as a uint8 index q into a 256-entry dynamic map
 // (code2) with one fp32 absmax2 per 256 scales and one fp32 offset:
 //   absmax[b] = fp32(code2[q_b] * absmax2[b / 256]) + offset     (a rounded multiply, then a rounded add).
+// Every rounding step below is bitsandbytes' CUDA one (its fast-math kernels: see "bitsandbytes' fp32 ops"), so
+// the CUDA kernels reproduce bitsandbytes' CUDA output bit for bit; the host differs only where the GPU's
+// approximate reciprocal does (quantization only; dequantization is identical everywhere).
 #pragma once
 #include <math.h>
 
@@ -66,17 +69,36 @@ SWIFTLORA_HOST_DEVICE void fill_code_table(float* dst) {
   for (int i = 0; i < 16; ++i) dst[i] = v[i];
 }
 
-// ---------------------------------------------------------------------------------------------- exact fp32 ops
-// Rounded multiply / add that nvcc may not contract into an FMA (bit-exactness with bitsandbytes, which rounds the
-// product and the sum separately). Host compilers in ISO mode do not contract across these calls either.
-SWIFTLORA_HOST_DEVICE float mul_rn(float a, float b) {
+// ---------------------------------------------------------------------------------------- bitsandbytes' fp32 ops
+// bitsandbytes builds its CUDA kernels with --use_fast_math (seen in its shipped SASS: FMNMX.FTZ, FMUL.FTZ,
+// FADD.FTZ, MUFU.RCP): fp32 subnormal inputs and results flush to (signed) zero, and 1.0f / absmax is the
+// hardware's approximate reciprocal. These helpers reproduce that: on the device with the same PTX instructions
+// (rounded separately, so nvcc cannot contract a product into an FMA); on the host with IEEE ops plus explicit
+// flushing. The one thing the host cannot reproduce is MUFU.RCP's rounding (within 1 ulp of 1/a, not always the
+// nearest float): the host takes the correctly rounded 1/a, as bitsandbytes' own CPU backend does.
+SWIFTLORA_HOST_DEVICE float ftz(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }  // NaN stays
+
+SWIFTLORA_HOST_DEVICE float mul_ftz(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+  float r;
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 #else
-  return a * b;
+  return ftz(ftz(a) * ftz(b));
 #endif
 }
 
+SWIFTLORA_HOST_DEVICE float add_ftz(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return ftz(ftz(a) + ftz(b));
+#endif
+}
+
+// IEEE add without flushing (torch's `absmax += offset` and `absmax - offset`, outside bitsandbytes' kernels).
 SWIFTLORA_HOST_DEVICE float add_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fadd_rn(a, b);
@@ -85,12 +107,26 @@ SWIFTLORA_HOST_DEVICE float add_rn(float a, float b) {
 #endif
 }
 
-// 1/absmax correctly rounded (bitsandbytes: `1.0f / local_abs_max` with IEEE division); 1/0 = +inf.
-SWIFTLORA_HOST_DEVICE float reciprocal_rn(float a) {
+// max(m, |x|) with subnormals flushed; a NaN x leaves m (fmaxf semantics).
+SWIFTLORA_HOST_DEVICE float max_abs_ftz(float m, float x) {
 #ifdef __CUDA_ARCH__
-  return __frcp_rn(a);
+  float r;
+  asm("max.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(x)));
+  return r;
 #else
-  return 1.0f / a;
+  return fmaxf(ftz(m), ftz(fabsf(x)));
+#endif
+}
+
+// 1/absmax: rcp.approx.ftz.f32 on the device (what `1.0f / x` compiles to under fast math), the correctly rounded
+// reciprocal (flushed) on the host. 1/0 = +inf.
+SWIFTLORA_HOST_DEVICE float reciprocal(float a) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+#else
+  return ftz(1.0f / ftz(a));
 #endif
 }
 
@@ -108,18 +144,18 @@ SWIFTLORA_HOST_DEVICE uint32_t code_at(const uint8_t* packed, int64_t i) {
 // serialises when lanes index different entries), so there is deliberately no device overload here.
 inline float code_value(uint32_t code) { return kNF4Code[code & 0xFu]; }
 
-// One dequantized element in fp32: table value times the block's fp32 scale (a single rounded multiply). Cast the
-// result to the output dtype with round-to-nearest-even (static_cast / __float2bfloat16_rn / __float2half_rn).
-SWIFTLORA_HOST_DEVICE float dequant_value(float table_value, float absmax) { return mul_rn(table_value, absmax); }
+// One dequantized element in fp32: table value times the block's fp32 scale (one rounded, flushed multiply). Cast
+// the result to the output dtype with round-to-nearest-even (static_cast / __float2bfloat16_rn / __float2half_rn).
+SWIFTLORA_HOST_DEVICE float dequant_value(float table_value, float absmax) { return mul_ftz(table_value, absmax); }
 
 // ------------------------------------------------------------------------------------------------------ encode
 // The code of a normalised value xn = x * (1/absmax): the number of thresholds strictly below xn. This is exactly
 // bitsandbytes' dQuantizeNF4 decision tree (a binary search over the same sorted thresholds with strict `>`), so
 //   - a value exactly on a midpoint goes to the LOWER code (e.g. xn = 0.03979015f -> 7);
 //   - NaN compares false everywhere -> code 0 (the tree's all-false leaf). NaN arises from 0 * inf when a whole
-//     block is zero (absmax = 0, 1/absmax = inf): bitsandbytes' CUDA kernel then stores code 0 for every element
-//     (dequantizing to -1 * 0 = -0.0), while its pure-PyTorch/CPU quantizer clamps absmax and stores 7. We follow
-//     CUDA, the implementation checkpoints are made with.
+//     block is zero or subnormal (absmax = 0, 1/absmax = inf): bitsandbytes' CUDA kernel then stores code 0 for
+//     every element (dequantizing to -1 * 0 = -0.0), while its pure-PyTorch/CPU quantizer clamps absmax and
+//     stores 7. We follow CUDA, the implementation checkpoints are made with.
 // Branch-free: 15 compares, no divergence on the GPU.
 SWIFTLORA_HOST_DEVICE uint32_t encode_normalized(float xn) {
   const float thresholds[15] = {SWIFTLORA_NF4_THRESHOLDS};
@@ -131,31 +167,31 @@ SWIFTLORA_HOST_DEVICE uint32_t encode_normalized(float xn) {
   return c;
 }
 
-// The code of x in a block whose reciprocal scale is recip = reciprocal_rn(absmax). The product is rounded on its
+// The code of x in a block whose reciprocal scale is recip = reciprocal(absmax). The product is rounded on its
 // own, as in bitsandbytes (`(float)vals[j] * local_abs_max`).
-SWIFTLORA_HOST_DEVICE uint32_t encode(float x, float recip) { return encode_normalized(mul_rn(x, recip)); }
+SWIFTLORA_HOST_DEVICE uint32_t encode(float x, float recip) { return encode_normalized(mul_ftz(x, recip)); }
 
 // Two codes into one byte, the first element in the high nibble.
 SWIFTLORA_HOST_DEVICE uint8_t pack(uint32_t first, uint32_t second) {
   return static_cast<uint8_t>((first << 4) | (second & 0xFu));
 }
 
-// Block absmax the way bitsandbytes' CUDA quantizer reduces it: fmaxf over |x| (NaN ignored), starting from
-// -FLT_MAX; a short last block also sees the zero padding of its load, so it starts from 0.
+// Block absmax the way bitsandbytes' CUDA quantizer reduces it: max over |x| (NaN ignored, subnormals flushed),
+// starting from -FLT_MAX; a short last block also sees the zero padding of its load, so it starts from 0.
 SWIFTLORA_HOST_DEVICE float absmax_init(bool short_block) { return short_block ? 0.0f : -FLT_MAX; }
-SWIFTLORA_HOST_DEVICE float absmax_step(float m, float x) { return fmaxf(m, fabsf(x)); }
+SWIFTLORA_HOST_DEVICE float absmax_step(float m, float x) { return max_abs_ftz(m, x); }
 
 // ----------------------------------------------------------------------------------- double-quantized absmax
 // The fp32 scale of NF4 block b from its uint8 index: code2[q] * absmax2[b / 256] + offset, rounded after the
-// multiply and after the add (bitsandbytes runs dequantize_blockwise, then `absmax += offset` as a second op).
-SWIFTLORA_HOST_DEVICE float nested_absmax(uint32_t q, const float* code2, const float* absmax2, int64_t block,
-                                          float offset) {
-  return add_rn(mul_rn(code2[q], absmax2[block >> kNestedBlocksizeLog2]), offset);
+// multiply (bitsandbytes' fast-math dequantize_blockwise kernel, flushed) and after the add (torch's separate
+// `absmax += offset`, IEEE).
+SWIFTLORA_HOST_DEVICE float nested_absmax(float code2_value, float absmax2_value, float offset) {
+  return add_rn(mul_ftz(code2_value, absmax2_value), offset);
 }
 
-// The same with the two table reads already done (kernels that stage code2/absmax2 in shared memory).
-SWIFTLORA_HOST_DEVICE float nested_absmax(float code2_value, float absmax2_value, float offset) {
-  return add_rn(mul_rn(code2_value, absmax2_value), offset);
+SWIFTLORA_HOST_DEVICE float nested_absmax(uint32_t q, const float* code2, const float* absmax2, int64_t block,
+                                          float offset) {
+  return nested_absmax(code2[q], absmax2[block >> kNestedBlocksizeLog2], offset);
 }
 
 // bitsandbytes' 8-bit quantizer dQuantize<0> (csrc/kernels.cu) on a sorted 256-entry map `code` and a normalised
@@ -182,10 +218,10 @@ SWIFTLORA_HOST_DEVICE uint32_t encode_dynamic(const float* code, float xn) {
   if (upper_pivot == 255) upper = code[upper_pivot];
   if (lower_pivot == 0) lower = code[lower_pivot];
   if (xn > val) {
-    const float midpoint = mul_rn(add_rn(upper, val), 0.5f);
+    const float midpoint = mul_ftz(add_ftz(upper, val), 0.5f);
     return static_cast<uint32_t>(xn > midpoint ? upper_pivot : pivot);
   }
-  const float midpoint = mul_rn(add_rn(lower, val), 0.5f);
+  const float midpoint = mul_ftz(add_ftz(lower, val), 0.5f);
   return static_cast<uint32_t>(xn < midpoint ? lower_pivot : pivot);
 }
 
