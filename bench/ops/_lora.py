@@ -1,8 +1,8 @@
 """Shared by the QLoRA specs (qlora_linear, lora_mlp): NF4 inputs, the bf16 GEMM yardstick, and the peers' modules.
 
 Every NF4 weight is made from random codes and scales (seeded, the same in every process, so the peers' subprocesses
-see the same weights): bitsandbytes' layout with double quantization (blocksize 64, uint8 absmax, 256-entry nested
-map, float32 nested absmax and offset). Timings do not depend on the values; scales ~ 1/sqrt(K) keep x @ Wᵀ ~ 1.
+see the same weights): bitsandbytes' layout with double quantization (blocksize 64, uint8 absmax, a 256-entry map
+code2, float32 absmax2 and offset). Timings do not depend on the values; scales ~ 1/sqrt(K) keep x @ Wᵀ ~ 1.
 The peers get the same tensors wrapped as bitsandbytes ``Params4bit`` in a ``Linear4bit`` with PEFT's LoRA injected
 (``peft.inject_adapter_in_model``), and the LoRA factors copied in (bf16, like the compute dtype, for every
 provider). Unsloth runs its own LoRA autograd functions on those PEFT modules, as in training.
@@ -19,15 +19,15 @@ LORA_ALPHA_OVER_R = 2.0  # lora_alpha = 2 r: scale 2
 
 
 def nf4_tensors(n: int, k: int, device) -> dict:
-    """Packed codes, uint8 absmax, nested absmax/code and offset of a double-quantized NF4 [n, k] weight."""
+    """Packed codes, uint8 absmax, absmax2, code2 and offset of a double-quantized NF4 [n, k] weight."""
     numel = n * k
     nblocks = -(-numel // BLOCKSIZE)
     return {
         "packed": torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device),
         "absmax": torch.randint(0, 256, (nblocks,), dtype=torch.uint8, device=device),
-        "nested_absmax": (torch.rand(-(-nblocks // NESTED), device=device) * 0.5 + 0.25) * k**-0.5,
-        "nested_code": torch.sort(torch.rand(256, device=device) * 2 - 1).values,
-        "offset": 1.0 * k**-0.5,
+        "absmax2": (torch.rand(-(-nblocks // NESTED), device=device) * 0.5 + 0.25) * k**-0.5,
+        "code2": torch.sort(torch.rand(256, device=device) * 2 - 1).values,
+        "offset": torch.tensor(k**-0.5, device=device),
         "shape": (n, k),
     }
 
@@ -45,8 +45,8 @@ def projection(inp: dict, name: str):
 
     p = inp[name]
     t = p["nf4"]
-    weight = NF4Weight(t["packed"], t["absmax"], t["shape"], BLOCKSIZE, t["nested_absmax"], t["nested_code"],
-                       t["offset"], dtype=torch.bfloat16)
+    weight = NF4Weight(t["packed"], t["absmax"], t["shape"], BLOCKSIZE, t["absmax2"], t["code2"], t["offset"],
+                       dtype=torch.bfloat16)
     return LoRAProjection(weight, p["a"], p["b"], p["scale"])
 
 
@@ -70,10 +70,10 @@ def bnb_linear4bit(t: dict, dtype=torch.bfloat16):
         raise Unavailable(f"import bitsandbytes: {type(exc).__name__}: {exc}") from exc
     n, k = t["shape"]
     dev = t["packed"].device
-    state2 = QuantState(absmax=t["nested_absmax"], code=t["nested_code"], blocksize=NESTED, dtype=torch.float32)
+    state2 = QuantState(absmax=t["absmax2"], code=t["code2"], blocksize=NESTED, dtype=torch.float32)
     state = QuantState(absmax=t["absmax"], shape=torch.Size([n, k]), code=get_4bit_type("nf4", device=dev),
                        blocksize=BLOCKSIZE, quant_type="nf4", dtype=dtype,
-                       offset=torch.tensor(t["offset"], dtype=torch.float32, device=dev), state2=state2)
+                       offset=t["offset"], state2=state2)
     lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
     lin.weight = bnb.nn.Params4bit(t["packed"].view(-1, 1), requires_grad=False, quant_state=state,
                                    blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4", module=lin,

@@ -29,21 +29,18 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
+
 namespace swiftlora::qlora {
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
-// One projection's frozen base weight W [n, k].
+// One projection's frozen base weight W [n, k]: NF4 (Nf4Weight, checked by check_nf4_weight) or dense.
 struct BaseWeight {
-  at::Tensor weight;         // NF4: uint8 packed codes, ceil(n·k / 2) bytes (any shape); dense: [n, k] in x's dtype
-  at::Tensor absmax;         // NF4: float32 [nblocks], or uint8 [nblocks] with double quantization; dense: undefined
-  at::Tensor nested_absmax;  // double quantization: float32 [ceil(nblocks / 256)]; else undefined
-  at::Tensor nested_code;    // double quantization: float32 [256] (the dynamic map); else undefined
-  float offset = 0.f;        // double quantization: added to every decoded scale
-  int64_t blocksize = 0;
+  at::Tensor dense;  // [n, k] in the compute dtype (16-bit LoRA); undefined for NF4
+  Nf4Weight nf4;     // bitsandbytes' layout, n·k elements
   int64_t n = 0, k = 0;
-  bool nf4() const { return absmax.defined(); }
-  bool nested() const { return nested_absmax.defined(); }
+  bool is_nf4() const { return !dense.defined(); }
 };
 
 // The P projections of one input, checked (make_projections), LoRA factors cast to the compute dtype.
@@ -59,7 +56,7 @@ struct Projections {
   int64_t panel_width() const { return (k + r + 7) / 8 * 8; }
   bool all_nf4() const {
     for (const auto& b : base)
-      if (!b.nf4()) return false;
+      if (!b.is_nf4()) return false;
     return true;
   }
   bool use_panel() const { return all_nf4() && k < n; }
@@ -68,8 +65,8 @@ struct Projections {
 // Checks every argument (both backends' messages come from here) and builds the projections. `x_like` is x (the
 // forward) or grad_y (the backward, where x_dim_last = K comes from lora_a). Defined in csrc/cpu/qlora_linear.cpp.
 Projections make_projections(const char* op, const at::Tensor& x_like, bool is_grad, at::TensorList weight,
-                             const OptionalTensorList& absmax, const OptionalTensorList& nested_absmax,
-                             const OptionalTensorList& nested_code, at::ArrayRef<double> offset,
+                             const OptionalTensorList& absmax, const OptionalTensorList& absmax2,
+                             const OptionalTensorList& code2, const OptionalTensorList& offset,
                              at::IntArrayRef blocksize, at::TensorList lora_a, at::TensorList lora_b,
                              at::ArrayRef<double> scale, const OptionalTensorList& dropout_mask,
                              double dropout_scale);
@@ -108,7 +105,7 @@ at::Tensor weight_panel(const Projections& p, const at::TensorOptions& opt) {
 // W_p in the compute dtype: the dense weight itself, or NF4 dequantized into a scratch buffer.
 template <typename Backend>
 at::Tensor base_matrix(const BaseWeight& b, const at::TensorOptions& opt) {
-  if (!b.nf4()) return b.weight;
+  if (!b.is_nf4()) return b.dense;
   at::Tensor w = at::empty({b.n, b.k}, opt);
   Backend::dequantize(b, w);
   return w;
@@ -203,26 +200,25 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const Proj
 }
 
 // The two ops of one backend. Backend: `static void dequantize(const BaseWeight&, at::Tensor out)` writing the NF4
-// weight into out [n, k] (compute dtype, unit column stride, any row stride).
+// weight into out [n, k] (compute dtype, unit column stride, any row stride: e.g. the left part of the panel).
 template <typename Backend>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor> qlora_linear(
-      const at::Tensor& x, at::TensorList weight, const OptionalTensorList& absmax,
-      const OptionalTensorList& nested_absmax, const OptionalTensorList& nested_code, at::ArrayRef<double> offset,
-      at::IntArrayRef blocksize, at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
-      const OptionalTensorList& bias, const OptionalTensorList& dropout_mask, double dropout_scale) {
-    const Projections p = make_projections("qlora_linear", x, false, weight, absmax, nested_absmax, nested_code,
-                                           offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
+      const at::Tensor& x, at::TensorList weight, const OptionalTensorList& absmax, const OptionalTensorList& absmax2,
+      const OptionalTensorList& code2, const OptionalTensorList& offset, at::IntArrayRef blocksize,
+      at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale, const OptionalTensorList& bias,
+      const OptionalTensorList& dropout_mask, double dropout_scale) {
+    const Projections p = make_projections("qlora_linear", x, false, weight, absmax, absmax2, code2, offset,
+                                           blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
     return forward<Backend>(x, p, concat_bias("qlora_linear", p, bias, x));
   }
   static std::tuple<at::Tensor, at::Tensor> qlora_linear_backward(
       const at::Tensor& grad_y, at::TensorList weight, const OptionalTensorList& absmax,
-      const OptionalTensorList& nested_absmax, const OptionalTensorList& nested_code, at::ArrayRef<double> offset,
+      const OptionalTensorList& absmax2, const OptionalTensorList& code2, const OptionalTensorList& offset,
       at::IntArrayRef blocksize, at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
       const OptionalTensorList& dropout_mask, double dropout_scale) {
-    const Projections p = make_projections("qlora_linear_backward", grad_y, true, weight, absmax, nested_absmax,
-                                           nested_code, offset, blocksize, lora_a, lora_b, scale, dropout_mask,
-                                           dropout_scale);
+    const Projections p = make_projections("qlora_linear_backward", grad_y, true, weight, absmax, absmax2, code2,
+                                           offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
     return backward<Backend>(grad_y, p);
   }
 };

@@ -22,72 +22,40 @@ std::string arg(const char* name, size_t i) { return std::string(name) + "[" + s
 
 // Checks projection i's base weight W_i [n, k] and returns it.
 BaseWeight make_base(const char* op, size_t i, const at::Tensor& x_like, const at::Tensor& weight,
-                     const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
-                     const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize, int64_t n,
-                     int64_t k, at::ScalarType compute) {
+                     const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& absmax2,
+                     const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                     int64_t blocksize, int64_t n, int64_t k, at::ScalarType compute) {
   BaseWeight b;
   b.n = n;
   b.k = k;
   check_same_device(x_like, weight, op, "x", arg("weight", i).c_str());
-  if (!absmax.has_value()) {  // dense
-    TORCH_CHECK_TYPE(weight.scalar_type() == compute, op, ": weight[", i, "] is dense (no absmax given), so it must "
-                     "have the compute dtype ", compute, ", got ", weight.scalar_type(),
-                     " (an NF4 weight is uint8 with its absmax)");
-    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == n && weight.size(1) == k, op, ": weight[", i,
-                      "] must have shape [", n, ", ", k, "] (lora_b[", i, "] rows, x's last dim), got ", weight.sizes());
-    TORCH_CHECK_VALUE(weight.stride(1) == 1 || weight.size(1) == 1, op, ": weight[", i,
-                      "] must have unit stride along its last dim, got strides ", weight.strides());
-    b.weight = weight;
+  if (absmax.has_value()) {  // NF4: the same checks (and messages) as nf4_dequantize, for n·k elements
+    const std::string where = std::string(op) + " (projection " + std::to_string(i) + ")";
+    b.nf4 = check_nf4_weight(where.c_str(), weight, *absmax, absmax2, code2, offset, blocksize, n * k);
     return b;
   }
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, op, ": weight[", i,
-                   "] with an absmax is NF4 and must be uint8 packed codes, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.numel() == (n * k + 1) / 2, op, ": weight[", i, "] must hold ", (n * k + 1) / 2,
-                    " bytes (two NF4 codes per byte for a [", n, ", ", k, "] weight), got ", weight.numel());
-  TORCH_CHECK_VALUE(nf4::valid_blocksize(blocksize), op, ": blocksize[", i,
-                    "] must be a power of two in [32, 4096], got ", blocksize);
-  const int64_t nblocks = (n * k + blocksize - 1) / blocksize;
-  const at::Tensor& am = *absmax;
-  check_same_device(x_like, am, op, "x", arg("absmax", i).c_str());
-  TORCH_CHECK_VALUE(am.numel() == nblocks, op, ": absmax[", i, "] must hold one scale per block of ", blocksize,
-                    " (", nblocks, "), got ", am.numel());
-  b.weight = weight.contiguous().view(-1);
-  b.absmax = am.contiguous().view(-1);
-  b.blocksize = blocksize;
-  b.offset = static_cast<float>(offset);
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value(), op, ": nested_absmax[", i, "] and nested_code[", i,
-                    "] go together (double quantization), got only one of them");
-  if (!nested) {
-    TORCH_CHECK_TYPE(am.scalar_type() == at::kFloat, op, ": absmax[", i,
-                     "] must be float32 (or uint8 with nested_absmax and nested_code), got ", am.scalar_type());
-    return b;
-  }
-  TORCH_CHECK_TYPE(am.scalar_type() == at::kByte, op, ": absmax[", i,
-                   "] must be uint8 with double quantization (nested_absmax given), got ", am.scalar_type());
-  const int64_t nested_blocks = (nblocks + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
-  for (const auto& [t, name, numel] : {std::tuple{*nested_absmax, "nested_absmax", nested_blocks},
-                                       std::tuple{*nested_code, "nested_code", int64_t{nf4::kCode2Size}}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, "[", i, "] must hold ", numel, " values, got ", t.numel());
-    check_same_device(x_like, t, op, "x", arg(name, i).c_str());
-  }
-  TORCH_CHECK_VALUE(std::isfinite(offset), op, ": offset[", i, "] must be finite, got ", offset);
-  b.nested_absmax = nested_absmax->contiguous().view(-1);
-  b.nested_code = nested_code->contiguous().view(-1);
+  TORCH_CHECK_VALUE(!absmax2.has_value() && !code2.has_value() && !offset.has_value(), op, ": weight[", i,
+                    "] has no absmax (a dense weight), so absmax2, code2 and offset must be None too");
+  TORCH_CHECK_TYPE(weight.scalar_type() == compute, op, ": weight[", i, "] is dense (no absmax given), so it must "
+                   "have the compute dtype ", compute, ", got ", weight.scalar_type(),
+                   " (an NF4 weight is uint8 with its absmax)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == n && weight.size(1) == k, op, ": weight[", i,
+                    "] must have shape [", n, ", ", k, "] (lora_b[", i, "] rows, x's last dim), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.stride(1) == 1 || weight.size(1) == 1, op, ": weight[", i,
+                    "] must have unit stride along its last dim, got strides ", weight.strides());
+  b.dense = weight;
   return b;
 }
 
 void check_lists(const char* op, size_t p, at::TensorList weight, const OptionalTensorList& absmax,
-                 const OptionalTensorList& nested_absmax, const OptionalTensorList& nested_code,
-                 at::ArrayRef<double> offset, at::IntArrayRef blocksize, at::TensorList lora_b,
-                 at::ArrayRef<double> scale, const OptionalTensorList& dropout_mask) {
+                 const OptionalTensorList& absmax2, const OptionalTensorList& code2, const OptionalTensorList& offset,
+                 at::IntArrayRef blocksize, at::TensorList lora_b, at::ArrayRef<double> scale,
+                 const OptionalTensorList& dropout_mask) {
   TORCH_CHECK_VALUE(p >= 1, op, ": lora_a must hold at least one projection's A, got an empty list");
   const std::pair<const char*, size_t> sizes[] = {
-      {"weight", weight.size()},       {"absmax", absmax.size()},       {"nested_absmax", nested_absmax.size()},
-      {"nested_code", nested_code.size()}, {"offset", offset.size()}, {"blocksize", blocksize.size()},
-      {"lora_b", lora_b.size()},       {"scale", scale.size()}};
+      {"weight", weight.size()}, {"absmax", absmax.size()}, {"absmax2", absmax2.size()},
+      {"code2", code2.size()},   {"offset", offset.size()}, {"blocksize", blocksize.size()},
+      {"lora_b", lora_b.size()}, {"scale", scale.size()}};
   for (const auto& [name, size] : sizes)
     TORCH_CHECK_VALUE(size == p, op, ": ", name, " must hold one entry per projection (", p,
                       ", the length of lora_a), got ", size);
@@ -99,14 +67,14 @@ void check_lists(const char* op, size_t p, at::TensorList weight, const Optional
 }  // namespace
 
 Projections make_projections(const char* op, const at::Tensor& x_like, bool is_grad, at::TensorList weight,
-                             const OptionalTensorList& absmax, const OptionalTensorList& nested_absmax,
-                             const OptionalTensorList& nested_code, at::ArrayRef<double> offset,
+                             const OptionalTensorList& absmax, const OptionalTensorList& absmax2,
+                             const OptionalTensorList& code2, const OptionalTensorList& offset,
                              at::IntArrayRef blocksize, at::TensorList lora_a, at::TensorList lora_b,
                              at::ArrayRef<double> scale, const OptionalTensorList& dropout_mask,
                              double dropout_scale) {
   const char* xname = is_grad ? "grad_y" : "x";
   const size_t np = lora_a.size();
-  check_lists(op, np, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_b, scale, dropout_mask);
+  check_lists(op, np, weight, absmax, absmax2, code2, offset, blocksize, lora_b, scale, dropout_mask);
   check_float_dtype(x_like, op, xname);
   TORCH_CHECK_VALUE(x_like.dim() >= 1, op, ": ", xname, " must have at least one dim, got a scalar");
   check_not_empty(x_like, op, xname);
@@ -130,8 +98,8 @@ Projections make_projections(const char* op, const at::Tensor& x_like, bool is_g
     TORCH_CHECK_VALUE(b.dim() == 2 && b.size(1) == a.size(0) && b.size(0) >= 1, op, ": lora_b[", i, "] must be [N, ",
                       a.size(0), "] (lora_a[", i, "]'s rank), got ", b.sizes());
     TORCH_CHECK_VALUE(std::isfinite(scale[i]), op, ": scale[", i, "] must be finite, got ", scale[i]);
-    p.base.push_back(make_base(op, i, x_like, weight[i], absmax.get(i), nested_absmax.get(i), nested_code.get(i),
-                               offset[i], blocksize[i], b.size(0), p.k, compute));
+    p.base.push_back(make_base(op, i, x_like, weight[i], absmax.get(i), absmax2.get(i), code2.get(i), offset.get(i),
+                               blocksize[i], b.size(0), p.k, compute));
     p.lora_a.push_back(a.to(compute));
     p.lora_b.push_back(b.to(at::kFloat).mul(scale[i]).to(compute));  // one rounding of s·B
     p.n_off.push_back(p.n);
@@ -186,32 +154,20 @@ at::Tensor concat_bias(const char* op, const Projections& p, const OptionalTenso
 
 namespace {
 
-// out[r, c] = NF4 element r·k + c of the flattened weight, rows in parallel.
+// out[r, c] = NF4 element r·k + c of the flattened weight (out: any row stride), rows in parallel.
 template <typename T>
 void dequantize_rows(const BaseWeight& b, at::Tensor& out) {
-  const uint8_t* packed = b.weight.const_data_ptr<uint8_t>();
-  const bool nested = b.nested();
-  const float* absmax_f = nested ? nullptr : b.absmax.const_data_ptr<float>();
-  const uint8_t* absmax_q = nested ? b.absmax.const_data_ptr<uint8_t>() : nullptr;
-  const float* code2 = nested ? b.nested_code.const_data_ptr<float>() : nullptr;
-  const float* absmax2 = nested ? b.nested_absmax.const_data_ptr<float>() : nullptr;
-  const int shift = nf4::log2_exact(b.blocksize);
+  const at::Tensor scales = nf4_block_scales_cpu(b.nf4);  // fp32 per block, decoded once
+  const float* scale = scales.const_data_ptr<float>();
+  const uint8_t* packed = b.nf4.packed.const_data_ptr<uint8_t>();
+  const int shift = nf4::log2_exact(b.nf4.blocksize);
   const int64_t k = b.k, ld = out.stride(0);
   T* dst = out.mutable_data_ptr<T>();
-  auto scale_of = [&](int64_t block) {
-    return nested ? nf4::nested_absmax(absmax_q[block], code2, absmax2, block, b.offset) : absmax_f[block];
-  };
   at::parallel_for(0, b.n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int64_t block = -1;
-      float scale = 0.f;
       for (int64_t c = 0; c < k; ++c) {
         const int64_t i = r * k + c;
-        if ((i >> shift) != block) {
-          block = i >> shift;
-          scale = scale_of(block);
-        }
-        dst[r * ld + c] = static_cast<T>(nf4::dequant_value(nf4::code_value(nf4::code_at(packed, i)), scale));
+        dst[r * ld + c] = static_cast<T>(nf4::dequant_value(nf4::code_value(nf4::code_at(packed, i)), scale[i >> shift]));
       }
     }
   });

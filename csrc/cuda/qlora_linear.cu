@@ -2,125 +2,94 @@
 // into a row view of a scratch buffer in the compute dtype (the weight panel [W | s·B] or a plain [N, K] buffer),
 // which cuBLAS (through ATen) then reads.
 // Dequantization floor: read N·K/2 packed bytes + N·K/blocksize scales, write N·K·E bytes; for W [14336, 4096] bf16
-// that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "qlora_linear").
-// Launch: a grid-stride loop over 16-element chunks of the weight's rows, 256 threads a block; each thread reads 8
-// packed bytes (one 8-byte load) and one scale and writes 16 values with 16-byte stores (every chunk lies inside one
-// row and one quant block when K % 16 == 0, since blocksize >= 32). Other shapes/alignments: one element a thread.
-// The 16-entry NF4 table (and with double quantization the 256-entry dynamic map) sit in shared memory.
+// that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "QLoRA ops").
+// Launch: like nf4_dequantize's kernel (csrc/cuda/nf4.cu) but writing rows with a row stride: 256-thread CTAs, each
+// thread kWords packed 32-bit words (8 elements each, one scale: blocksize >= 32) at a stride of one CTA width, all
+// loads issued before any decode, one 16-byte store per word. A word never straddles a row when K % 8 == 0 (then
+// element 8g sits at row 8g / K); other K, unaligned packed data or unaligned rows: one element per thread.
+// Tables (NF4 values, the 8-bit map when double-quantized) in shared memory (csrc/common/nf4_cuda.cuh).
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
-#include "common/nf4.h"
+#include "common/nf4_cuda.cuh"
 #include "common/qlora_host.h"
 
 namespace swiftlora::cuda {
 namespace {
 
+using nf4::Nf4Args;
+using nf4::Nf4Tables;
 using qlora::BaseWeight;
 
 constexpr int kThreads = 256;
-constexpr int kChunk = 16;  // elements per thread per step in the vectorised kernel
+constexpr int kWords = 4;
 
-// The device view of one NF4 weight.
-struct Nf4View {
-  const uint8_t* packed;
-  const float* absmax_f;    // plain: fp32 scales
-  const uint8_t* absmax_q;  // double quantization: uint8 indices into code2
-  const float* code2;
-  const float* absmax2;
-  float offset;
-  int shift;  // log2(blocksize)
-};
-
-// Shared tables: the NF4 values, and code2 with double quantization.
-template <bool kNested>
-__device__ __forceinline__ void load_tables(const Nf4View& w, float* table, float* code2) {
-  if (threadIdx.x == 0) nf4::fill_code_table(table);
-  if constexpr (kNested) {
-    for (int i = threadIdx.x; i < nf4::kCode2Size; i += blockDim.x) code2[i] = w.code2[i];
-  }
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dequant_rows_words(Nf4Args a, T* __restrict__ out, int64_t ld, int64_t k, int64_t nwords) {
+  __shared__ Nf4Tables tables;
+  nf4::load_tables(tables, a);
   __syncthreads();
-}
-
-template <bool kNested>
-__device__ __forceinline__ float block_scale(const Nf4View& w, const float* code2, int64_t block) {
-  if constexpr (kNested) {
-    return nf4::nested_absmax(code2[w.absmax_q[block]], w.absmax2[block >> nf4::kNestedBlocksizeLog2], w.offset);
-  } else {
-    return w.absmax_f[block];
-  }
-}
-
-template <typename T, bool kNested>
-__global__ void __launch_bounds__(kThreads)
-    dequant_rows_vec(const Nf4View w, T* __restrict__ out, int64_t ld, int64_t rows, int64_t k) {
-  __shared__ float table[16];
-  __shared__ float code2[kNested ? nf4::kCode2Size : 1];
-  load_tables<kNested>(w, table, code2);
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t chunks_per_row = k / kChunk;
-  const int64_t total = rows * chunks_per_row;
-  for (int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x; c < total; c += int64_t{gridDim.x} * kThreads) {
-    const int64_t row = c / chunks_per_row;
-    const int64_t col = (c - row * chunks_per_row) * kChunk;
-    const int64_t first = c * kChunk;  // flattened element index (= row·k + col)
-    const uint2 raw = *reinterpret_cast<const uint2*>(w.packed + first / 2);
-    const float scale = block_scale<kNested>(w, code2, first >> w.shift);
-    const uint32_t words[2] = {raw.x, raw.y};
-    Vec<T, kVec> v[kChunk / kVec];
+  const float offset = a.nested ? __ldg(a.offset) : 0.f;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(a.packed);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kWords) + threadIdx.x;
+  uint32_t w[kWords];
 #pragma unroll
-    for (int j = 0; j < kChunk / 2; ++j) {
-      const uint32_t byte = (words[j / 4] >> (8 * (j % 4))) & 0xFFu;  // little-endian: byte j of the 8
-      const int e = 2 * j;
-      v[e / kVec].v[e % kVec] = static_cast<T>(nf4::dequant_value(table[nf4::high_nibble(byte)], scale));
-      v[(e + 1) / kVec].v[(e + 1) % kVec] = static_cast<T>(nf4::dequant_value(table[nf4::low_nibble(byte)], scale));
+  for (int i = 0; i < kWords; ++i) {
+    const int64_t g = first + i * kThreads;
+    w[i] = g < nwords ? __ldcs(words + g) : 0u;
+  }
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    const int64_t g = first + i * kThreads;
+    if (g >= nwords) break;
+    const int64_t e = g * 8, row = e / k, col = e - row * k;
+    const float scale = nf4::block_scale(a, tables, e >> a.log2_blocksize, offset);
+    Vec<T, 8> v;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j + 1 (low nibble)
+      const uint32_t byte = (w[i] >> (8 * j)) & 0xFFu;
+      v.v[2 * j] = static_cast<T>(nf4::dequant_value(tables.code[nf4::high_nibble(byte)], scale));
+      v.v[2 * j + 1] = static_cast<T>(nf4::dequant_value(tables.code[nf4::low_nibble(byte)], scale));
     }
-    T* dst = out + row * ld + col;
-#pragma unroll
-    for (int q = 0; q < kChunk / kVec; ++q) store_vec<T, kVec>(dst + q * kVec, v[q]);
+    if constexpr (sizeof(T) == 2) {
+      store_vec<T, 8>(out + row * ld + col, v);
+    } else {
+      T* dst = out + row * ld + col;
+      store_vec<T, 4>(dst, *reinterpret_cast<const Vec<T, 4>*>(&v.v[0]));
+      store_vec<T, 4>(dst + 4, *reinterpret_cast<const Vec<T, 4>*>(&v.v[4]));
+    }
   }
 }
 
-template <typename T, bool kNested>
-__global__ void __launch_bounds__(kThreads)
-    dequant_rows_scalar(const Nf4View w, T* __restrict__ out, int64_t ld, int64_t rows, int64_t k) {
-  __shared__ float table[16];
-  __shared__ float code2[kNested ? nf4::kCode2Size : 1];
-  load_tables<kNested>(w, table, code2);
-  const int64_t total = rows * k;
-  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kThreads) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dequant_rows_scalar(Nf4Args a, T* __restrict__ out, int64_t ld, int64_t k) {
+  __shared__ Nf4Tables tables;
+  nf4::load_tables(tables, a);
+  __syncthreads();
+  const float offset = a.nested ? __ldg(a.offset) : 0.f;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t row = i / k, col = i - row * k;
-    const float scale = block_scale<kNested>(w, code2, i >> w.shift);
-    out[row * ld + col] = static_cast<T>(nf4::dequant_value(table[nf4::code_at(w.packed, i)], scale));
+    const float scale = nf4::block_scale(a, tables, i >> a.log2_blocksize, offset);
+    out[row * ld + col] = static_cast<T>(nf4::dequant_value(tables.code[nf4::code_at(a.packed, i)], scale));
   }
 }
 
-Nf4View make_view(const BaseWeight& b) {
-  const bool nested = b.nested();
-  return {b.weight.const_data_ptr<uint8_t>(),
-          nested ? nullptr : b.absmax.const_data_ptr<float>(),
-          nested ? b.absmax.const_data_ptr<uint8_t>() : nullptr,
-          nested ? b.nested_code.const_data_ptr<float>() : nullptr,
-          nested ? b.nested_absmax.const_data_ptr<float>() : nullptr,
-          b.offset,
-          nf4::log2_exact(b.blocksize)};
-}
-
-template <typename T, bool kNested>
-void launch_dequant(const Nf4View& w, at::Tensor& out, int64_t rows, int64_t k) {
-  T* dst = out.mutable_data_ptr<T>();
-  const int64_t ld = out.stride(0);
-  const bool vec = k % kChunk == 0 && aligned_to(w.packed, 8) && aligned_to(dst, 16) &&
-                   (rows == 1 || (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0);
-  const int64_t work = vec ? rows * (k / kChunk) : rows * k;
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), int64_t{sm_count()} * 16));
-  if (vec) {
-    dequant_rows_vec<T, kNested><<<blocks, kThreads, 0, current_stream()>>>(w, dst, ld, rows, k);
+template <typename T>
+void launch_dequant(const Nf4Args& a, T* out, int64_t ld, int64_t k, cudaStream_t stream) {
+  const bool words = k % 8 == 0 && aligned_to(a.packed, 4) && aligned_to(out, 16) &&
+                     (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (words) {
+    const int64_t nwords = a.n / 8;
+    const int64_t grid = ceil_div(nwords, kThreads * kWords);
+    dequant_rows_words<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, ld, k, nwords);
   } else {
-    dequant_rows_scalar<T, kNested><<<blocks, kThreads, 0, current_stream()>>>(w, dst, ld, rows, k);
+    const int64_t grid = std::min<int64_t>(ceil_div(a.n, kThreads), 8 * sm_count());
+    dequant_rows_scalar<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, ld, k);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -128,13 +97,9 @@ void launch_dequant(const Nf4View& w, at::Tensor& out, int64_t rows, int64_t k) 
 struct CudaBackend {
   // out: [n, k] in the compute dtype, unit column stride, any row stride (a slice of the weight panel).
   static void dequantize(const BaseWeight& b, at::Tensor out) {
-    const Nf4View w = make_view(b);
+    const Nf4Args a = nf4::nf4_args(b.nf4);
     SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows", [&] {
-      if (b.nested()) {
-        launch_dequant<scalar_t, true>(w, out, b.n, b.k);
-      } else {
-        launch_dequant<scalar_t, false>(w, out, b.n, b.k);
-      }
+      launch_dequant<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), out.stride(0), b.k, current_stream());
     });
   }
 };

@@ -12,19 +12,9 @@ from tests.helpers import assert_close, randn
 
 
 def random_nf4(n: int, k: int, blocksize: int = 64, nested: bool = True, device="cpu") -> NF4Weight:
-    """An NF4 weight [n, k] with random codes and scales (every code and nibble position used; scales ~ 1/sqrt(k)
-    so x @ Wᵀ ~ 1). Double quantization: random uint8 indices into a sorted 256-entry map, a per-256 absmax and an
-    offset, as bitsandbytes stores them."""
-    numel = n * k
-    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device)
-    nblocks = -(-numel // blocksize)
-    if not nested:
-        absmax = (torch.rand(nblocks, device=device) + 0.5) * k**-0.5
-        return NF4Weight(packed, absmax, (n, k), blocksize)
-    code2 = torch.sort(torch.rand(256, device=device) * 2 - 1).values
-    absmax_q = torch.randint(0, 256, (nblocks,), dtype=torch.uint8, device=device)
-    nested_absmax = (torch.rand(-(-nblocks // 256), device=device) * 0.5 + 0.25) * k**-0.5
-    return NF4Weight(packed, absmax_q, (n, k), blocksize, nested_absmax, code2, offset=1.0 * k**-0.5)
+    """A random normal [n, k] weight (std 1/sqrt(k), so x @ Wᵀ ~ 1) NF4-quantized by swiftlora's bitsandbytes-exact
+    quantizer, with double quantization (uint8 absmax, absmax2, code2, offset) or plain float32 absmax."""
+    return NF4Weight.quantize(torch.randn(n, k, device=device) * k**-0.5, blocksize, compress_statistics=nested)
 
 
 def random_base(kind: str, n: int, k: int, dtype: torch.dtype, device="cpu", blocksize: int = 64):

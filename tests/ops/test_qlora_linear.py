@@ -107,7 +107,7 @@ def test_dropout_zero_is_exact_and_generator_reproduces(device):
 def test_dequantized_base_only(device, blocksize, dtype):
     # LoRA factors of ~0 leave x @ Wᵀ: the kernel's dequantization against the plain-PyTorch one, bit for bit
     # through an identity input.
-    w = random_nf4(33, 70, blocksize, nested=True, device=device)
+    w = random_nf4(33, 70, blocksize, nested=blocksize != 64, device=device)
     eye = torch.eye(70, dtype=dtype, device=device)
     a = torch.zeros(1, 70, device=device)
     b = torch.zeros(33, 1, device=device)
@@ -182,23 +182,25 @@ def test_bad_input_raises_clear_errors(device):
     with pytest.raises(ValueError, match=r"bias\[0\] must be \[40\]"):
         qlora_linear(x, w, a, b, bias=torch.zeros(39, device=device))
     bad = [
-        (NF4Weight(w.packed, w.absmax[:-1], w.shape, w.blocksize, w.nested_absmax, w.nested_code, w.offset),
-         ValueError, r"absmax\[0\] must hold one scale per block of 64"),
-        (NF4Weight(w.packed, w.absmax, w.shape, 48, w.nested_absmax, w.nested_code, w.offset),
-         ValueError, r"blocksize\[0\] must be a power of two in \[32, 4096\]"),
-        (NF4Weight(w.packed, w.absmax, w.shape, w.blocksize), TypeError, r"absmax\[0\] must be float32"),
-        (NF4Weight(w.packed, w.absmax.float(), w.shape, w.blocksize, w.nested_absmax, w.nested_code),
-         TypeError, r"absmax\[0\] must be uint8 with double quantization"),
-        (NF4Weight(w.packed, w.absmax, w.shape, w.blocksize, w.nested_absmax, w.nested_code[:100]),
-         ValueError, r"nested_code\[0\] must hold 256 values"),
+        (NF4Weight(w.packed, w.absmax[:-1], w.shape, w.blocksize, w.absmax2, w.code2, w.offset),
+         ValueError, r"qlora_linear \(projection 0\): absmax must have shape \[15\]"),
+        (NF4Weight(w.packed, w.absmax, w.shape, 48, w.absmax2, w.code2, w.offset),
+         ValueError, r"blocksize must be a power of two in \[32, 4096\]"),
+        (NF4Weight(w.packed, w.absmax, w.shape, w.blocksize), ValueError, "absmax2, code2 and offset are all required"),
+        (NF4Weight(w.packed, w.absmax.float(), w.shape, w.blocksize, w.absmax2, w.code2, w.offset),
+         ValueError, "are for a double-quantized absmax"),
+        (NF4Weight(w.packed, w.absmax, w.shape, w.blocksize, w.absmax2, w.code2[:100], w.offset),
+         ValueError, r"code2 \(the 8-bit dynamic map\) must have shape \[256\]"),
     ]
     for weight, exc, msg in bad:
         with pytest.raises(exc, match=msg):
             qlora_linear(x, weight, a, b)
-    with pytest.raises(ValueError, match="packed must hold 480 bytes"):
-        NF4Weight(w.packed[:-1], w.absmax, w.shape)
-    with pytest.raises(TypeError, match="packed must be a uint8 tensor"):
-        NF4Weight(w.packed.float(), w.absmax, w.shape)
+    with pytest.raises(ValueError, match=r"packed must hold \(n \+ 1\) / 2 = 480 bytes"):
+        qlora_linear(x, NF4Weight(w.packed[:-1], w.absmax, w.shape, w.blocksize, w.absmax2, w.code2, w.offset), a, b)
+    with pytest.raises(TypeError, match="packed must be a tensor"):
+        NF4Weight([1], w.absmax, w.shape)
+    with pytest.raises(ValueError, match="absmax2, code2 and offset go together"):
+        NF4Weight(w.packed, w.absmax, w.shape, 64, w.absmax2)
     args = _op_args([p])
     with pytest.raises(ValueError, match="weight must hold one entry per projection"):
         torch.ops.swiftlora.qlora_linear(x, [], *args[1:], [], [], 1.0)

@@ -12,66 +12,59 @@ from typing import Any, Union
 
 import torch
 
-# bitsandbytes' NF4 table (get_4bit_type("nf4"), exact fp32 values), index = the 4-bit code.
-_NF4_CODE = tuple(float.fromhex(h) for h in (
-    "-0x1p+0", "-0x1.647362p-1", "-0x1.0cd66p-1", "-0x1.94654p-2", "-0x1.23449ap-2", "-0x1.7a6a7ep-3",
-    "-0x1.74f0e2p-4", "0x0p+0", "0x1.45f5fep-4", "0x1.4995c6p-3", "0x1.f809bap-3", "0x1.5a0674p-2",
-    "0x1.c3497p-2", "0x1.200f56p-1", "0x1.722766p-1", "0x1p+0"))
-NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes the absmax in blocks of 256
+from .nf4 import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, nf4_dequantize_reference, nf4_quantize
+
 
 
 class NF4Weight:
     """A frozen weight ``[N, K]`` in bitsandbytes' NF4 layout (flattened row-major, blocks of ``blocksize``
-    elements, two codes per byte with the first in the high nibble; ../shared/reference/formats-and-peers.md §1).
+    elements, two codes per byte with the first in the high nibble; ../shared/reference/formats-and-peers.md §1),
+    held as :func:`~swiftlora.ops.nf4.nf4_dequantize` takes it.
 
     Args:
         packed: uint8 codes, ``ceil(N·K / 2)`` bytes in any shape (bitsandbytes stores ``[n/2, 1]``).
         absmax: float32 ``[nblocks]`` per-block scales, or uint8 ``[nblocks]`` with double quantization.
         shape: ``(N, K)``, the weight's ``[out_features, in_features]``.
         blocksize: elements per block (a power of two in [32, 4096]); K need not be a multiple of it.
-        nested_absmax, nested_code: double quantization only: float32 ``[ceil(nblocks / 256)]`` and the
-            256-entry dynamic map.
-        offset: double quantization only: the mean added back to every decoded scale (a Python float, so the ops
-            never wait on the device for it).
+        absmax2, code2, offset: double quantization only: float32 ``[ceil(nblocks / 256)]``, the 256-entry dynamic
+            map, and the float32 ``[]`` mean added back to every decoded scale (read on the device: no host sync).
         dtype: the original weight's dtype (what :meth:`dequantize` returns by default).
     """
 
-    __slots__ = ("packed", "absmax", "shape", "blocksize", "nested_absmax", "nested_code", "offset", "dtype")
+    __slots__ = ("packed", "absmax", "shape", "blocksize", "absmax2", "code2", "offset", "dtype")
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
-                 nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
-                 offset: float = 0.0, dtype: torch.dtype = torch.bfloat16):
-        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-            raise TypeError(f"NF4Weight: packed must be a uint8 tensor, got {_describe(packed)}")
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = DEFAULT_BLOCKSIZE,
+                 absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"NF4Weight: packed must be a tensor, got {_describe(packed)}")
+        packed = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)  # quant_storage
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"NF4Weight: shape must be (out_features, in_features) >= 1, got {shape}")
-        if packed.numel() != (shape[0] * shape[1] + 1) // 2:
-            raise ValueError(f"NF4Weight: packed must hold {(shape[0] * shape[1] + 1) // 2} bytes for shape {shape}, "
-                             f"got {packed.numel()}")
-        if (nested_absmax is None) != (nested_code is None):
-            raise ValueError("NF4Weight: nested_absmax and nested_code go together (double quantization)")
+        nested = [t is not None for t in (absmax2, code2, offset)]
+        if any(nested) and not all(nested):
+            raise ValueError("NF4Weight: absmax2, code2 and offset go together (double quantization)")
+        if isinstance(offset, (int, float)):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
         self.packed, self.absmax, self.shape, self.blocksize = packed, absmax, shape, int(blocksize)
-        self.nested_absmax, self.nested_code, self.offset, self.dtype = nested_absmax, nested_code, float(offset), dtype
+        self.absmax2, self.code2, self.offset, self.dtype = absmax2, code2, offset, dtype
 
     @classmethod
     def from_quant_state(cls, packed: torch.Tensor, quant_state: Any) -> "NF4Weight":
-        """From packed codes and a QuantState (bitsandbytes' ``bitsandbytes.functional.QuantState`` or one with the
-        same attributes: ``absmax, shape, blocksize, quant_type, dtype, offset, state2``). Reads the double-quant
-        offset to the host once, here."""
+        """From packed codes and a QuantState: bitsandbytes' ``bitsandbytes.functional.QuantState`` or
+        :class:`swiftlora.quant.QuantState` (the same attributes: ``absmax, shape, blocksize, quant_type, dtype,
+        offset, state2``)."""
         qt = getattr(quant_state, "quant_type", "nf4")
         if qt != "nf4":
             raise ValueError(f"NF4Weight: quant_type must be 'nf4', got {qt!r}")
         state2 = getattr(quant_state, "state2", None)
         if state2 is None:
-            return cls(packed, quant_state.absmax, quant_state.shape, quant_state.blocksize,
-                       dtype=quant_state.dtype)
+            return cls(packed, quant_state.absmax, quant_state.shape, quant_state.blocksize, dtype=quant_state.dtype)
         if int(state2.blocksize) != NESTED_BLOCKSIZE:
             raise ValueError(f"NF4Weight: the nested absmax blocksize must be {NESTED_BLOCKSIZE}, got {state2.blocksize}")
-        offset = quant_state.offset
-        offset = float(offset.item() if isinstance(offset, torch.Tensor) else offset)
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.blocksize, state2.absmax, state2.code,
-                   offset, quant_state.dtype)
+                   quant_state.offset, quant_state.dtype)
 
     @classmethod
     def from_bnb(cls, param: Any) -> "NF4Weight":
@@ -81,35 +74,33 @@ class NF4Weight:
                              "device first)")
         return cls.from_quant_state(param.data, param.quant_state)
 
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE,
+                 compress_statistics: bool = True) -> "NF4Weight":
+        """NF4-quantizes a dense ``[N, K]`` weight (bit-identical to bitsandbytes' ``quantize_4bit``)."""
+        t = nf4_quantize(weight, blocksize, compress_statistics)
+        return cls(t.packed, t.absmax, weight.shape, blocksize, t.absmax2, t.code2, t.offset, weight.dtype)
+
     @property
     def device(self) -> torch.device:
         return self.packed.device
 
     @property
     def nested(self) -> bool:
-        return self.nested_absmax is not None
+        return self.absmax2 is not None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Plain-PyTorch dequantization to ``[N, K]`` in ``dtype`` (default: the original dtype): fp32
-        ``table[code] · scale`` rounded once to ``dtype``, the scale decoded as bitsandbytes does (a rounded
-        multiply, then a rounded add of the offset)."""
-        n = self.shape[0] * self.shape[1]
-        nblocks = -(-n // self.blocksize)
-        scale = self.absmax.reshape(-1)[:nblocks]
-        if self.nested:
-            nested = self.nested_absmax.reshape(-1).repeat_interleave(NESTED_BLOCKSIZE)[:nblocks]
-            scale = (self.nested_code.reshape(-1)[scale.long()] * nested) + torch.tensor(
-                self.offset, dtype=torch.float32, device=scale.device)
-        table = torch.tensor(_NF4_CODE, dtype=torch.float32, device=self.device)
-        b = self.packed.reshape(-1)
-        codes = torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n].long()
-        values = table[codes] * scale.float().repeat_interleave(self.blocksize)[:n]
-        return values.view(self.shape).to(dtype or self.dtype)
+        """Plain-PyTorch dequantization to ``[N, K]`` in ``dtype`` (default: the original dtype), bit-identical to
+        bitsandbytes' ``dequantize_4bit`` (:func:`~swiftlora.ops.nf4.nf4_dequantize_reference`); float64 gets the
+        exact float32 values."""
+        dt = dtype or self.dtype
+        out = nf4_dequantize_reference(*self.tensors(), blocksize=self.blocksize, shape=self.shape,
+                                       dtype=torch.float32 if dt == torch.float64 else dt)
+        return out.to(dt)
 
-    def op_args(self) -> tuple:
-        """(packed, absmax, nested_absmax, nested_code, offset, blocksize) as torch.ops.swiftlora.qlora_linear takes
-        them."""
-        return self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.blocksize
+    def tensors(self) -> tuple:
+        """(packed, absmax, absmax2, code2, offset): the NF4 ops' tensor arguments."""
+        return self.packed, self.absmax, self.absmax2, self.code2, self.offset
 
     def __repr__(self) -> str:
         return (f"NF4Weight(shape={self.shape}, blocksize={self.blocksize}, nested={self.nested}, "
@@ -177,9 +168,9 @@ def op_lists(projs) -> tuple:
     cols: list[list] = [[] for _ in range(6)]
     for p in projs:
         if isinstance(p.base, NF4Weight):
-            args = p.base.op_args()
+            args = (*p.base.tensors(), p.base.blocksize)
         else:
-            args = (p.base, None, None, None, 0.0, 0)
+            args = (p.base, None, None, None, None, 0)
         for c, a in zip(cols, args):
             c.append(a)
     return (*cols, [p.lora_a for p in projs], [p.lora_b for p in projs], [float(p.scale) for p in projs])

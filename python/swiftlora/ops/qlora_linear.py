@@ -221,16 +221,14 @@ def scaled_b_block(projs, dtype) -> torch.Tensor:
 
 
 @torch.library.register_fake("swiftlora::qlora_linear")
-def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, scale, bias, dropout_mask,
-      dropout_scale):
+def _(x, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale):
     n = sum(b.shape[0] for b in lora_b)
     r = sum(a.shape[0] for a in lora_a)
     return x.new_empty((*x.shape[:-1], n)), x.new_empty((*x.shape[:-1], r))
 
 
 @torch.library.register_fake("swiftlora::qlora_linear_backward")
-def _(grad_y, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, scale, dropout_mask,
-      dropout_scale):
+def _(grad_y, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale):
     k = lora_a[0].shape[1]
     r = sum(a.shape[0] for a in lora_a)
     return grad_y.new_empty((*grad_y.shape[:-1], k)), grad_y.new_empty((*grad_y.shape[:-1], r))
