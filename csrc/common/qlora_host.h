@@ -3,7 +3,8 @@
 // with each base weight W_p [N_p, K] frozen, NF4 (bitsandbytes layout) or dense 16/32-bit, as GEMMs through ATen
 // (cuBLAS on CUDA) around a backend's `dequantize(base, out)` that writes W_p into a [N_p, K] row view.
 //
-// Two plans, chosen by which extra pass over memory is smaller (bench/NOTES.md, "qlora_linear v1"):
+// Decode-sized inputs (<= 16 rows, 16-bit, NF4 bases) take nf4_gemv for the base term, then add the LoRA term.
+// Otherwise two plans, chosen by which extra pass over memory is smaller (bench/NOTES.md, "QLoRA ops"):
 //   panel      (all bases NF4 and K < N): one GEMM with the LoRA rank folded into the reduction,
 //                y = [x | xa | 0] @ [W | s·B | 0]ᵀ, x copied into an [M, K + R'] buffer (R' pads K + R to a multiple
 //                of 8 for 16-byte rows; B's of different projections sit block-diagonally). Extra traffic: 2·M·K.
@@ -15,6 +16,7 @@
 // falls out of the same GEMM as extra output columns; the LoRA term is an addmm into grad_x.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -60,6 +62,11 @@ struct Projections {
     return true;
   }
   bool use_panel() const { return all_nf4() && k < n; }
+  // Decode-sized inputs: nf4_gemv reads each packed weight once instead of dequantizing it (16-bit x only).
+  bool use_gemv(int64_t rows, at::ScalarType dtype) const {
+    return rows <= kGemvMaxRows && dtype != at::kFloat && all_nf4();
+  }
+  static constexpr int64_t kGemvMaxRows = 16;  // nf4_gemv's limit
 };
 
 // Checks every argument (both backends' messages come from here) and builds the projections. `x_like` is x (the
@@ -111,6 +118,18 @@ at::Tensor base_matrix(const BaseWeight& b, const at::TensorOptions& opt) {
   return w;
 }
 
+// x2 [M <= 16, K] @ W_iᵀ through torch.ops.swiftlora.nf4_gemv (the backend's own kernel): [M, N_i].
+inline at::Tensor nf4_gemv(const at::Tensor& x2, const BaseWeight& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("swiftlora::nf4_gemv", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  return op.call(x2, b.nf4.packed, b.nf4.absmax, opt(b.nf4.absmax2), opt(b.nf4.code2), opt(b.nf4.offset),
+                 b.nf4.blocksize, b.n);
+}
+
 // x with projection i's dropout applied (x itself when it has none).
 inline at::Tensor dropped(const at::Tensor& x2, const Projections& p, size_t i) {
   return p.mask[i].defined() ? x2.mul(p.mask[i]).mul_(p.dropout_scale) : x2;
@@ -135,7 +154,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const Projection
   const int64_t m = x2.size(0);
   const at::Tensor xa = lora_input_product(x2, p);
   at::Tensor y;
-  if (p.use_panel()) {
+  if (p.use_gemv(m, x.scalar_type())) {
+    y = p.base.size() == 1 ? nf4_gemv(x2, p.base[0]) : at::empty({m, p.n}, x.options());
+    for (size_t i = 0; p.base.size() > 1 && i < p.base.size(); ++i)
+      y.narrow(1, p.n_off[i], p.base[i].n).copy_(nf4_gemv(x2, p.base[i]));
+    y.addmm_(xa, block_diag_lora_b(p, x.options()).t());
+    if (bias.defined()) y.add_(bias);
+  } else if (p.use_panel()) {
     const at::Tensor panel = weight_panel<Backend>(p, x.options());
     at::Tensor xcat = at::empty({m, p.panel_width()}, x.options());
     xcat.narrow(1, 0, p.k).copy_(x2);

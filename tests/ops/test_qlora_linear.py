@@ -117,6 +117,20 @@ def test_dequantized_base_only(device, blocksize, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_rows_take_nf4_gemv(device, dtype):
+    # <= 16 rows of 16-bit x: the base term is nf4_gemv's (W not rounded to x's dtype), the LoRA term added after.
+    from swiftlora.ops.nf4 import nf4_gemv
+
+    w = random_nf4(96, 64, 64, nested=True, device=device)
+    x = randn(2, 5, 64, dtype=dtype, device=device)
+    a, b = torch.zeros(1, 64, device=device), torch.zeros(96, 1, device=device)
+    with torch.no_grad():
+        y = qlora_linear(x, w, a, b)
+    assert torch.equal(y, nf4_gemv(x, *w.tensors(), blocksize=64, out_features=96))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (3, 40, 72)), (torch.float16, (3, 40, 72)),
                                               (torch.bfloat16, (3, 40, 72)), (torch.bfloat16, (3, 72, 40))],
                          ids=["fp32-panel", "fp16-panel", "bf16-panel", "bf16-lora_first"])
