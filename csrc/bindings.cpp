@@ -48,6 +48,11 @@ TORCH_LIBRARY(swiftlora, m) {
   // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
   // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
   m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
+
+  // GGUF block quantization (python/swiftlora/ops/gguf_quant.py): rows x [..., n] float -> uint8 [..., n/B·S], the
+  // bytes llama.cpp's reference quantizer writes for ggml type qtype (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
+  // Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14; B = 32 or 256 elements per block, S bytes per block).
+  m.def("gguf_quantize(Tensor x, int qtype) -> Tensor");
 }
 
 namespace py = pybind11;

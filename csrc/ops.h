@@ -22,7 +22,8 @@
   X(softmax_grad)                \
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
-  X(scale_rows_)
+  X(scale_rows_)                 \
+  X(gguf_quantize)
 
 namespace swiftlora {
 
@@ -51,5 +52,10 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
                                     double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
 // t [N, ...] float, scale float32 [] or [N].
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
+
+// gguf_quantize: x [..., n] float, n a positive multiple of the type's block (32 or 256); qtype a ggml type id.
+void check_gguf_quantize_args(const at::Tensor& x, int64_t qtype);
+// The uint8 [..., n/block·block_bytes] output tensor on x's device.
+at::Tensor gguf_quantize_output(const at::Tensor& x, int64_t qtype);
 
 }  // namespace swiftlora
