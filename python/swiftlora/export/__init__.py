@@ -1,0 +1,1 @@
+"""Export: GGUF files for llama.cpp and the Ollama Modelfile beside them."""
