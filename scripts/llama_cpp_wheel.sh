@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (or reuses) a CPU-only llama-cpp-python wheel and installs it into $PY: the GGUF export tests load every
 # exported file in llama.cpp through it. PyPI has only its source package (a ~5 min compile on 2 cores), so the
-# wheel is cached per version/Python tag in $SWIFTLORA_WHEEL_CACHE (default ~/.cache/swiftlora-wheels).
+# wheel (py3-none-linux: it loads llama.cpp through ctypes) is cached per version in $SWIFTLORA_WHEEL_CACHE
+# (default ~/.cache/swiftlora-wheels).
 #   PY=/path/to/python bash scripts/llama_cpp_wheel.sh        # or sourced by scripts/_env.sh (PY is set there)
 # SWIFTLORA_SKIP_LLAMA_CPP=1 skips it (the llama.cpp tests then skip through pytest.importorskip).
 set -euo pipefail
@@ -13,10 +14,9 @@ if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_
   echo "llama-cpp-python $version already installed"; exit 0
 fi
 mkdir -p "$cache"
-pytag=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
-wheel=$(ls "$cache"/llama_cpp_python-"$version"-"$pytag"-*.whl 2>/dev/null | head -n 1 || true)
+wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-  echo "building llama-cpp-python $version (CPU only) into $cache; log: $cache/build-$version-$pytag.log"
+  echo "building llama-cpp-python $version (CPU only) into $cache; log: $cache/build-$version.log"
   start=$(date +%s)
   # Portable CPU build: no -march=native (the cache may move between machines), no BLAS, no OpenMP runtime
   # dependency, none of llama.cpp's tools or examples (only the shared libraries the Python package loads).
@@ -25,11 +25,11 @@ if [ -z "$wheel" ]; then
 -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2} \
     "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-binary=llama-cpp-python \
-      "llama-cpp-python==$version" -w "$cache" >"$cache/build-$version-$pytag.log" 2>&1 \
-    || { tail -n 40 "$cache/build-$version-$pytag.log"; echo "llama-cpp-python build failed" >&2; exit 1; }
+      "llama-cpp-python==$version" -w "$cache" >"$cache/build-$version.log" 2>&1 \
+    || { tail -n 40 "$cache/build-$version.log"; echo "llama-cpp-python build failed" >&2; exit 1; }
   echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
-  wheel=$(ls "$cache"/llama_cpp_python-"$version"-"$pytag"-*.whl | head -n 1)
+  wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl | head -n 1)
 fi
-# Its runtime deps (numpy, typing-extensions, diskcache, jinja2) are small; install them without touching torch.
-"$PY" -m pip install -q --disable-pip-version-check "$wheel" diskcache jinja2 typing-extensions numpy
+# Its runtime deps (numpy, typing-extensions, jinja2: already there; diskcache: small, pure) without upgrades.
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "$wheel" "diskcache>=5.6.1"
 echo "llama-cpp-python $version installed from $wheel"
