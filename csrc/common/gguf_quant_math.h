@@ -17,10 +17,13 @@
 
 #ifdef __CUDACC__
 #define SWIFTLORA_HOST_DEVICE __host__ __device__ __forceinline__
-#define SWIFTLORA_UNROLL _Pragma("unroll")  // keeps per-thread arrays in registers on the device
 #else
 #define SWIFTLORA_HOST_DEVICE inline
-#define SWIFTLORA_UNROLL
+#endif
+#ifdef __CUDA_ARCH__
+#define SWIFTLORA_UNROLL _Pragma("unroll")  // keeps per-thread arrays in registers on the device
+#else
+#define SWIFTLORA_UNROLL                    // (the host compiler of a .cu file would warn on the pragma)
 #endif
 
 namespace swiftlora::gguf {
