@@ -122,6 +122,17 @@ SWIFTLORA_HOST_DEVICE int x86_trunc(float f) {
 }
 SWIFTLORA_HOST_DEVICE int low_byte_signed(int v) { return static_cast<int8_t>(static_cast<uint8_t>(v & 0xff)); }
 
+// x86_trunc(roundf(f)): round half away from zero, without a libm call (x86-64's baseline has no roundss).
+// Exact: f - trunc(f) is representable, and floats >= 2^23 are integers.
+SWIFTLORA_HOST_DEVICE int x86_round(float f) {
+  if (!(f > -2147483648.f && f < 2147483648.f)) return static_cast<int>(0x80000000u);
+  int i = static_cast<int>(f);
+  const float frac = f - static_cast<float>(i);
+  if (frac >= 0.5f) ++i;
+  else if (frac <= -0.5f) --i;
+  return i;
+}
+
 SWIFTLORA_HOST_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 SWIFTLORA_HOST_DEVICE int imax(int a, int b) { return a > b ? a : b; }
 
@@ -134,7 +145,7 @@ SWIFTLORA_HOST_DEVICE void quantize_block_q8_0(const float* x, uint8_t* out) {
   const float d = amax / 127;
   const float id = d != 0.f ? 1.0f / d : 0.0f;
   store_fp16(out, d);
-  for (int j = 0; j < kQK; ++j) out[2 + j] = static_cast<uint8_t>(x86_trunc(roundf(x[j] * id)) & 0xff);
+  for (int j = 0; j < kQK; ++j) out[2 + j] = static_cast<uint8_t>(x86_round(x[j] * id) & 0xff);
 }
 
 // The signed element of largest magnitude (the first on ties), for the symmetric types Q4_0/Q5_0.

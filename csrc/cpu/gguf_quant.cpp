@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -148,15 +149,23 @@ void quantize_rows(const at::Tensor& x2, at::Tensor& out2, int qtype) {
   const T* xp = x2.const_data_ptr<T>();
   uint8_t* yp = out2.mutable_data_ptr<uint8_t>();
   const int64_t grain = qtype >= kQ2_K ? 16 : 256;  // blocks per task: K-quants cost ~30x more per element
+  std::atomic<bool> nonfinite{false};
   at::parallel_for(0, rows * per_row, grain, [&](int64_t begin, int64_t end) {
     float buf[kQKK];
+    bool finite = true;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r = b / per_row, c = b % per_row;
       const T* src = xp + r * xs + c * be;
-      for (int i = 0; i < be; ++i) buf[i] = static_cast<float>(src[i]);
+      for (int i = 0; i < be; ++i) {
+        buf[i] = static_cast<float>(src[i]);
+        finite &= std::isfinite(buf[i]);
+      }
       quantize_block(qtype, buf, yp + b * bb);
     }
+    if (!finite) nonfinite.store(true, std::memory_order_relaxed);
   });
+  // Checked here, where it costs nothing (the CUDA kernel does not check; the Python entry does it there).
+  TORCH_CHECK_VALUE(!nonfinite.load(), "gguf_quantize: x has NaN or infinite values; GGUF blocks need finite weights");
 }
 
 }  // namespace

@@ -108,17 +108,26 @@ MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5
          "q5_0", "q5_1", "q8_0"]
 
 
-@pytest.mark.parametrize("method", MIXES)
-def test_mixes_equal_llama_quantize(tmp_path, method):
-    """Our file vs llama-quantize run on our F32 file: same tensor types (incl. the use_more_bits layers and the
-    fallbacks for rows that are not multiples of 256: intermediate 320) and the same bytes."""
-    llama_cpp = require_llama_cpp()
+@pytest.fixture(scope="module")
+def all_mixes(tmp_path_factory):
+    """One tiny 8-layer Llama (intermediate 320: ffn_down rows are not multiples of 256, so the fallbacks apply)
+    exported as F32 and as every mix."""
+    folder = tmp_path_factory.mktemp("mixes")
     tok = tokenizer_for("llama")
     model = tiny_model("llama", len(tok), num_hidden_layers=8, intermediate_size=320)
-    f32, ours = save_pretrained_gguf(model, tmp_path, tok, ["f32", method], progress=False)
-    theirs = tmp_path / "llama-quantize.gguf"
+    paths = save_pretrained_gguf(model, folder, tok, ["f32"] + MIXES, progress=False, modelfile=False)
+    return paths[0], dict(zip(MIXES, paths[1:]))
+
+
+@pytest.mark.parametrize("method", MIXES)
+def test_mixes_equal_llama_quantize(all_mixes, method):
+    """Our file vs llama-quantize run on our F32 file: same tensor types (incl. the use_more_bits layers and the
+    fallbacks) and the same bytes."""
+    llama_cpp = require_llama_cpp()
+    f32, ours = all_mixes[0], all_mixes[1][method]
+    theirs = ours.with_name(f"llama-quantize.{method}.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(METHODS[resolve_methods(method)[0]][0])
+    params.ftype = int(METHODS[method][0])
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
