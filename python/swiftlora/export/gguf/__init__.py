@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..merge import merged_for_export
+from .merge import merged_for_export
 from .arch import ARCHS, arch_spec, text_config
 from .methods import ALIASES, METHODS, resolve_methods
 from .tensors import plan_tensors

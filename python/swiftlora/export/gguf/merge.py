@@ -1,7 +1,8 @@
-"""The model an export writes: a plain Hugging Face causal LM with any LoRA adapters merged in full precision.
+"""The model a GGUF export writes: a plain Hugging Face causal LM with any LoRA adapters merged in full precision.
 
-One small function on purpose: the QLoRA workflow can replace it (e.g. to dequantize NF4 bases) or hand the
-exporters an already merged model. Nothing is written to disk.
+One small function on purpose: the QLoRA workflow's merge (branch flm: export/merge.py, ``merged_tensors``, which
+also densifies NF4/int8 bases) can replace it or hand the exporter an already merged model. It lives here, not in
+export/merge.py, so the two branches do not both add that file. Nothing is written to disk.
 """
 from __future__ import annotations
 
