@@ -31,6 +31,7 @@ else
     | grep -v "is ignored: it is neither a file nor a directory" || true
 fi
 export PY
+[ -n "${SWIFTLORA_PYTHON:-}" ] || { "$PY" -m pip install -q --disable-pip-version-check peft accelerate sentencepiece protobuf && PY="$PY" bash "$SWIFTLORA_ROOT/scripts/llama_cpp_wheel.sh"; }  # GGUF export tests: llama.cpp (cached CPU wheel) as the oracle
 
 if [ "$swiftlora_mode" = cuda ]; then
   export SWIFTLORA_CUDA_ARCHS=${SWIFTLORA_CUDA_ARCHS-80;90a}  # set but empty: the visible GPU's arches

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import gguf
 import numpy as np
 import pytest
 import torch
+
+gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
 from swiftlora.export.gguf import METHODS, resolve_methods, save_pretrained_gguf
 from swiftlora.ops.gguf_quant import gguf_dequantize_reference, gguf_quantize

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
+
 from swiftlora.export.gguf import save_pretrained_gguf
 from tests.export.tiny_models import tiny_model, tokenizer_for
 from tests.llama_cpp_oracle import require_llama_cpp

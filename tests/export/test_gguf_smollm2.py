@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
+
 from swiftlora.export.gguf import save_pretrained_gguf
 from tests.llama_cpp_oracle import llama_logits, require_llama_cpp
 
