@@ -94,24 +94,24 @@ SWIFTLORA_HOST_DEVICE float fit_scale_min(int nmax, const float* x, const float*
 
 SWIFTLORA_HOST_DEVICE int clamp_signed(int l, int nmax) { return imax(-nmax, imin(nmax - 1, l)); }
 
+// The symmetric searches' start: *max = the element of largest magnitude; a group below kGroupMaxEps is all zero
+// (codes 0, scale 0) and returns true.
+template <int N>
+SWIFTLORA_HOST_DEVICE bool is_zero_group(const float* x, int8_t* L, float* max) {
+  float amax;
+  *max = first_absmax<N>(x, &amax);
+  if (amax >= kGroupMaxEps) return false;
+  SWIFTLORA_UNROLL
+  for (int i = 0; i < N; ++i) L[i] = 0;
+  return true;
+}
+
 // Symmetric scale for codes L in [0, 2·nmax) (value = scale·(L − nmax)), weights x² (the reference's
 // make_qx_quants with rmse_type 1 and no importance weights): a first guess, then 18 nudged inverse scales.
 template <int N>
 SWIFTLORA_HOST_DEVICE float fit_scale_symmetric(int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
-  SWIFTLORA_UNROLL
-  for (int i = 0; i < N; ++i) {
-    const float ax = fabsf(x[i]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[i];
-    }
-  }
-  if (amax < kGroupMaxEps) {
-    SWIFTLORA_UNROLL
-    for (int i = 0; i < N; ++i) L[i] = 0;
-    return 0.f;
-  }
+  float max;
+  if (is_zero_group<N>(x, L, &max)) return 0.f;
   float iscale = -nmax / max;
   float sumlx = 0, suml2 = 0;
   SWIFTLORA_UNROLL
@@ -149,20 +149,8 @@ SWIFTLORA_HOST_DEVICE float fit_scale_symmetric(int nmax, const float* x, int8_t
 // that improves the weighted fit. Codes in [0, 2·nmax).
 template <int N>
 SWIFTLORA_HOST_DEVICE float fit_scale_q3(int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
-  SWIFTLORA_UNROLL
-  for (int i = 0; i < N; ++i) {
-    const float ax = fabsf(x[i]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[i];
-    }
-  }
-  if (amax < kGroupMaxEps) {
-    SWIFTLORA_UNROLL
-    for (int i = 0; i < N; ++i) L[i] = 0;
-    return 0.f;
-  }
+  float max;
+  if (is_zero_group<N>(x, L, &max)) return 0.f;
   const float iscale = -nmax / max;
   float sumlx = 0, suml2 = 0;
   SWIFTLORA_UNROLL

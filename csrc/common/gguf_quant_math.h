@@ -15,16 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __CUDACC__
-#define SWIFTLORA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define SWIFTLORA_HOST_DEVICE inline
-#endif
-#ifdef __CUDA_ARCH__
-#define SWIFTLORA_UNROLL _Pragma("unroll")  // keeps per-thread arrays in registers on the device
-#else
-#define SWIFTLORA_UNROLL                    // (the host compiler of a .cu file would warn on the pragma)
-#endif
+#include "common/host_device.h"
 
 namespace swiftlora::gguf {
 
@@ -148,16 +139,25 @@ SWIFTLORA_HOST_DEVICE void quantize_block_q8_0(const float* x, uint8_t* out) {
   for (int j = 0; j < kQK; ++j) out[2 + j] = static_cast<uint8_t>(x86_round(x[j] * id) & 0xff);
 }
 
-// The signed element of largest magnitude (the first on ties), for the symmetric types Q4_0/Q5_0.
-SWIFTLORA_HOST_DEVICE float signed_absmax(const float* x) {
-  float amax = 0.f, max = 0.f;
-  for (int j = 0; j < kQK; ++j) {
-    if (amax < fabsf(x[j])) {
-      amax = fabsf(x[j]);
+// The element of largest magnitude (the first one on ties: a strict > from 0, as the reference loops), and its
+// magnitude in *amax.
+template <int N>
+SWIFTLORA_HOST_DEVICE float first_absmax(const float* x, float* amax) {
+  float a = 0.f, max = 0.f;
+  SWIFTLORA_UNROLL
+  for (int j = 0; j < N; ++j) {
+    if (fabsf(x[j]) > a) {
+      a = fabsf(x[j]);
       max = x[j];
     }
   }
+  *amax = a;
   return max;
+}
+
+SWIFTLORA_HOST_DEVICE float signed_absmax(const float* x) {
+  float amax;
+  return first_absmax<kQK>(x, &amax);
 }
 
 // Q4_0: d = max/-8, q = min(15, trunc(x/d + 8.5)); byte j = q_j | q_{j+16} << 4.
@@ -188,24 +188,24 @@ SWIFTLORA_HOST_DEVICE void quantize_block_q5_0(const float* x, uint8_t* out) {
   for (int b = 0; b < 4; ++b) out[2 + b] = static_cast<uint8_t>(qh >> (8 * b));
 }
 
-SWIFTLORA_HOST_DEVICE void min_max(const float* x, float* mn, float* mx) {
+// Q4_1/Q5_1: d = (max - min)/levels and m = min into the block's first 4 bytes; returns 1/d (0 when d is 0).
+SWIFTLORA_HOST_DEVICE float store_asym_scale(const float* x, int levels, uint8_t* out, float* mn) {
   float lo = 3.40282347e+38f, hi = -3.40282347e+38f;
   for (int j = 0; j < kQK; ++j) {
     if (x[j] < lo) lo = x[j];
     if (x[j] > hi) hi = x[j];
   }
+  const float d = (hi - lo) / levels;
+  store_fp16(out, d);
+  store_fp16(out + 2, lo);
   *mn = lo;
-  *mx = hi;
+  return d != 0.f ? 1.0f / d : 0.0f;
 }
 
 // Q4_1: d = (max-min)/15, m = min, q = min(15, trunc((x-min)/d + 0.5)).
 SWIFTLORA_HOST_DEVICE void quantize_block_q4_1(const float* x, uint8_t* out) {
-  float mn, mx;
-  min_max(x, &mn, &mx);
-  const float d = (mx - mn) / 15;
-  const float id = d != 0.f ? 1.0f / d : 0.0f;
-  store_fp16(out, d);
-  store_fp16(out + 2, mn);
+  float mn;
+  const float id = store_asym_scale(x, 15, out, &mn);
   for (int j = 0; j < kQK / 2; ++j) {
     const uint8_t q0 = static_cast<uint8_t>(imin(15, low_byte_signed(x86_trunc((x[j] - mn) * id + 0.5f))));
     const uint8_t q1 = static_cast<uint8_t>(imin(15, low_byte_signed(x86_trunc((x[j + kQK / 2] - mn) * id + 0.5f))));
@@ -215,12 +215,8 @@ SWIFTLORA_HOST_DEVICE void quantize_block_q4_1(const float* x, uint8_t* out) {
 
 // Q5_1: d = (max-min)/31, m = min, q = trunc((x-min)/d + 0.5) (no clamp in the reference).
 SWIFTLORA_HOST_DEVICE void quantize_block_q5_1(const float* x, uint8_t* out) {
-  float mn, mx;
-  min_max(x, &mn, &mx);
-  const float d = (mx - mn) / 31;
-  const float id = d != 0.f ? 1.0f / d : 0.0f;
-  store_fp16(out, d);
-  store_fp16(out + 2, mn);
+  float mn;
+  const float id = store_asym_scale(x, 31, out, &mn);
   uint32_t qh = 0;
   for (int j = 0; j < kQK / 2; ++j) {
     const uint8_t q0 = static_cast<uint8_t>(x86_trunc((x[j] - mn) * id + 0.5f) & 0xff);

@@ -66,15 +66,9 @@ void quantize_q45k(const float* x, uint8_t* y) {
 
 void quantize_q6k(const float* x, uint8_t* y) {
   int8_t L[kQKK], codes[16];
-  float scales[16];
-  float max_scale = 0, max_abs = 0;
-  for (int j = 0; j < 16; ++j) {
-    scales[j] = fit_scale_symmetric<16>(32, x + 16 * j, L + 16 * j);
-    if (fabsf(scales[j]) > max_abs) {
-      max_abs = fabsf(scales[j]);
-      max_scale = scales[j];
-    }
-  }
+  float scales[16], max_abs;
+  for (int j = 0; j < 16; ++j) scales[j] = fit_scale_symmetric<16>(32, x + 16 * j, L + 16 * j);
+  const float max_scale = first_absmax<16>(scales, &max_abs);
   if (max_abs < kGroupMaxEps) {  // all zero: the reference writes a zeroed block
     std::memset(y, 0, 210);
     return;
@@ -94,15 +88,9 @@ void quantize_q6k(const float* x, uint8_t* y) {
 void quantize_q3k(const float* x, uint8_t* y) {
   int8_t L[kQKK];
   int codes[16] = {0};
-  float scales[16];
-  float max_scale = 0, amax = 0;
-  for (int j = 0; j < 16; ++j) {
-    scales[j] = fit_scale_q3<16>(4, x + 16 * j, L + 16 * j);
-    if (fabsf(scales[j]) > amax) {
-      amax = fabsf(scales[j]);
-      max_scale = scales[j];
-    }
-  }
+  float scales[16], amax;
+  for (int j = 0; j < 16; ++j) scales[j] = fit_scale_q3<16>(4, x + 16 * j, L + 16 * j);
+  const float max_scale = first_absmax<16>(scales, &amax);
   store_fp16(y + 108, max_scale ? 1 / (-32.f / max_scale) : 0.f);
   if (max_scale) {
     for (int j = 0; j < 16; ++j) codes[j] = q3k_code(max_scale, scales[j]);

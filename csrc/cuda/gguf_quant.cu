@@ -3,7 +3,8 @@
 // (csrc/common/gguf_*quant_math.h, compiled here with -fmad=false so no multiply-add is fused).
 // Floor: read n elements, write n·bytes_per_block/block bytes (e.g. 2 + 0.56 bytes per bf16 weight for Q4_K).
 // Launch:
-//   Q4_0..Q8_0: one thread per 32-element block (16-byte vector loads when rows are aligned), 256-thread blocks.
+//   Q4_0..Q8_0: one thread per 32-element block (16-byte vector loads when rows are aligned), 256-thread blocks;
+//     the block's output (contiguous) is staged in shared memory and stored with 16-byte writes.
 //   K-quants: one thread per sub-block (8 per super-block for Q4_K/Q5_K, 16 for Q2_K/Q3_K/Q6_K), 128-thread
 //     blocks. The sub-block searches are independent; the super-block maxima are exact warp-shuffle reductions (a
 //     max, or for Q3_K/Q6_K the first scale of largest magnitude, found by (|s|, index) comparison), so every
@@ -48,15 +49,28 @@ template <int QT, typename T, bool VEC>
 __global__ void __launch_bounds__(kLegacyThreads) legacy_kernel(const T* __restrict__ x, int64_t xs, int64_t per_row,
                                                                 int64_t nblocks, uint8_t* __restrict__ y) {
   constexpr int kBytes = QT == kQ8_0 ? 34 : QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ5_0 ? 22 : 24;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= nblocks) return;
-  float v[kQK];
-  load_floats<T, kQK, VEC>(x + (b / per_row) * xs + (b % per_row) * kQK, v);
-  uint8_t out[kBytes];
-  quantize_block_legacy(QT, v, out);
-  uint8_t* dst = y + b * kBytes;
-  SWIFTLORA_UNROLL
-  for (int i = 0; i < kBytes; ++i) dst[i] = out[i];
+  // The CUDA block's output is one contiguous run of kLegacyThreads·kBytes bytes (a multiple of 16): staged here,
+  // then stored with 16-byte writes instead of each thread's kBytes scattered byte stores.
+  static_assert(kLegacyThreads * kBytes % 16 == 0, "whole 16-byte stores");
+  __shared__ __align__(16) uint8_t staged[kLegacyThreads * kBytes];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kLegacyThreads;
+  const int64_t b = first + threadIdx.x;
+  if (b < nblocks) {
+    float v[kQK];
+    load_floats<T, kQK, VEC>(x + (b / per_row) * xs + (b % per_row) * kQK, v);
+    quantize_block_legacy(QT, v, staged + threadIdx.x * kBytes);
+  }
+  __syncthreads();
+  const int64_t n_here = nblocks - first < kLegacyThreads ? nblocks - first : kLegacyThreads;
+  uint8_t* dst = y + first * kBytes;
+  if (n_here == kLegacyThreads) {  // full run: 16-byte aligned (y is, and kLegacyThreads·kBytes % 16 == 0)
+    constexpr int kVecs = kLegacyThreads * kBytes / 16;
+    for (int i = threadIdx.x; i < kVecs; i += kLegacyThreads) {
+      reinterpret_cast<int4*>(dst)[i] = reinterpret_cast<const int4*>(staged)[i];
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n_here * kBytes; i += kLegacyThreads) dst[i] = staged[i];
+  }
 }
 
 // Max over the S lanes of a super-block's group (S a power of two <= 32, groups aligned in the warp).

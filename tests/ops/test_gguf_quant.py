@@ -10,8 +10,6 @@ from swiftlora.ops.gguf_quant import GGUF_QUANT_TYPES, gguf_dequantize_reference
 from tests.helpers import DEVICES, DTYPES
 from tests.llama_cpp_oracle import ggml_quantize
 
-gguf = pytest.importorskip("gguf")
-
 TYPES = list(GGUF_QUANT_TYPES)
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 # Round-trip relative error on N(0, 1) rows of 8192 elements: measured ranges (20 draws) times ~1.1, so a wrong
@@ -54,6 +52,7 @@ def _check_bytes(ours: torch.Tensor, ref: np.ndarray, what: str):
 @pytest.mark.parametrize("name", LEGACY)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_legacy_types_equal_gguf_py(name, dtype):
+    gguf = pytest.importorskip("gguf")
     x = (torch.randn(7, 96 * 4) * 3).to(dtype)
     tid = GGUF_QUANT_TYPES[name][0]
     _check_bytes(gguf_quantize(x, name), gguf.quants.quantize(x.float().numpy(), tid), f"{name} {dtype}")
@@ -77,6 +76,7 @@ def test_all_types_equal_llama_cpp_adversarial(name):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_decoder_matches_gguf_py_and_error_is_calibrated(name):
+    gguf = pytest.importorskip("gguf")
     tid, _, _ = GGUF_QUANT_TYPES[name]
     x = torch.randn(16, 512)
     q = gguf_quantize(x, name)
