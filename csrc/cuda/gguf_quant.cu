@@ -85,10 +85,11 @@ __device__ __forceinline__ float group_max(float v) {
 }
 
 // The scale of largest magnitude, the lowest sub-block index on ties: what the CPU's first-strictly-greater loop
-// keeps. Returns the signed scale; *amax gets its magnitude.
+// from 0 keeps (first_absmax). A NaN never wins (the CPU's comparison skips it) and no positive magnitude gives
+// 0 (+0). Returns the signed scale; *amax gets its magnitude.
 template <int S>
 __device__ __forceinline__ float group_first_absmax(float s, int idx, float* amax) {
-  float a = fabsf(s);
+  float a = fabsf(s) > 0.f ? fabsf(s) : -1.f;
   SWIFTLORA_UNROLL
   for (int o = S / 2; o > 0; o >>= 1) {
     const float ua = __shfl_xor_sync(0xffffffffu, a, o);
@@ -99,6 +100,10 @@ __device__ __forceinline__ float group_first_absmax(float s, int idx, float* ama
       s = us;
       idx = ui;
     }
+  }
+  if (a < 0.f) {
+    a = 0.f;
+    s = 0.f;
   }
   *amax = a;
   return s;
