@@ -43,6 +43,7 @@ def smollm2(tmp_path_factory):
     return model, tok, {p.name.split(".")[1]: p for p in paths}
 
 
+@pytest.mark.slow
 def test_top1_agreement_on_real_text(smollm2):
     model, tok, paths = smollm2
     ids = tok(_real_text()).input_ids
@@ -53,6 +54,7 @@ def test_top1_agreement_on_real_text(smollm2):
         assert agree >= MIN_TOP1[kind], f"{kind}: top-1 agreement {agree:.3f} < {MIN_TOP1[kind]} ({len(ids)} tokens)"
 
 
+@pytest.mark.slow
 def test_chat_completion_follows_embedded_template(smollm2):
     llama_cpp = require_llama_cpp()
     model, tok, paths = smollm2
