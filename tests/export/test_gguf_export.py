@@ -3,8 +3,6 @@ logits against the HF model's, its tokenizer against the HF tokenizer, the metad
 and the per-tensor types of each quantization mix against llama-quantize's own choice (and bytes)."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,7 @@ import torch
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
 from swiftlora.export.gguf import METHODS, resolve_methods, save_pretrained_gguf
-from swiftlora.ops.gguf_quant import gguf_dequantize_reference, gguf_quantize
-from tests.export.tiny_models import ARCHS, TEXT, tiny_model, tokenizer_for
+from tests.export.tiny_models import ARCHS, TEXT, fit_to_text, tiny_model, tokenizer_for
 from tests.llama_cpp_oracle import llama_logits, require_llama_cpp
 
 
@@ -22,40 +19,29 @@ def _hf_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def _export(tmp_path, arch, methods, **model_overrides):
+def _export(tmp_path, arch, methods, fit=False, **model_overrides):
     tok = tokenizer_for(arch)
     model = tiny_model(arch, len(tok), seed=int(torch.randint(1 << 20, ())), **model_overrides)
+    if fit:
+        fit_to_text(model, tok)
     paths = save_pretrained_gguf(model, tmp_path, tok, methods, progress=False)
     return model, tok, paths
 
 
-def _q8_0_roundtrip(model):
-    """A copy whose matrices went through Q8_0 and back (PyTorch), the weights a Q8_0 file holds."""
-    fake = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in fake.parameters():
-            if p.dim() == 2:
-                p.copy_(gguf_dequantize_reference(gguf_quantize(p, "Q8_0"), "Q8_0").view_as(p))
-    return fake
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_logits_match_hf(tmp_path, arch):
+    """Logits of a fresh tiny model (random init, then 40 steps on the text so its top-1 has real margins) in
+    llama.cpp vs HF: relative error <= 1e-2 for F32/F16/BF16, top-1 agreement >= 97% for Q8_0."""
     require_llama_cpp()
-    model, tok, paths = _export(tmp_path, arch, ["f32", "f16", "bf16", "q8_0"])
+    model, tok, paths = _export(tmp_path, arch, ["f32", "f16", "bf16", "q8_0"], fit=True)
     ids = tok(TEXT * 4).input_ids
     ref = _hf_logits(model, ids)
     for path in paths:
         got = llama_logits(path, ids)
         assert got.shape == ref.shape, f"{path.name}: {got.shape} vs {ref.shape}"
         if "Q8_0" in path.name:
-            # Random models have thin top-1 margins: at 190-220 positions a tiny Gemma 3 flips 3-7% of them under
-            # any Q8_0 (llama.cpp also quantizes activations). So the bar is 97%, or within 2 points of PyTorch
-            # running the very Q8_0 weights (the DESIGN rule: compare with the reference's own low-precision error).
             agree = (got.argmax(-1) == ref.argmax(-1)).mean()
-            ref_agree = (_hf_logits(_q8_0_roundtrip(model), ids).argmax(-1) == ref.argmax(-1)).mean()
-            assert agree >= min(0.97, ref_agree - 0.02), \
-                f"{arch} {path.name}: top-1 agreement {agree:.3f} (PyTorch on the Q8_0 weights: {ref_agree:.3f})"
+            assert agree >= 0.97, f"{arch} {path.name}: top-1 agreement {agree:.3f} < 0.97"
         else:
             err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
             assert err <= 1e-2, f"{arch} {path.name}: relative logits error {err:.2e} > 1e-2"

@@ -110,4 +110,19 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0, **overrides) -> torch.
     return model
 
 
+def fit_to_text(model: torch.nn.Module, tok, text: str = TEXT, steps: int = 40) -> float:
+    """A few AdamW steps on ``text``, so the model's next-token predictions have the margins a trained model's have
+    (a random init's top-1 is decided by hairs, which any quantization flips). Returns the last loss."""
+    ids = torch.tensor([tok(text).input_ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss.item()
+
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
