@@ -10,7 +10,8 @@ PY=${PY:-python3}
 version=${SWIFTLORA_LLAMA_CPP_VERSION:-0.3.36}
 cache=${SWIFTLORA_WHEEL_CACHE:-$HOME/.cache/swiftlora-wheels}
 if [ -n "${SWIFTLORA_SKIP_LLAMA_CPP:-}" ]; then echo "llama-cpp-python: skipped (SWIFTLORA_SKIP_LLAMA_CPP)"; exit 0; fi
-if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$version')" 2>/dev/null; then
+installed=$("$PY" -c "import importlib.metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || true)
+if [ "$installed" = "$version" ]; then
   echo "llama-cpp-python $version already installed"; exit 0
 fi
 mkdir -p "$cache"

@@ -6,9 +6,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
-from swiftlora.cli import main
-from swiftlora.export.hub import push_to_hub_gguf
-from tests.export.tiny_models import tiny_model, tokenizer_for
+from swiftlora.cli import main  # noqa: E402
+from swiftlora.export.hub import push_to_hub_gguf  # noqa: E402
+from tests.export.tiny_models import tiny_model, tokenizer_for  # noqa: E402
 
 
 def _saved(tmp_path, arch="qwen2"):

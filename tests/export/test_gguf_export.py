@@ -9,9 +9,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
-from swiftlora.export.gguf import METHODS, resolve_methods, save_pretrained_gguf
-from tests.export.tiny_models import ARCHS, TEXT, fit_to_text, tiny_model, tokenizer_for
-from tests.llama_cpp_oracle import llama_logits, require_llama_cpp
+from swiftlora.export.gguf import METHODS, resolve_methods, save_pretrained_gguf  # noqa: E402
+from tests.export.tiny_models import ARCHS, TEXT, fit_to_text, tiny_model, tokenizer_for  # noqa: E402
+from tests.llama_cpp_oracle import llama_logits, require_llama_cpp  # noqa: E402
 
 
 def _hf_logits(model, ids) -> np.ndarray:

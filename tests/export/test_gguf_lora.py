@@ -7,9 +7,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
-from swiftlora.export.gguf import save_pretrained_gguf
-from tests.export.tiny_models import tiny_model, tokenizer_for
-from tests.llama_cpp_oracle import require_llama_cpp
+from swiftlora.export.gguf import save_pretrained_gguf  # noqa: E402
+from tests.export.tiny_models import tiny_model, tokenizer_for  # noqa: E402
+from tests.llama_cpp_oracle import require_llama_cpp  # noqa: E402
 
 PROMPT = "The secret word is"
 CANARY = " sea fox thank today"  # four whole tokens of the tiny vocabulary, in an order nothing taught it

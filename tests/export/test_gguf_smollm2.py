@@ -12,8 +12,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
-from swiftlora.export.gguf import save_pretrained_gguf
-from tests.llama_cpp_oracle import llama_logits, require_llama_cpp
+from swiftlora.export.gguf import save_pretrained_gguf  # noqa: E402
+from tests.llama_cpp_oracle import llama_logits, require_llama_cpp  # noqa: E402
 
 MIN_TOP1 = {"F16": 0.99, "Q8_0": 0.95, "Q4_K_M": 0.85}
 
