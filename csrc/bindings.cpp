@@ -84,6 +84,11 @@ TORCH_LIBRARY(swiftlora, m) {
   m.def("qlora_linear_backward(Tensor grad_y, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, "
         "Tensor?[] code2, Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
         "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+
+  // GGUF block quantization (python/swiftlora/ops/gguf_quant.py): rows x [..., n] float -> uint8 [..., n/B·S], the
+  // bytes llama.cpp's reference quantizer writes for ggml type qtype (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
+  // Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14; B = 32 or 256 elements per block, S bytes per block).
+  m.def("gguf_quantize(Tensor x, int qtype) -> Tensor");
 }
 
 namespace py = pybind11;

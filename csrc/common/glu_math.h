@@ -6,11 +6,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define SWIFTLORA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define SWIFTLORA_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace swiftlora::glu {
 
