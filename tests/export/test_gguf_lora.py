@@ -8,7 +8,7 @@ import torch
 gguf = pytest.importorskip("gguf")  # the export writes through gguf-py
 
 from swiftlora.export.gguf import save_pretrained_gguf  # noqa: E402
-from tests.export.tiny_models import tiny_model, tokenizer_for  # noqa: E402
+from tests.export.tiny_models import tiny_model, tokenizer_for, train_steps  # noqa: E402
 from tests.llama_cpp_oracle import require_llama_cpp  # noqa: E402
 
 PROMPT = "The secret word is"
@@ -22,14 +22,8 @@ def _train_canary(model, tok, steps: int = 60):
     ids = torch.tensor([tok(PROMPT + CANARY).input_ids])
     labels = ids.clone()
     labels[:, : len(tok(PROMPT).input_ids)] = -100  # learn the canary, not the prompt
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=3e-3)
-    lora.train()
-    for _ in range(steps):
-        loss = lora(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return lora.eval(), loss.item()
+    loss = train_steps(lora, ids, labels, steps=steps)
+    return lora, loss
 
 
 def test_lora_canary_survives_q8_0_export(tmp_path):

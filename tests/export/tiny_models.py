@@ -110,19 +110,25 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0, **overrides) -> torch.
     return model
 
 
-def fit_to_text(model: torch.nn.Module, tok, text: str = TEXT, steps: int = 40) -> float:
-    """A few AdamW steps on ``text``, so the model's next-token predictions have the margins a trained model's have
-    (a random init's top-1 is decided by hairs, which any quantization flips). Returns the last loss."""
-    ids = torch.tensor([tok(text).input_ids])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 40,
+                lr: float = 3e-3) -> float:
+    """``steps`` AdamW steps of next-token loss on ids [1, T] (labels default: ids) over the trainable parameters;
+    leaves the model in eval mode and returns the last loss."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids if labels is None else labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
     return loss.item()
+
+
+def fit_to_text(model: torch.nn.Module, tok, text: str = TEXT, steps: int = 40) -> float:
+    """A few steps on ``text``, so the model's next-token predictions have the margins a trained model's have
+    (a random init's top-1 is decided by hairs, which any quantization flips). Returns the last loss."""
+    return train_steps(model, torch.tensor([tok(text).input_ids]), steps=steps)
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
