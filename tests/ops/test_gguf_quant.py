@@ -103,7 +103,10 @@ def test_strided_and_batched_inputs(device, name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_bytes_equal_cpu(name, dtype):
     gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
-    x = torch.cat([torch.randn(37, 1024, generator=gen) * 3, adversarial_rows(1024, gen)]).to(dtype)
+    x = torch.cat([torch.randn(37, 1024, generator=gen) * 3, adversarial_rows(1024, gen)])
+    if dtype == torch.float16:  # the adversarial rows' huge values would become inf, which GGUF rejects
+        x = x.clamp(-65504, 65504)
+    x = x.to(dtype)
     cpu = gguf_quantize(x, name)
     for view in (x.cuda(), torch.nn.functional.pad(x, (8, 0)).cuda()[:, 8:]):  # aligned and unaligned rows
         gpu = gguf_quantize(view, name)
