@@ -8,4 +8,14 @@ from ._build import build_info, compiled_arches, cuda_available, cuda_built
 from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "compiled_arches", "cuda_available", "cuda_built", "nn", "ops", "__version__"]
+__all__ = ["FastLanguageModel", "build_info", "compiled_arches", "cuda_available", "cuda_built", "nn", "ops",
+           "__version__"]
+
+
+def __getattr__(name):
+    # the integration layer imports transformers/peft: loaded on first use, so `import swiftlora` stays light
+    if name == "FastLanguageModel":
+        from .models import FastLanguageModel
+
+        return FastLanguageModel
+    raise AttributeError(f"module 'swiftlora' has no attribute {name!r}")
