@@ -227,3 +227,55 @@ def cpu_has_native_bf16() -> bool:
 
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(p is not None and p() for p in probes)
+
+
+def rename_token(tokenizer, token_id: int, new_text: str):
+    """A copy of a fast tokenizer in which token ``token_id`` reads ``new_text`` (same id, so the model's embedding
+    of that token is kept). Used by ``get_chat_template(map_eos_token=True)`` to make a chat template's end-of-turn
+    word the tokenizer's EOS without growing the vocabulary.
+
+    transformers keeps no copy of the vocabulary beside the Rust backend (``tokenizer._tokenizer``, the same
+    attribute in 4.x ``PreTrainedTokenizerFast`` and 5.x ``TokenizersBackend``), so rebuilding the backend from
+    its JSON with the token renamed — in ``added_tokens``, the model vocabulary and the post-processor — and
+    swapping it in is the whole change.
+    """
+    import copy
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"renaming a token needs a fast (Rust-backed) tokenizer, got {type(tokenizer).__name__}")
+    old_text = tokenizer.convert_ids_to_tokens(token_id)
+    state = json.loads(backend.to_str())
+    for entry in state.get("added_tokens", []):
+        if entry["id"] == token_id:
+            entry["content"] = new_text
+    vocab = (state.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and vocab.get(old_text) == token_id:
+        vocab[new_text] = vocab.pop(old_text)
+    elif isinstance(vocab, list) and token_id < len(vocab) and vocab[token_id][0] == old_text:
+        vocab[token_id][0] = new_text  # unigram: [piece, score] rows in id order
+
+    def rename(node):
+        if isinstance(node, dict):
+            return {(new_text if k == old_text else k): rename(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        return new_text if node == old_text else node
+
+    if state.get("post_processor") is not None:
+        state["post_processor"] = rename(state["post_processor"])
+    renamed = copy.deepcopy(tokenizer)
+    renamed._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return renamed
+
+
+def trainer_tokenizer(trainer):
+    """The tokenizer a transformers/TRL trainer holds: ``processing_class`` since transformers 4.46 (``tokenizer``
+    before); a multimodal processor's ``.tokenizer``."""
+    tok = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the trainer holds no tokenizer (processing_class); pass tokenizer=")
+    return getattr(tok, "tokenizer", None) or tok

@@ -1,0 +1,1 @@
+"""Training integration: chat templates and data helpers (and, on other branches, trainer glue)."""
