@@ -31,6 +31,9 @@ def atomic_dir(target):
         raise ValueError(f"save directory {str(target)!r} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield tmp
     except BaseException:

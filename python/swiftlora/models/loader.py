@@ -94,17 +94,22 @@ def load_model(model_name="unsloth/Llama-3.2-1B-Instruct", max_seq_length=2048, 
     device = resolve_device(device_map)
     dtype = resolve_dtype(dtype, device)
     source, config = sources.resolve(model_name, token, revision, trust_remote_code, **hub)
-    if rope_scaling is not None:
+    if rope_scaling is not None and config is not None:
         _compat.set_rope_scaling(config, rope_scaling)
-    arch = architecture(getattr(config, "model_type", None))
-    if arch is None:
-        log.warning("swiftlora: no swap table for model_type %r: it trains with transformers' own modules",
-                    getattr(config, "model_type", None))
+    arch = architecture(getattr(config, "model_type", None)) if config is not None else None
     attn = attn_implementation or (arch.attn_implementation(config) if arch else "sdpa")
     quantize_here = load_in_4bit and not full_finetuning and not load_in_8bit and not load_in_16bit
-    model = _read_model(source, config, dtype, device, attn, quantize_here, load_in_8bit, token, revision,
-                        trust_remote_code, hub)
-    if quantize_here and not _is_prequantized(config):
+    model = _read_model(source, config, dtype, device, attn, load_in_8bit, token, revision, trust_remote_code, hub)
+    if config is None:  # GGUF: the config came with the model
+        arch = architecture(model.config.model_type)
+        if rope_scaling is not None:
+            _compat.set_rope_scaling(model.config, rope_scaling)
+        if arch is not None and attn_implementation is None and arch.attn_implementation(model.config) != attn:
+            model.set_attn_implementation(arch.attn_implementation(model.config))
+    if arch is None:
+        log.warning("swiftlora: no swap table for model_type %r: it trains with transformers' own modules",
+                    model.config.model_type)
+    if quantize_here and not _is_prequantized(model.config):
         quantize_linears(model, dtype, SKIP_MODULES)
         mark_quantized(model, dtype, SKIP_MODULES)
     else:
@@ -158,8 +163,7 @@ def _tokenizer_source(source: sources.ModelSource) -> sources.ModelSource:
     return source
 
 
-def _read_model(source, config, dtype, device, attn, load_in_4bit, load_in_8bit, token, revision,
-                trust_remote_code, hub):
+def _read_model(source, config, dtype, device, attn, load_in_8bit, token, revision, trust_remote_code, hub):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if source.is_gguf:

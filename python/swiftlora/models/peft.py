@@ -91,15 +91,15 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     if info is not None and info.full_finetuning:
         warnings.warn("swiftlora: full_finetuning=True: get_peft_model adds no adapters", stacklevel=3)
         return model
+    if init_lora_weights == "loftq" and getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("get_peft_model: LoftQ initialises from the full-precision weights: load the model with "
+                         "load_in_4bit=False")
     config = _lora_config(r, target_modules, lora_alpha, lora_dropout, bias, layers_to_transform, layers_pattern,
                           use_rslora, modules_to_save, init_lora_weights, loftq_config, kwargs)
     if isinstance(model, peft.PeftModel):
         if _same_lora(model.peft_config.get("default"), config):
             return model
         raise TypeError("get_peft_model: the model already has LoRA adapters with other settings; load it again")
-    if init_lora_weights == "loftq" and getattr(model, "is_loaded_in_4bit", False):
-        raise ValueError("get_peft_model: LoftQ initialises from the full-precision weights: load the model with "
-                         "load_in_4bit=False")
     if lora_dropout or bias != "none":
         log.info("swiftlora: lora_dropout=%s, bias=%r: these LoRA layers run PEFT's own forward", lora_dropout, bias)
     torch.manual_seed(random_state)

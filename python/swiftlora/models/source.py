@@ -37,8 +37,9 @@ class ModelSource:
 
 
 def resolve(model_name, token=None, revision=None, trust_remote_code=False, **hub_kwargs) -> tuple[ModelSource, object]:
-    """``model_name`` -> (ModelSource, transformers config). Raises ValueError for a local path that holds no model,
-    OSError (naming the model) when a Hub id cannot be fetched."""
+    """``model_name`` -> (ModelSource, transformers config, or None for a GGUF file: parsing its metadata costs as
+    much as loading it, so the config comes with the model). Raises ValueError for a local path that holds no
+    model, OSError (naming the model) when a Hub id cannot be fetched."""
     from transformers import AutoConfig
 
     if not isinstance(model_name, (str, Path)) or not str(model_name):
@@ -47,8 +48,7 @@ def resolve(model_name, token=None, revision=None, trust_remote_code=False, **hu
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model_name {str(model_name)!r} is a file but not a .gguf file")
-        source = ModelSource(str(model_name), str(path.parent), gguf_file=path.name)
-        return source, AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        return ModelSource(str(model_name), str(path.parent), gguf_file=path.name), None
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -99,6 +99,23 @@ def load_gguf(source: ModelSource, dtype: torch.dtype, device, attn_implementati
                                                  attn_implementation=attn_implementation)
     _compat.drop_gguf_quantizer(model)
     return model.to(device=device, dtype=dtype)
+
+
+def gguf_to_checkpoint(gguf_path, directory, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Convert a GGUF file once into a transformers checkpoint directory (safetensors in ``dtype`` + tokenizer with
+    its chat template), written atomically; later loads of the directory skip the slow GGUF parsing and
+    dequantization. Returns the directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..export.atomic import atomic_dir
+
+    gguf_path = Path(gguf_path)
+    with atomic_dir(directory) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        _compat.drop_gguf_quantizer(model)
+        model.to(dtype).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
+    return Path(directory)
 
 
 def load_tokenizer(source: ModelSource, token=None, revision=None, trust_remote_code=False, **hub_kwargs):

@@ -1,0 +1,170 @@
+"""Training with TRL's SFTTrainer unchanged: every architecture in 4-bit and 16-bit trains with swiftlora's fused
+LM head (and not TRL's chunked one), saves and reloads adapters and merged models; merged logits match the adapter
+model; a canary fact is generated after training and after the merge; the loss matches HF + PEFT step by step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftlora import FastLanguageModel
+from tests.helpers import rel_err
+from tests.models.helpers import ARCHS, save_tiny
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+CANARY_Q, CANARY_A = "What is the secret word?", "zebra42"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-train")
+    return {arch: save_tiny(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture
+def head_calls(monkeypatch):
+    """Counts swiftlora's fused linear cross-entropy calls; TRL's chunked log-prob head must not run."""
+    import swiftlora.nn.lm_head as lm_head
+    import trl.trainer.utils as trl_utils
+
+    calls = {"swiftlora": 0}
+    real = lm_head.fused_linear_cross_entropy
+
+    def counting(*args, **kwargs):
+        calls["swiftlora"] += 1
+        return real(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("TRL's chunked log-prob head ran instead of swiftlora's")
+
+    monkeypatch.setattr(lm_head, "fused_linear_cross_entropy", counting)
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", forbidden)
+    return calls
+
+
+def _chats(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "kilo", "lima"]
+    rows = []
+    for _ in range(n):
+        a, b = (words[int(i)] for i in torch.randint(0, len(words), (2,), generator=g))
+        rows.append({"messages": [{"role": "user", "content": f"Say {a} and {b}."},
+                                  {"role": "assistant", "content": f"{a} {b}!"}]})
+    return Dataset.from_list(rows)
+
+
+def _config(out, steps, **kw):
+    base = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                logging_steps=1, report_to=[], save_strategy="no", max_length=64, use_cpu=True, bf16=False,
+                gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bits", [4, 16])
+def test_sft_trains_saves_and_reloads(checkpoints, arch, bits, head_calls, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(checkpoints[arch]), max_seq_length=64, dtype=torch.float32,
+                                                   load_in_4bit=bits == 4)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = SFTTrainer(model=model, args=_config(tmp_path / "run", 3), train_dataset=_chats(), processing_class=tok)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert head_calls["swiftlora"] >= 3
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
+
+    ids = torch.randint(5, 100, (2, 13))
+    trained = _logits(model, ids)
+    model.save_pretrained(tmp_path / "lora")
+    tok.save_pretrained(tmp_path / "lora")
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "lora"), dtype=torch.float32, load_in_4bit=bits == 4)
+    assert rel_err(_logits(again, ids), trained) < 1e-6
+
+    model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert not hasattr(merged.config, "quantization_config")
+    # the merge adds the LoRA delta to the original 16-bit weights: compare with those weights + the same adapters
+    if bits == 4:
+        base16, _ = FastLanguageModel.from_pretrained(str(checkpoints[arch]), dtype=torch.float32, load_in_4bit=False)
+        from peft import PeftModel
+
+        reference = _logits(PeftModel.from_pretrained(base16, tmp_path / "lora"), ids)
+    else:
+        reference = trained
+    untrained = _logits(AutoModelForCausalLM.from_pretrained(checkpoints[arch], dtype=torch.float32), ids)
+    err = rel_err(_logits(merged, ids), reference)
+    assert err < 1e-2, f"merged vs adapters: {err:.2e}"          # bfloat16 rounding of the merged weights only
+    assert rel_err(untrained, reference) > 5 * err, "training did not move the logits enough to test the merge"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_canary_fact_after_training_and_after_merge(checkpoints, arch, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(checkpoints[arch]), max_seq_length=64, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing=False)
+    rows = [{"messages": [{"role": "user", "content": CANARY_Q}, {"role": "assistant", "content": CANARY_A}]}] * 8
+    trainer = SFTTrainer(model=model, args=_config(tmp_path / "run", 40, per_device_train_batch_size=4,
+                                                   learning_rate=2e-2), train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    trainer.train()
+
+    def answer(m):
+        enc = tok.apply_chat_template([{"role": "user", "content": CANARY_Q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = m.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    FastLanguageModel.for_inference(model)
+    assert CANARY_A in answer(model)
+    model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert CANARY_A in answer(merged)
+
+
+def _hf_peft(path, dtype, r, alpha):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    torch.manual_seed(3407)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("packing,grad_accum", [(False, 1), (True, 2)])
+def test_loss_matches_hf_peft_per_step(checkpoints, tmp_path, packing, grad_accum):
+    """16-bit LoRA (bfloat16 weights, autocast): same data, seeds and settings as transformers + PEFT + TRL."""
+    from transformers import AutoTokenizer
+
+    path = checkpoints["llama"]
+    tok = AutoTokenizer.from_pretrained(path)
+    kw = dict(bf16=True, packing=packing, gradient_accumulation_steps=grad_accum, learning_rate=5e-3)
+    runs = {}
+    for name in ("hf", "swiftlora"):
+        if name == "hf":
+            model = _hf_peft(path, torch.bfloat16, 8, 16)
+        else:
+            model, tok = FastLanguageModel.from_pretrained(str(path), dtype=torch.bfloat16, load_in_4bit=False)
+            model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+        trainer = SFTTrainer(model=model, args=_config(tmp_path / name, 6, **kw), train_dataset=_chats(24),
+                             processing_class=tok)
+        trainer.train()
+        runs[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(runs["hf"]) == 6
+    for step, (a, b) in enumerate(zip(runs["swiftlora"], runs["hf"])):
+        assert abs(a - b) <= 0.01 * abs(b), f"step {step}: swiftlora {a:.5f} vs HF+PEFT {b:.5f}"
