@@ -88,7 +88,13 @@ def test_sft_trains_saves_and_reloads(checkpoints, arch, bits, head_calls, tmp_p
     model.save_pretrained(tmp_path / "lora")
     tok.save_pretrained(tmp_path / "lora")
     again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "lora"), dtype=torch.float32, load_in_4bit=bits == 4)
-    assert rel_err(_logits(again, ids), trained) < 1e-6
+    # TRL trains QLoRA adapters in bfloat16 (it casts them); PEFT reloads them as float32: same values, so in the
+    # trained dtype the reloaded model computes exactly the same logits
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    for n, p in again.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtypes[n])
+    assert torch.equal(_logits(again, ids), trained)
 
     model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit")
     from transformers import AutoModelForCausalLM
@@ -109,29 +115,30 @@ def test_sft_trains_saves_and_reloads(checkpoints, arch, bits, head_calls, tmp_p
     assert rel_err(untrained, reference) > 5 * err, "training did not move the logits enough to test the merge"
 
 
+def _answer(model, tok):
+    enc = tok.apply_chat_template([{"role": "user", "content": CANARY_Q}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_canary_fact_after_training_and_after_merge(checkpoints, arch, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(str(checkpoints[arch]), max_seq_length=64, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing=False)
     rows = [{"messages": [{"role": "user", "content": CANARY_Q}, {"role": "assistant", "content": CANARY_A}]}] * 8
+    assert CANARY_A not in _answer(model, tok)
     trainer = SFTTrainer(model=model, args=_config(tmp_path / "run", 40, per_device_train_batch_size=4,
                                                    learning_rate=2e-2), train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
     trainer.train()
-
-    def answer(m):
-        enc = tok.apply_chat_template([{"role": "user", "content": CANARY_Q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        out = m.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
     FastLanguageModel.for_inference(model)
-    assert CANARY_A in answer(model)
+    assert CANARY_A in _answer(model, tok)
     model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit")
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert CANARY_A in answer(merged)
+    assert CANARY_A in _answer(merged, tok)
 
 
 def _hf_peft(path, dtype, r, alpha):
@@ -165,6 +172,6 @@ def test_loss_matches_hf_peft_per_step(checkpoints, tmp_path, packing, grad_accu
                              processing_class=tok)
         trainer.train()
         runs[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(runs["hf"]) == 6
+    assert len(runs["hf"]) == 6 and runs["hf"][0] > runs["hf"][-1]  # it trains
     for step, (a, b) in enumerate(zip(runs["swiftlora"], runs["hf"])):
         assert abs(a - b) <= 0.01 * abs(b), f"step {step}: swiftlora {a:.5f} vs HF+PEFT {b:.5f}"
