@@ -48,6 +48,19 @@ TORCH_LIBRARY(swiftlora, m) {
   // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
   // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
   m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
+
+  // NF4 in bitsandbytes' layout (csrc/common/nf4.h; python/swiftlora/ops/nf4.py). A weight is (packed, absmax,
+  // absmax2, code2, offset): packed uint8 [(n+1)/2, 1]; absmax float32 [nblocks], or with double quantization uint8
+  // [nblocks] plus absmax2 float32 [ceil(nblocks/256)], code2 float32 [256] and offset float32 [] (else None).
+  // Quantize: (packed, absmax, absmax2, offset); passing code2 (the 8-bit dynamic map) turns on double
+  // quantization, otherwise absmax2 and offset come back empty. Bit-identical to bitsandbytes' CUDA quantize_4bit.
+  m.def("nf4_quantize(Tensor x, int blocksize, Tensor? code2) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The tensor of shape `shape` in `dtype` (fp32 value·scale rounded once), bit-identical to dequantize_4bit.
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // y [..., N] = x [..., K] @ dequant(W [N, K])ᵀ for 1..16 rows of x (decode), fp32 accumulation, y in x's dtype.
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int out_features) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -22,7 +22,10 @@
   X(softmax_grad)                \
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
-  X(scale_rows_)
+  X(scale_rows_)                 \
+  X(nf4_quantize)                \
+  X(nf4_dequantize)              \
+  X(nf4_gemv)
 
 namespace swiftlora {
 
@@ -51,5 +54,32 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
                                     double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
 // t [N, ...] float, scale float32 [] or [N].
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
+
+// nf4_*: an NF4 tensor of n elements in bitsandbytes' layout (csrc/common/nf4.h) as the kernels take it, checked and
+// made contiguous. packed: uint8, (n + 1) / 2 bytes (any shape, e.g. bnb's [(n+1)/2, 1]). Plain: absmax float32
+// [nblocks]. Double-quantized (nested): absmax uint8 [nblocks], absmax2 float32 [ceil(nblocks / 256)], code2 float32
+// [256] (the 8-bit dynamic map), offset float32 with one element. nblocks = ceil(n / blocksize).
+struct Nf4Weight {
+  at::Tensor packed, absmax, absmax2, code2, offset;  // the last three undefined unless nested
+  bool nested = false;
+  int64_t n = 0, blocksize = 0, nblocks = 0;
+};
+Nf4Weight check_nf4_weight(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                           const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t n);
+// The fp32 scale of every block [nblocks] of a CPU NF4 tensor: absmax itself, or decoded from the double quantization.
+at::Tensor nf4_block_scales_cpu(const Nf4Weight& w);
+// x: float32/float16/bfloat16, not empty; blocksize a power of two in [32, 4096]; code2 (double quantization)
+// float32 [256] on x's device.
+void check_nf4_quantize_args(const at::Tensor& x, int64_t blocksize, const std::optional<at::Tensor>& code2);
+// nf4_dequantize: dtype float32/float16/bfloat16, shape non-negative; returns the checked weight of prod(shape).
+Nf4Weight check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                                    const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                                    at::ScalarType dtype);
+// nf4_gemv: x [..., K] float16/bfloat16 with 1..16 rows; the weight is [out_features, K]. Returns it checked.
+Nf4Weight check_nf4_gemv_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                              const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features);
 
 }  // namespace swiftlora

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs")
+OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs",
+       "nf4_dequantize", "nf4_gemv")
 
 
 def load(op: str) -> ModuleType:

@@ -1,0 +1,86 @@
+"""nf4_gemv against the float64 product with the dequantized weight: M = 1, odd M, 16; K not a multiple of the
+blocksize or of 32 (blocks straddle rows); plain and double-quantized scales; opcheck; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftlora.ops.nf4 import nf4_gemv, nf4_gemv_reference, nf4_quantize
+from tests.helpers import DEVICES, assert_close, randn
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+_OPS = torch.ops.swiftlora
+
+
+def _check(x, n, k, blocksize, compress, what):
+    w = randn(n, k, scale=0.05)
+    q = [t.to(x.device) if t is not None else None for t in nf4_quantize(w, blocksize, compress)]
+    y = nf4_gemv(x, *q, blocksize=blocksize, out_features=n)
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == x.dtype and y.device == x.device
+    ref64 = nf4_gemv_reference(x.cpu(), *[t.cpu() if t is not None else None for t in q], blocksize=blocksize,
+                               out_features=n)
+    ref_lowp = nf4_gemv_reference(x.cpu(), *[t.cpu() if t is not None else None for t in q], blocksize=blocksize,
+                                  out_features=n, compute_dtype=x.dtype)
+    assert_close(y.cpu(), ref64, ref_lowp, what=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("n,k,blocksize", [(64, 256, 64), (33, 96, 32), (17, 40, 32), (5, 33, 64), (9, 2080, 256)],
+                         ids=str)
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
+def test_gemv_matches_reference(device, dtype, m, n, k, blocksize, compress):
+    x = randn(m, k, dtype=dtype, device=device)
+    _check(x, n, k, blocksize, compress, f"m={m} n={n} k={k} bs={blocksize}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_strided_x(device):
+    x = randn(2, 3, 128, dtype=torch.bfloat16, device=device)
+    _check(x, 24, 128, 64, True, "x [2, 3, K]")
+    xt = randn(128, 4, dtype=torch.bfloat16, device=device).t()  # non-contiguous [4, K]
+    _check(xt, 24, 128, 64, True, "x transposed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 4, 5, 16])
+def test_cuda_decode_shapes(dtype, m):
+    """The tiled kernel at decode sizes (many rows, K a multiple of 1024 and not), and the loop kernel for x too
+    large for shared memory (16 × 8192); a misaligned x (copied to an aligned buffer)."""
+    for n, k in ((4099, 4096), (1000, 1056), (64, 8192)):
+        _check(randn(m, k, dtype=dtype, device="cuda"), n, k, 64, True, f"m={m} n={n} k={k}")
+    buf = randn(m * 1024 + 1, dtype=dtype, device="cuda")
+    _check(buf[1:].view(m, 1024), 257, 1024, 64, True, "x at an odd address")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = randn(3, 96, dtype=torch.bfloat16, device=device)
+    for compress in (False, True):
+        q = nf4_quantize(randn(40, 96, device=device), 32, compress)
+        torch.library.opcheck(_OPS.nf4_gemv, (x, *q, 32, 40))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_raises_clear_errors(device):
+    q = nf4_quantize(randn(40, 96, device=device), 32, True)
+    x = randn(2, 96, dtype=torch.bfloat16, device=device)
+    with pytest.raises(TypeError, match="x must be float16 or bfloat16, got Float"):
+        nf4_gemv(x.float(), *q, blocksize=32, out_features=40)
+    with pytest.raises(ValueError, match="x must have 1..16 rows .* got 17"):
+        nf4_gemv(randn(17, 96, dtype=torch.bfloat16, device=device), *q, blocksize=32, out_features=40)
+    with pytest.raises(ValueError, match=r"packed must hold \(n \+ 1\) / 2 = 1968 bytes"):
+        nf4_gemv(x, *q, blocksize=32, out_features=41)
+    with pytest.raises(ValueError, match=r"absmax must have shape \[15\]"):
+        nf4_gemv(x, *q, blocksize=256, out_features=40)
+    with pytest.raises(ValueError, match="out_features must be positive"):
+        nf4_gemv(x, *q, blocksize=32, out_features=0)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., K\] with K > 0"):
+        nf4_gemv(x[:, :0], *q, blocksize=32, out_features=40)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        nf4_gemv(None, *q, blocksize=32, out_features=40)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="packed must be on the device of x"):
+            nf4_gemv(x, *[t.cpu() for t in q], blocksize=32, out_features=40)
