@@ -163,15 +163,6 @@ def bnb_4bit_weight(module):
     return weight.data, state
 
 
-def dequantize_bnb_4bit(module, dtype=None):
-    """The dense ``[out, in]`` weight of a ``bnb.nn.Linear4bit`` (in ``dtype``, default the quantized original's)."""
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnb_4bit_weight(module)
-    out = bnbf.dequantize_4bit(packed, state)
-    return out if dtype is None else out.to(dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # TRL
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import _compat
+from ..quant import dequantize_nf4, from_bnb_quant_state
 
 log = logging.getLogger("swiftlora")
 
@@ -65,7 +66,8 @@ def dense_weight(layer: nn.Module, key: str, original: OriginalWeights | None) -
         return original.get(key).to(layer.weight.device)
     kind = type(layer).__name__
     if kind == "Linear4bit":
-        return _compat.dequantize_bnb_4bit(layer)
+        packed, state = _compat.bnb_4bit_weight(layer)
+        return dequantize_nf4(packed, from_bnb_quant_state(state))
     if kind == "Linear8bitLt":
         w = layer.weight
         return w.CB.float() * (w.SCB.float()[:, None] / 127.0)

@@ -110,11 +110,11 @@ def _checkpoint_tensors(model, base, dtype, quantize: bool):
 
 def _nf4_entries(key: str, weight: torch.Tensor):
     """A dense ``[out, in]`` weight as the state-dict entries ``bnb.nn.Linear4bit`` saves (NF4, blocksize 64,
-    double quantization)."""
-    import bitsandbytes.functional as bnbf
+    double quantization; swiftlora's quantizer, bitsandbytes' bytes)."""
+    from ..quant import quantize_nf4
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    packed, state = bnbf.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed, state = quantize_nf4(weight.to(device), blocksize=64, compress_statistics=True)
     yield key, packed.cpu()
     for name, value in state.as_dict(packed=True).items():
         yield f"{key}.{name}", value.cpu()

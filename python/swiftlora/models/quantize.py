@@ -3,17 +3,14 @@
 model look like one transformers loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (``hf_quantizer``,
 ``config.quantization_config``, ``is_loaded_in_4bit``), so PEFT, the Trainer and ``save_pretrained`` treat it so.
 
-The quantizer is :func:`swiftlora.quant.quantize_linear_to_bnb` when present, else bitsandbytes' own.
+The quantizer is :func:`swiftlora.quant.quantize_linear_to_bnb` (swiftlora's NF4 kernels, bitsandbytes' bytes).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-try:  # swiftlora's NF4 kernels (bitsandbytes-identical layout)
-    from ..quant import quantize_linear_to_bnb
-except ImportError:
-    quantize_linear_to_bnb = None
+from ..quant import quantize_linear_to_bnb
 
 # modules never quantized: the LM head (often tied to the embeddings) stays 16-bit, as in transformers' bnb loader
 SKIP_MODULES = ("lm_head",)
@@ -28,24 +25,10 @@ def bnb_4bit_config(compute_dtype: torch.dtype, skip_modules=SKIP_MODULES):
                               llm_int8_skip_modules=list(skip_modules))
 
 
-def _bnb_quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
-    weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True,
-                               blocksize=64, module=q)
-    q.weight = weight.to(linear.weight.device)  # the move quantizes
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    return q
-
-
 def quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    """One ``nn.Linear`` ``[out, in]`` (16/32-bit, any device) -> ``bnb.nn.Linear4bit`` on the same device."""
-    if quantize_linear_to_bnb is not None:
-        return quantize_linear_to_bnb(linear, compute_dtype=compute_dtype)
-    return _bnb_quantize_linear(linear, compute_dtype)
+    """One ``nn.Linear`` ``[out, in]`` (16/32-bit, any device) -> ``bnb.nn.Linear4bit`` (NF4, blocksize 64, double
+    quantization) on the same device, frozen."""
+    return quantize_linear_to_bnb(linear, compute_dtype=compute_dtype).requires_grad_(False)
 
 
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, skip_modules=SKIP_MODULES) -> int:
