@@ -60,6 +60,13 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def is_bfloat16_supported(device=None) -> bool:
+    """Whether ``dtype=None`` picks bfloat16 on ``device`` (default: the GPU if any, else the CPU): Unsloth
+    scripts pass ``bf16=is_bfloat16_supported(), fp16=not is_bfloat16_supported()`` to their trainer config."""
+    device = torch.device(device) if device is not None else resolve_device(None)
+    return resolve_dtype(None, device) == torch.bfloat16
+
+
 def resolve_device(device_map) -> torch.device:
     """Unsloth's ``device_map`` ("sequential", "auto", None, a device string or a {"": device} dict) -> the single
     device the model goes to (the current CUDA device when there is one)."""
