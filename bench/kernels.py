@@ -1,7 +1,8 @@
-"""Kernel benchmark: swiftlora's ops against the plain-PyTorch reference and the peers (liger, unsloth, bitsandbytes).
+"""Kernel benchmark: swiftlora's ops against the plain-PyTorch reference and the peers (liger, unsloth, bitsandbytes,
+peft).
 
     python -m bench.kernels --ops rms_norm,rope,swiglu,geglu [--quick] [--out bench/results] [--tag NAME]
-                            [--peers DIR] [--device cuda|cpu] [--providers swiftlora,torch,liger,unsloth]
+                            [--peers DIR] [--device cuda|cpu] [--providers swiftlora,torch,liger,unsloth,peft]
 
 swiftlora and torch run in this process; each peer runs in its own subprocess (`--provider NAME --json-out FILE`)
 with DIR prepended to PYTHONPATH, since unsloth pins other library versions. Rows of every provider are merged
@@ -27,14 +28,15 @@ from .ops.common import Unavailable, rel_err
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An op spec may lack swiftlora_inplace; "gemm" is the yardstick of the fused LM-head ops (their matmuls alone).
 LOCAL_PROVIDERS = ("swiftlora", "swiftlora_inplace", "torch", "gemm")
-PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes")
+PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS
 PASSES = ("fwd", "fwd+bwd")
 PEER_PACKAGES = {
     "liger": ["liger-kernel", "triton", "torch"],
-    "unsloth": ["unsloth", "unsloth_zoo", "triton", "transformers", "torch"],
+    "unsloth": ["unsloth", "unsloth_zoo", "triton", "transformers", "peft", "bitsandbytes", "torch"],
     "bitsandbytes": ["bitsandbytes", "torch"],
+    "peft": ["peft", "bitsandbytes", "transformers", "torch"],
 }
 PEER_ENV = {  # unsloth: no network, no telemetry, its compile cache out of the tree
     "UNSLOTH_DISABLE_STATISTICS": "1", "UNSLOTH_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": "/tmp/uc",
@@ -297,6 +299,7 @@ def targets(rows: list[dict], device: str, op_names: list[str]) -> list[dict]:
                     f"{ms(r['wall_ms'])} vs {ms(p['wall_ms'])} ({ratio:.2f}x its time; pass <= {NOISE})")
     cross_entropy_targets(get, ours, add)
     nf4_targets(get, device, add)
+    qlora_targets(get, add, device)
     return out
 
 
@@ -364,6 +367,32 @@ def nf4_targets(get, device: str, add) -> None:
             f"{r['wall_ms'] * 1e3:.1f} us vs {b['wall_ms'] * 1e3:.1f} us")
 
 
+def qlora_targets(get, add, device: str) -> None:
+    """Issue 4: qlora_linear's forward <= 1.10x the bf16 cuBLAS GEMM on the pre-dequantized weight ("gemm" provider,
+    same run); the LoRA MLP block fwd+bwd <= 4.3 ms, and faster than PEFT + bitsandbytes and Unsloth."""
+
+    def row(op, pass_, provider):
+        r = get.get((op, "", pass_, provider))
+        if r is None:
+            return None, "not run"
+        if device != "cuda" or r["shape"] != TARGET_SHAPES[op]:
+            return None, "needs the target shape on a GPU (not --quick / cpu)"
+        return (r, "") if r["status"] == "ok" else (None, r["status"])
+
+    mine, why = row("qlora_linear", "fwd", "swiftlora")
+    g, gwhy = row("qlora_linear", "fwd", "gemm")
+    ok = None if mine is None or g is None else mine["wall_ms"] / g["wall_ms"] <= 1.10
+    add("qlora_linear fwd <= 1.10x bf16 GEMM (same run)", ok,
+        why or gwhy or f"{mine['wall_ms']:.4f} ms vs GEMM {g['wall_ms']:.4f} ms ({mine['wall_ms'] / g['wall_ms']:.3f}x)")
+    mine, why = row("lora_mlp", "fwd+bwd", "swiftlora")
+    add("lora_mlp fwd+bwd wall <= 4.3 ms", None if mine is None else mine["wall_ms"] <= 4.3,
+        why or f"{mine['wall_ms']:.4f} ms")
+    for peer in ("unsloth", "peft"):
+        p, pwhy = row("lora_mlp", "fwd+bwd", peer)
+        add(f"lora_mlp fwd+bwd faster than {peer}", None if mine is None or p is None else mine["wall_ms"] < p["wall_ms"],
+            why or pwhy or f"{mine['wall_ms']:.4f} ms vs {p['wall_ms']:.4f} ms")
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -402,7 +431,7 @@ def main(argv=None) -> int:
     checks = targets(rows, args.device, args.ops)
     json_path, md_path = harness.write_results(out_dir, tag, header, rows, checks)
     print(harness.markdown_table(rows))
-    print("\n== targets (foundation, cross-entropy and NF4 issues)")
+    print("\n== targets (foundation, cross-entropy, NF4 and QLoRA issues)")
     for t in checks:
         print(t["line"])
     print(f"\nwrote {json_path} and {md_path}")

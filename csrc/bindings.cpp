@@ -61,6 +61,20 @@ TORCH_LIBRARY(swiftlora, m) {
   // y [..., N] = x [..., K] @ dequant(W [N, K])ᵀ for 1..16 rows of x (decode), fp32 accumulation, y in x's dtype.
   m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
         "int blocksize, int out_features) -> Tensor");
+  // LoRA linears over frozen base weights (python/swiftlora/ops/qlora_linear.py): P projections of one input x
+  // [..., K], y = [y_1 | ... | y_P], y_p = x @ W_pᵀ (+ bias_p) + scale_p · (dropout_p(x) @ A_pᵀ) @ B_pᵀ with
+  // dropout_p(x) = x · dropout_mask[p] · dropout_scale. W_p [N_p, K] (N_p = lora_b[p].size(0)) is NF4 (weight =
+  // packed codes with absmax, absmax2, code2, offset as nf4_dequantize takes them) or dense (absmax None, x's dtype).
+  // Lists hold one entry per projection (bias and dropout_mask may be empty). Returns (y [..., N], xa [..., R]),
+  // xa = the LoRA inputs [dropout_1(x) @ A_1ᵀ | ...], in x's dtype.
+  m.def("qlora_linear(Tensor x, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, Tensor?[] code2, "
+        "Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, Tensor?[] bias, "
+        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+  // (grad_x [..., K], grad_xa [..., R]): grad_xa_p = scale_p · grad_y_p @ B_p, the gradient of xa (grad_A and grad_B
+  // are small GEMMs the caller forms from it and from xa).
+  m.def("qlora_linear_backward(Tensor grad_y, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, "
+        "Tensor?[] code2, Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
+        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

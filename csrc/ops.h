@@ -25,7 +25,9 @@
   X(scale_rows_)                 \
   X(nf4_quantize)                \
   X(nf4_dequantize)              \
-  X(nf4_gemv)
+  X(nf4_gemv)                    \
+  X(qlora_linear)                \
+  X(qlora_linear_backward)
 
 namespace swiftlora {
 

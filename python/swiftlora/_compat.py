@@ -270,3 +270,14 @@ def trainer_tokenizer(trainer):
     if tok is None:
         raise ValueError("the trainer holds no tokenizer (processing_class); pass tokenizer=")
     return getattr(tok, "tokenizer", None) or tok
+
+
+def mm_fp32(a, b):
+    """``a @ b`` as float32 for 16-bit ``a``, ``b`` (e.g. LoRA factor gradients kept in float32): one GEMM with a
+    float32 output where torch has ``mm(out_dtype=)`` on that device (CUDA sm80+, torch >= 2.8), else upcast
+    operands."""
+    import torch
+
+    if a.is_cuda and a.dtype == b.dtype and _addmm_out_dtype_ok(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()

@@ -147,3 +147,22 @@ def test_cross_entropy_targets_on_synthetic_rows():
         "fused_linear_cross_entropy fwd+bwd faster than the best peer": False,  # 13 vs liger 12.5
         "token_logprobs fwd+bwd faster than the best peer": None,  # no peer row
     }
+
+
+def test_qlora_targets_on_synthetic_rows():
+    def row(op, pass_, provider, wall):
+        spec = ops.load(op).cases(False)[0]
+        return {"op": op, "case": "", "shape": spec.shape, "pass": pass_, "provider": provider, "status": "ok",
+                "wall_ms": wall, "kernel_ms": wall, "floor_bytes": spec.bytes_fwd_bwd}
+
+    rows = [row("qlora_linear", "fwd", "swiftlora", 0.80), row("qlora_linear", "fwd", "gemm", 0.70),
+            row("lora_mlp", "fwd+bwd", "swiftlora", 4.2), row("lora_mlp", "fwd+bwd", "unsloth", 5.26)]
+    kernels.derive(rows, 3000.0)
+    verdicts = {t["target"]: t["passed"] for t in kernels.targets(rows, "cuda", ["qlora_linear", "lora_mlp"])}
+    assert verdicts == {
+        "qlora_linear fwd <= 1.10x bf16 GEMM (same run)": False,  # 0.80 / 0.70 = 1.14
+        "lora_mlp fwd+bwd wall <= 4.3 ms": True,
+        "lora_mlp fwd+bwd faster than unsloth": True,
+        "lora_mlp fwd+bwd faster than peft": None,  # not run
+    }
+    assert all(t["passed"] is None for t in kernels.targets(rows, "cpu", ["qlora_linear", "lora_mlp"]))
