@@ -4,7 +4,8 @@ rotary embedding on swiftlora's rope kernel, then the attention backend transfor
 so masks, KV caches, sliding windows and packed sequences behave exactly as in the HF module it replaces.
 
 The projections are the HF module's own children under their HF names (``q_proj`` ... ``o_proj``), so PEFT finds
-them and state dicts keep their keys. Rotary positions come from :class:`RotaryPositions`, swapped in for the
+them and state dicts keep their keys. PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`) run as
+one ``lora_qkv`` op for q, k and v (one GEMM over the three base weights) and a ``qlora_linear`` op for o. Rotary positions come from :class:`RotaryPositions`, swapped in for the
 model-level HF rotary module: it hands every layer its ``[T, R/2]`` cos/sin tables and the position ids
 (:class:`RopeTables`), which the kernel indexes itself. An HF ``(cos, sin)`` pair (rope types swiftlora does not
 build tables for) is accepted too.
@@ -17,7 +18,10 @@ import torch
 from torch import nn
 
 from .. import _compat
+from ..ops.lora_qkv import lora_qkv
+from ..ops.qlora_linear import qlora_linear
 from ..ops.rope import half_tables, rope
+from .lora import lora_projection, lora_projections
 from .rotary import RotaryEmbedding
 
 
@@ -123,7 +127,21 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[B, S, hidden]`` -> q ``[B, S, H*D]``, k and v ``[B, S, Hkv*D]``."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        fused = lora_projections((self.q_proj, self.k_proj, self.v_proj), x)
+        if fused is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        (q, k, v), p = fused
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_qkv(x, q, k, v, dropout_p=p)
+
+    def project_out(self, a: torch.Tensor) -> torch.Tensor:
+        """The attention output ``[B, S, H*D]`` through o_proj."""
+        fused = lora_projection(self.o_proj, a)
+        if fused is None:
+            return self.o_proj(a)
+        o, p = fused
+        with torch.autocast(a.device.type, enabled=False):
+            return qlora_linear(a, o.base, o.lora_a, o.lora_b, o.scale, o.bias, dropout_p=p)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,7 +161,7 @@ class Attention(nn.Module):
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                               scaling=self.scaling, sliding_window=self.sliding_window, softcap=self.softcap,
                               **kwargs)
-        return self.o_proj(out.reshape(b, s, -1)), weights
+        return self.project_out(out.reshape(b, s, -1)), weights
 
     @staticmethod
     def _rotate(q, k, position_embeddings):

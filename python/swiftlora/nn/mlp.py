@@ -1,7 +1,9 @@
 """Gated MLP ``down(act(gate(x)) * up(x))`` with the activation-and-product on swiftlora's GLU kernels.
 
 The three projections are the HF module's own children under their HF names, so PEFT wraps them and state dicts
-keep their keys. Activations by transformers' names: ``silu``/``swish`` -> SwiGLU (Llama, Mistral, Qwen),
+keep their keys. When all three are PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`: NF4 or
+dense bases), the whole block runs as one ``lora_mlp`` op (gate and up in one GEMM, the activation's input
+recomputed in the backward, not stored); otherwise each projection runs its own forward around the GLU kernel. Activations by transformers' names: ``silu``/``swish`` -> SwiGLU (Llama, Mistral, Qwen),
 ``gelu_pytorch_tanh``/``gelu_new``/``gelu_fast`` -> tanh-approximate GeGLU (Gemma), ``gelu`` -> exact GeGLU.
 """
 from __future__ import annotations
@@ -10,15 +12,17 @@ import torch
 from torch import nn
 
 from ..ops.glu import geglu, swiglu
+from ..ops.lora_mlp import lora_mlp
+from .lora import lora_projections
 
-# transformers activation name -> (kernel, GeGLU approximation)
+# transformers activation name -> (kernel, GeGLU approximation, lora_mlp's activation)
 ACTIVATIONS = {
-    "silu": ("swiglu", None),
-    "swish": ("swiglu", None),
-    "gelu_pytorch_tanh": ("geglu", "tanh"),
-    "gelu_new": ("geglu", "tanh"),
-    "gelu_fast": ("geglu", "tanh"),
-    "gelu": ("geglu", "none"),
+    "silu": ("swiglu", None, "swiglu"),
+    "swish": ("swiglu", None, "swiglu"),
+    "gelu_pytorch_tanh": ("geglu", "tanh", "geglu_tanh"),
+    "gelu_new": ("geglu", "tanh", "geglu_tanh"),
+    "gelu_fast": ("geglu", "tanh", "geglu_tanh"),
+    "gelu": ("geglu", "none", "geglu"),
 }
 
 
@@ -31,7 +35,7 @@ class GatedMLP(nn.Module):
             raise ValueError(f"GatedMLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.activation = activation
-        self._kernel, self._approximate = ACTIVATIONS[activation]
+        self._kernel, self._approximate, self._block_activation = ACTIVATIONS[activation]
 
     @classmethod
     def from_module(cls, module: nn.Module, activation: str) -> "GatedMLP":
@@ -44,6 +48,11 @@ class GatedMLP(nn.Module):
         return geglu(gate, up, approximate=self._approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = lora_projections((self.gate_proj, self.up_proj, self.down_proj), x)
+        if fused is not None:
+            (gate, up, down), p = fused
+            with torch.autocast(x.device.type, enabled=False):
+                return lora_mlp(x, gate, up, down, activation=self._block_activation, dropout_p=p)
         return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
     def extra_repr(self) -> str:
