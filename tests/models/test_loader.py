@@ -22,7 +22,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loads_4bit_with_swaps(checkpoints, arch):
-    model, tok = FastLanguageModel.from_pretrained(str(checkpoints[arch]), max_seq_length=64, dtype=torch.float32)
+    model, tok = FastLanguageModel.from_pretrained(str(checkpoints[arch]), max_seq_length=64, dtype=torch.float32,
+                                                   device_map="cpu")
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn, Attention) and isinstance(layer.mlp, GatedMLP)
     assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit)

@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
 
 
 def _model(ckpt, bits, dtype=torch.float32, dropout=0.0):
-    model, _ = FastLanguageModel.from_pretrained(ckpt, dtype=dtype, load_in_4bit=bits == 4)
+    model, _ = FastLanguageModel.from_pretrained(ckpt, dtype=dtype, load_in_4bit=bits == 4, device_map="cpu")
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=dropout,
                                              use_gradient_checkpointing=False)
     torch.manual_seed(0)
