@@ -23,10 +23,10 @@ def plot_loss_curve(log_history: list[dict], path, title: str = "training loss")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, losses, marker="o" if len(steps) < 40 else None, linewidth=1, alpha=0.6, label="per step")
     if len(steps) >= 8:  # per-step losses of small batches are noisy: an exponential moving average shows the trend
-        smooth, value = [], losses[0]
-        for loss in losses:
+        smooth, value = [], 0.0
+        for t, loss in enumerate(losses, 1):
             value = 0.8 * value + 0.2 * loss
-            smooth.append(value)
+            smooth.append(value / (1 - 0.8**t))  # bias-corrected: the first points are not pulled towards 0
         ax.plot(steps, smooth, linewidth=2, label="moving average")
         ax.legend()
     ax.set_xlabel("optimizer step")
