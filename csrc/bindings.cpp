@@ -48,6 +48,15 @@ TORCH_LIBRARY(swiftlora, m) {
   // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
   // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
   m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
+  // One vocabulary block of an online softmax (a frozen LM head's loss/log-probs accumulated flash-attention style,
+  // python/swiftlora/ops/lm_head_blocks.py): block [N, B] holds columns [col0, col0 + B) of the logits; stats
+  // float32 [N, 6] = (m, s, Σz, Σe^{z−m}·z, z_label, dz_label) carried across blocks (start: (−inf, 0, 0, 0, 0, 0)),
+  // s = Σe^{z−m} under a running reference max m (it moves to a block's max only when that passes m by 16, 8 for
+  // float16: csrc/common/online_softmax.h). Overwrites block with P_j = e^{z_j−m}·dz_j/dx_j, writes
+  // e^{z_j−m}·z_j·dz_j/dx_j into pz when given, and returns e^{m_before − m} float32 [N], the factor that rescales
+  // sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
+  m.def("online_softmax_block_(Tensor(a!) block, Tensor(b!) stats, Tensor? labels, Tensor(c!)? pz, int col0, "
+        "int ignore_index, float softcap, float logit_scale) -> Tensor");
 
   // NF4 in bitsandbytes' layout (csrc/common/nf4.h; python/swiftlora/ops/nf4.py). A weight is (packed, absmax,
   // absmax2, code2, offset): packed uint8 [(n+1)/2, 1]; absmax float32 [nblocks], or with double quantization uint8

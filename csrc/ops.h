@@ -23,6 +23,7 @@
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
   X(scale_rows_)                 \
+  X(online_softmax_block_)       \
   X(nf4_quantize)                \
   X(nf4_dequantize)              \
   X(nf4_gemv)                    \
@@ -56,6 +57,11 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
                                     double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
 // t [N, ...] float, scale float32 [] or [N].
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
+// online_softmax_block_: block [N, B] as logits above; stats float32 [N, kOnlineStats] contiguous; pz like block.
+constexpr int64_t kOnlineStats = 6;
+void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,
+                                     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& pz,
+                                     int64_t col0, double softcap, double logit_scale);
 
 // nf4_*: an NF4 tensor of n elements in bitsandbytes' layout (csrc/common/nf4.h) as the kernels take it, checked and
 // made contiguous. packed: uint8, (n + 1) / 2 bytes (any shape, e.g. bnb's [(n+1)/2, 1]). Plain: absmax float32

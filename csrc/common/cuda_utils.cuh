@@ -43,6 +43,16 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
   return out;
 }
 
+// Written once and not read again soon: evict-first, so the store does not push out lines still to be re-read.
+template <typename T, int N>
+__device__ __forceinline__ void store_vec_stream(T* p, const Vec<T, N>& v) {
+  if constexpr (sizeof(Vec<T, N>) == 16) {
+    __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<const int4*>(&v));
+  } else {
+    store_vec<T, N>(p, v);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

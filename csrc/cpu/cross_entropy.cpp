@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/softmax_transform.h"
 #include "ops.h"
 
 namespace swiftlora {
@@ -86,34 +87,10 @@ void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale) {
 
 namespace {
 
+using cpu::Transform;
+
 constexpr int kLanes = 8;  // partial sums per row
 
-// z and dz/dx of one logit.
-struct Transform {
-  float scale, softcap, inner;  // inner = scale / softcap
-  bool capped;
-
-  Transform(double softcap_, double scale_)
-      : scale(static_cast<float>(scale_)),
-        softcap(static_cast<float>(softcap_)),
-        inner(softcap_ > 0 ? static_cast<float>(scale_ / softcap_) : 0.f),
-        capped(softcap_ > 0) {}
-
-  float z(float x) const { return capped ? softcap * std::tanh(x * inner) : x * scale; }
-  // z and dz/dx = scale·(1 − tanh² u) (capped, u = x·scale/softcap) or scale. 1 − tanh² u is computed as
-  // 4e/(1+e)² with e = exp(−2|u|), not from tanh: near saturation 1 − t·t cancels (at 1 − t² = 1e-3 float32 keeps
-  // 4 digits), the exp form keeps full precision for every u.
-  void z_dz(float x, float& z, float& dz) const {
-    if (capped) {
-      const float u = x * inner, e = std::exp(-2.f * std::fabs(u));
-      z = softcap * std::tanh(u);
-      dz = scale * (4.f * e / ((1.f + e) * (1.f + e)));
-    } else {
-      z = x * scale;
-      dz = scale;
-    }
-  }
-};
 
 struct RowStats {
   float max, sum_exp;                  // lse = max + log(sum_exp); p_j = exp(z_j − max) / sum_exp

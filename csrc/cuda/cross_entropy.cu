@@ -1,11 +1,14 @@
-// Softmax over the vocabulary on the GPU: row statistics, gradients, the one-pass fused cross-entropy, and the
-// row scaling its backward uses. One 1024-thread block per row (a row of 128k bf16 logits is 256 KB); threads
-// stride the row with 16-byte vectors, four in flight each, keeping an online (max, Σexp) per thread that the
-// block then merges. Arguments are checked in csrc/cpu/cross_entropy.cpp (shared with the CPU kernels).
+// Softmax over the vocabulary on the GPU: row statistics, gradients, the fused cross-entropy (loss and gradient
+// written over the logits), and the row scaling its backward uses. One 1024-thread block per row (a row of 128k
+// bf16 logits is 256 KB); threads stride the row with 16-byte vectors, four in flight each, keeping an online
+// (max, Σexp) per thread that the block then merges (softmax_row.cuh). Arguments are checked in
+// csrc/cpu/cross_entropy.cpp (shared with the CPU kernels).
 //
-// Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused kernel
-// reads a row, then re-reads it from L2 while writing the gradient (a persistent grid of one block per SM keeps
-// 132 rows · 256 KB = 33 MB in flight, inside the 50 MB L2), so HBM sees one read and one write.
+// Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused
+// cross-entropy reads and writes N·V·E when a persistent grid of one block per SM re-reads each row for its
+// gradient from L2 (132 rows of 256 KB in flight: 33 MB). Holding rows on chip instead (a thread-block cluster per
+// row, the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100: latency-bound, since
+// registers or shared memory cannot hold enough rows in flight (bench/NOTES.md).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -18,186 +21,15 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "ops.h"
+#include "softmax_row.cuh"
 
 namespace swiftlora::cuda {
 namespace {
 
 constexpr int kThreads = 1024;
-constexpr int kUnroll = 4;  // vectors a thread loads before using them
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// z = cap·tanh(scale·x/cap) (cap > 0) or scale·x, and dz/dx.
-struct Transform {
-  float scale, cap, inv_cap;
-  __device__ __forceinline__ float z(float x) const { return cap > 0.f ? cap * tanhf(x * scale * inv_cap) : x * scale; }
-  __device__ __forceinline__ float z_and_dz(float x, float& dz) const {
-    if (cap > 0.f) {
-      const float u = x * scale * inv_cap;
-      // 1 − tanh²(u) = 4e/(1 + e)², e = exp(−2|u|): no cancellation near saturation (as the CPU kernel).
-      const float e = expf(-2.f * fabsf(u));
-      dz = scale * 4.f * e / ((1.f + e) * (1.f + e));
-      return cap * tanhf(u);
-    }
-    dz = scale;
-    return x * scale;
-  }
-};
-
-// Running softmax statistics of a set of z: max m, Σexp(z − m), Σz, Σexp(z − m)·z.
-struct Online {  // trivial, so it can live in __shared__; start from empty_online()
-  float m, s, sz, spz;
-};
-
-__device__ __forceinline__ Online empty_online() { return Online{kNegInf, 0.f, 0.f, 0.f}; }
-
-__device__ __forceinline__ Online merge(const Online& a, const Online& b) {
-  Online o = empty_online();
-  o.m = fmaxf(a.m, b.m);
-  o.sz = a.sz + b.sz;
-  if (o.m == kNegInf) return o;  // both empty (or all -inf)
-  const float ra = a.m == kNegInf ? 0.f : __expf(a.m - o.m), rb = b.m == kNegInf ? 0.f : __expf(b.m - o.m);
-  o.s = a.s * ra + b.s * rb;
-  o.spz = a.spz * ra + b.spz * rb;
-  return o;
-}
-
-// Adds n values at once: one rescale per group rather than per element.
-template <int N, bool kEntropy>
-__device__ __forceinline__ void push(Online& o, const float (&z)[N]) {
-  float mv = z[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) mv = fmaxf(mv, z[i]);
-#pragma unroll
-  for (int i = 0; i < N; ++i) o.sz += z[i];
-  if (mv == kNegInf) return;
-  if (mv > o.m) {
-    const float r = o.m == kNegInf ? 0.f : __expf(o.m - mv);
-    o.s *= r;
-    if constexpr (kEntropy) o.spz *= r;
-    o.m = mv;
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float e = __expf(z[i] - o.m);
-    o.s += e;
-    if constexpr (kEntropy) o.spz += e * z[i];
-  }
-}
-
-// Block-wide merge; every thread gets the result. `scratch`: 32 Online slots.
-__device__ Online block_merge(Online o, Online* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    Online other;
-    other.m = __shfl_xor_sync(0xffffffffu, o.m, off);
-    other.s = __shfl_xor_sync(0xffffffffu, o.s, off);
-    other.sz = __shfl_xor_sync(0xffffffffu, o.sz, off);
-    other.spz = __shfl_xor_sync(0xffffffffu, o.spz, off);
-    o = merge(o, other);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  __syncthreads();  // scratch may still be read from the previous row
-  if (lane == 0) scratch[warp] = o;
-  __syncthreads();
-  o = lane < warps ? scratch[lane] : empty_online();
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    Online other;
-    other.m = __shfl_xor_sync(0xffffffffu, o.m, off);
-    other.s = __shfl_xor_sync(0xffffffffu, o.s, off);
-    other.sz = __shfl_xor_sync(0xffffffffu, o.sz, off);
-    other.spz = __shfl_xor_sync(0xffffffffu, o.spz, off);
-    o = merge(o, other);
-  }
-  return o;
-}
-
-// The statistics of one row x[0, V) (VEC elements per 16-byte vector when the row allows it, else 1).
-template <typename T, int VEC, bool kEntropy>
-__device__ Online row_stats(const T* __restrict__ x, int64_t v, const Transform& f, Online* scratch) {
-  Online o = empty_online();
-  const int64_t full = v / VEC * VEC;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  int64_t c = static_cast<int64_t>(threadIdx.x) * VEC;
-  for (; c + (kUnroll - 1) * step + VEC <= full; c += kUnroll * step) {
-    Vec<T, VEC> xv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xv[u] = load_vec<T, VEC>(x + c + u * step);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float z[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) z[j] = f.z(static_cast<float>(xv[u].v[j]));
-      push<VEC, kEntropy>(o, z);
-    }
-  }
-  for (; c + VEC <= full; c += step) {
-    const Vec<T, VEC> xv = load_vec<T, VEC>(x + c);
-    float z[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) z[j] = f.z(static_cast<float>(xv.v[j]));
-    push<VEC, kEntropy>(o, z);
-  }
-  for (int64_t t = full + threadIdx.x; t < v; t += blockDim.x) {
-    const float z[1] = {f.z(static_cast<float>(x[t]))};
-    push<1, kEntropy>(o, z);
-  }
-  return block_merge(o, scratch);
-}
-
-// g_j = (a·p_j + b·[j = label] + c + d·p_j·z_j)·dz_j/dx_j, read from x and written to out (which may be x).
-struct GradCoef {
-  float lse, a, b, c, d;
-  int64_t label;  // -1: none
-};
-
-template <typename T>
-__device__ __forceinline__ T grad_at(float xv, int64_t col, const GradCoef& k, const Transform& f) {
-  float dz;
-  const float z = f.z_and_dz(xv, dz);
-  const float p = __expf(z - k.lse);
-  float g = k.a * p + k.c + k.d * p * z;
-  if (col == k.label) g += k.b;
-  return static_cast<T>(g * dz);
-}
-
-template <typename T, int VEC>
-__device__ void row_grad(const T* x, T* out, int64_t v, const GradCoef& k, const Transform& f) {
-  const int64_t full = v / VEC * VEC;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  int64_t c = static_cast<int64_t>(threadIdx.x) * VEC;
-  for (; c + (kUnroll - 1) * step + VEC <= full; c += kUnroll * step) {
-    Vec<T, VEC> xv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xv[u] = load_vec<T, VEC>(x + c + u * step);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      Vec<T, VEC> g;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) g.v[j] = grad_at<T>(static_cast<float>(xv[u].v[j]), c + u * step + j, k, f);
-      store_vec<T, VEC>(out + c + u * step, g);
-    }
-  }
-  for (; c + VEC <= full; c += step) {
-    const Vec<T, VEC> xv = load_vec<T, VEC>(x + c);
-    Vec<T, VEC> g;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) g.v[j] = grad_at<T>(static_cast<float>(xv.v[j]), c + j, k, f);
-    store_vec<T, VEC>(out + c, g);
-  }
-  for (int64_t t = full + threadIdx.x; t < v; t += blockDim.x) out[t] = grad_at<T>(static_cast<float>(x[t]), t, k, f);
-}
-
-// The row's label: -1 for none (no labels, or ignore_index); -2 for one outside [0, V) (its row becomes NaN).
-template <typename L>
-__device__ __forceinline__ int64_t row_label(const L* labels, int64_t row, int64_t ignore_index, int64_t v) {
-  if (labels == nullptr) return -1;
-  const int64_t l = static_cast<int64_t>(labels[row]);
-  if (l == ignore_index) return -1;
-  return (l >= 0 && l < v) ? l : -2;
-}
-
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// The fused kernel's gradient pass with evict-first loads and stores: 1.99 ms against 2.13 at [8192, 128256] bf16
+// on the H100 (the stores no longer push rows still to be re-read out of L2).
+constexpr bool kFusedStreaming = true;
 
 // ---------------------------------------------------------------------------------------------------- kernels
 template <typename T, typename L, int VEC, bool kEntropy>
@@ -208,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Online scratch[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
-    const Online o = row_stats<T, VEC, kEntropy>(xr, v, f, scratch);
+    const Online o = block_merge(thread_stats<T, VEC, kEntropy>(xr, v, f), scratch);
     if (threadIdx.x != 0) continue;
     const int64_t label = row_label(labels, row, ignore_index, v);
     const float l = o.m + __logf(o.s);
@@ -233,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Loss = lse − (1−ε)·z_label − (ε/V)·Σz + z_loss·lse² (0 without a label); grad of scale_row·loss into x.
+// Cross-entropy of each row and the gradient of grad_scale[row]·loss written over the row (two passes over it).
 template <typename T, typename L, int VEC>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_fused_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t ignore_index,
@@ -244,27 +76,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     T* xr = x + row * x_stride;
     const int64_t label = row_label(labels, row, ignore_index, v);
-    // Thread 0 reads the label's logit now: row_stats' barriers come before any thread overwrites the row.
+    // Thread 0 reads the label's logit now: block_merge's barriers come before any thread overwrites the row.
     const float label_z = threadIdx.x == 0 && label >= 0 ? f.z(static_cast<float>(xr[label])) : 0.f;
-    const Online o = row_stats<T, VEC, false>(xr, v, f, scratch);
-    const float l = o.m + __logf(o.s);
-    const float gs = grad_scale[row * scale_stride];
-    GradCoef k{l, 0.f, 0.f, 0.f, 0.f, label};
-    if (label >= 0) {
-      k.a = gs * (1.f + 2.f * z_loss * l);
-      k.b = -gs * (1.f - smoothing);
-      k.c = -gs * smoothing / static_cast<float>(v);
-    } else if (label == -2) {
-      k.a = kNaN;
-    }
+    const Online o = block_merge(thread_stats<T, VEC, false>(xr, v, f), scratch);
+    const CrossEntropyRow r =
+        cross_entropy_row(o, label_z, label, v, grad_scale[row * scale_stride], smoothing, z_loss);
     if (threadIdx.x == 0) {
-      lse_out[row] = label == -2 ? kNaN : l;
-      // log Σexp(z − m) + (m − z_label): no cancellation between two large numbers when |z| ~ 1e4 (as the CPU).
-      loss[row] = label >= 0 ? __logf(o.s) + (1.f - smoothing) * (o.m - label_z) +
-                                   smoothing * (o.m - o.sz / static_cast<float>(v)) + z_loss * l * l
-                             : (label == -2 ? kNaN : 0.f);
+      lse_out[row] = r.lse;
+      loss[row] = r.loss;
     }
-    row_grad<T, VEC>(xr, xr, v, k, f);
+    row_grad<T, VEC, kFusedStreaming>(xr, xr, v, r.k, f);
   }
 }
 
@@ -272,8 +93,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     scale_rows_kernel(T* t, int64_t t_stride, int64_t rows, int64_t cols, const float* __restrict__ scale,
                       int64_t scale_stride) {
-  for (int64_t row = blockIdx.y * static_cast<int64_t>(gridDim.x) + blockIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * gridDim.y) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float s = scale[row * scale_stride];
     if (s == 1.f) continue;  // block-uniform: the common grad_output = 1 costs no pass over t
     T* tr = t + row * t_stride;
@@ -412,11 +232,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
   dispatch_rows(x2, labels, vector_rows(x2), [&](auto t_tag, auto l_tag, auto vec) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
+    constexpr int VEC = decltype(vec)::value;
+    const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
     // One block per SM: the rows in flight stay in L2 for the gradient pass.
-    cross_entropy_fused_kernel<T, L, decltype(vec)::value><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
+    cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
         x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
         static_cast<float>(label_smoothing), static_cast<float>(z_loss), grad_scale.const_data_ptr<float>(),
-        grad_scale.dim() == 0 ? 0 : 1, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        scale_stride, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};
@@ -442,10 +264,10 @@ void scale_rows_inplace_cuda(at::Tensor& t, const at::Tensor& scale_in) {
   const int64_t rows = t2.size(0), cols = t2.size(1);
   SWIFTLORA_DISPATCH_FLOAT(t.scalar_type(), "scale_rows_cuda", [&] {
     using T = scalar_t;
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, 65535)),
-                    static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, 65535), 65535)));
-    const auto threads =
-        static_cast<unsigned>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
+    // A grid-stride loop over rows on a few blocks per SM: rows whose scale is 1 (most, in the online softmax's
+    // rescales) then cost a load, not a block launch each (2048 launches of 1024 threads took 14 µs).
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, int64_t{sm_count()} * 8)));
+    const auto threads = static_cast<unsigned>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
     if (vector_rows(t2)) {
       scale_rows_kernel<T, 16 / sizeof(T)><<<grid, threads, 0, current_stream()>>>(
           t2.mutable_data_ptr<T>(), t2.stride(0), rows, cols, scale.const_data_ptr<float>(), scale_stride);

@@ -243,7 +243,11 @@ def rename_token(tokenizer, token_id: int, new_text: str):
     for entry in state.get("added_tokens", []):
         if entry["id"] == token_id:
             entry["content"] = new_text
-    vocab = (state.get("model") or {}).get("vocab")
+    model = state.get("model") or {}
+    vocab = model.get("vocab")
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
+    if any(old_text in (a, b, a + b) for a, b in merges):
+        raise ValueError(f"cannot rename token {old_text!r}: the tokenizer's BPE merges use its text")
     if isinstance(vocab, dict) and vocab.get(old_text) == token_id:
         vocab[new_text] = vocab.pop(old_text)
     elif isinstance(vocab, list) and token_id < len(vocab) and vocab[token_id][0] == old_text:
@@ -260,6 +264,8 @@ def rename_token(tokenizer, token_id: int, new_text: str):
         state["post_processor"] = rename(state["post_processor"])
     renamed = copy.deepcopy(tokenizer)
     renamed._tokenizer = Tokenizer.from_str(json.dumps(state))
+    if renamed.convert_tokens_to_ids(new_text) != token_id or len(renamed) != len(tokenizer):
+        raise ValueError(f"renaming token {old_text!r} to {new_text!r} did not keep its id {token_id}")
     return renamed
 
 
@@ -270,6 +276,7 @@ def trainer_tokenizer(trainer):
     if tok is None:
         raise ValueError("the trainer holds no tokenizer (processing_class); pass tokenizer=")
     return getattr(tok, "tokenizer", None) or tok
+
 
 
 def mm_fp32(a, b):

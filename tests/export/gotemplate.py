@@ -161,7 +161,7 @@ class Renderer:
             else:
                 value = self._statement(node[1], dot, scopes)
                 if value is not None:
-                    out.append(value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value))
+                    out.append(str(value).lower() if isinstance(value, bool) else str(value))
 
     def _range(self, node, dot, scopes, out):
         toks = node[1]

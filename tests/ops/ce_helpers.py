@@ -74,4 +74,7 @@ def assert_close_values(out, ref64, ref_lowp, input_dtype: torch.dtype, what: st
         return
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err, ref_err = rel_err(out, ref64), rel_err(ref_lowp, ref64)
-    assert err <= 2 * max(ref_err, 1e-7) and err < 1e-2, f"{what}: relative error {err:.3e} vs {ref_err:.3e} (x2)"
+    # A reduced loss is one number: the low-precision reference's error on it can vanish by chance cancellation of
+    # its rows' errors, so it is not a yardstick below a sixteenth of one rounding of the input dtype.
+    floor = torch.finfo(input_dtype).eps / 16 if out.dim() == 0 else 1e-7
+    assert err <= 2 * max(ref_err, floor) and err < 1e-2, f"{what}: relative error {err:.3e} vs {ref_err:.3e} (x2)"

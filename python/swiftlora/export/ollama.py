@@ -50,7 +50,12 @@ def _stop_words(layout: TemplateLayout, family: str | None, eos_token: str | Non
     else:
         words = [layout.assistant_suffix.strip(), layout.user_prefix.strip()]
     words.append(eos_token or "")
-    return [w for w in dict.fromkeys(words) if w]
+    # A word Ollama's parser cannot read back (non-printable characters, triple quotes) is left out.
+    return [w for w in dict.fromkeys(words) if w and _printable(w) and '"""' not in w]
+
+
+def _printable(text: str) -> bool:
+    return all(ch.isprintable() or ch in "\n\t\r" for ch in text)
 
 
 def _go_str(text: str) -> str:
@@ -109,7 +114,7 @@ def go_template(layout: TemplateLayout) -> str:
 def _modelfile_value(value: str, what: str) -> str:
     """A Modelfile argument: quoted, triple-quoted when it has newlines or outer spaces (the parser has no
     escapes)."""
-    if any(not (ch.isprintable() or ch in "\n\t\r") for ch in value):
+    if not _printable(value):
         raise ValueError(f"{what} {value!r} has non-printable characters, which Ollama's Modelfile parser drops")
     if '"""' in value:
         raise ValueError(f'{what} {value!r} contains """, which a Modelfile cannot hold')

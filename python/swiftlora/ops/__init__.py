@@ -14,10 +14,11 @@ from .rms_norm import rms_norm, rms_norm_reference
 from .rope import half_tables, rope, rope_reference
 from .token_logprobs import token_logprobs, token_logprobs_reference
 
-__all__ = ["LoRAProjection", "NF4Tensors", "NF4Weight", "cross_entropy", "cross_entropy_reference", "dropout_masks",
-           "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference", "geglu", "geglu_reference",
-           "half_tables", "lora_mlp", "lora_mlp_reference", "lora_projections", "lora_qkv", "lora_qkv_reference",
-           "lora_reference", "nf4_dequantize", "nf4_dequantize_reference", "nf4_gemv", "nf4_gemv_reference",
-           "nf4_quantize", "nf4_quantize_reference", "qlora_linear", "qlora_linear_reference", "rms_norm",
-           "rms_norm_reference", "rope", "rope_reference", "softmax_grad_reference", "softmax_stats_reference",
-           "swiglu", "swiglu_reference", "token_logprobs", "token_logprobs_reference"]
+__all__ = ["cross_entropy", "cross_entropy_reference", "dropout_masks", "fused_linear_cross_entropy",
+           "fused_linear_cross_entropy_reference", "geglu", "geglu_reference", "half_tables", "lora_mlp",
+           "lora_mlp_reference", "lora_projections", "lora_qkv", "lora_qkv_reference", "lora_reference",
+           "LoRAProjection", "nf4_dequantize", "nf4_dequantize_reference", "nf4_gemv", "nf4_gemv_reference",
+           "nf4_quantize", "nf4_quantize_reference", "NF4Tensors", "NF4Weight", "qlora_linear",
+           "qlora_linear_reference", "rms_norm", "rms_norm_reference", "rope", "rope_reference",
+           "softmax_grad_reference", "softmax_stats_reference", "swiglu", "swiglu_reference", "token_logprobs",
+           "token_logprobs_reference"]

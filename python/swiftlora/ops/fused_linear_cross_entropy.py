@@ -1,6 +1,9 @@
 """Linear layer + cross-entropy (an LM head and its loss) without ever holding the ``[N, V]`` logits.
 
-Tokens are processed in chunks of ``C`` rows: ``logits_c = hidden_c @ weightᵀ (+ bias)`` (a GEMM in the input
+A frozen head (LoRA / QLoRA: only grad_hidden needed) goes through vocabulary blocks of 2048-token chunks,
+accumulating the softmax-weighted rows of W flash-attention style (:mod:`.lm_head_blocks`); ``memory_budget_mb``
+bounds the transient logits block. Otherwise (trainable weight or bias, an explicit ``chunk_size``, or softcap
+together with label smoothing) tokens are processed in chunks of ``C`` rows: ``logits_c = hidden_c @ weightᵀ (+ bias)`` (a GEMM in the input
 dtype), then ``cross_entropy_fused_`` turns that buffer into the loss and, in place, the logits' gradient, from
 which ``grad_hidden_c = grad_c @ weight`` and ``grad_weight += grad_cᵀ @ hidden_c`` (float32 accumulation for
 16-bit weights; bias: column sums). All gradients are made in the forward and kept; the backward only scales them
@@ -21,6 +24,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import (backward_scale, ce_options, cross_entropy_reference, forward_grad_scale, mean_divisor,
                             reduce_rows, row_loss, rows_of)
+from .lm_head_blocks import block_plan, head_chunks, label_rows
 
 _lib = torch.ops.swiftlora
 # 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
@@ -118,7 +122,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, memory_budget_mb, chunk_size, fn)
     params = (hidden, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, h2.detach(), y, o, num_items_in_batch, rows)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, h2.detach(), y, o, num_items_in_batch, rows,
+                                              memory_budget_mb if chunk_size is None else None)
     with below_autograd():
         loss = _loss_chunks(h2, weight, bias, y, o, rows)
     divisor = mean_divisor(y != o.ignore_index, num_items_in_batch) if o.reduction == "mean" else None
@@ -166,12 +171,46 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
     return loss, grad_h, grad_w, grad_b
 
 
+def _frozen_head_grad(h2, weight, bias, y, o, budget, scale):
+    """Per-row loss and grad_hidden of Σ scale·loss_i for a frozen head, through vocabulary blocks (lm_head_blocks):
+    grad_h = scale·((1 + 2·z_loss·lse)/s · G − (1−ε)·dz_label·W[label] − (ε/V)·Σ_j dz_j W_j)."""
+    n, vocab = h2.shape[0], weight.shape[0]
+    plan = block_plan(n, vocab, h2.dtype, budget)
+    loss = torch.empty(n, dtype=torch.float32, device=h2.device)
+    grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
+    eps = o.label_smoothing
+    # Σ_j dz_j·W_j for the label-smoothing term: dz = logit_scale everywhere (no softcap on this path)
+    col_sum = weight.sum(0, dtype=torch.float32) * o.logit_scale if eps else None
+    for c in head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan):
+        m, s, z_sum, _, z_label, dz_label = c.stats.unbind(1)
+        yc = y[c.start:c.end]
+        valid = yc != o.ignore_index
+        known = valid & (yc >= 0) & (yc < vocab)
+        nan_rows = valid & ~known  # a label outside [0, V): NaN loss and gradient, as the kernels do
+        lse = m + torch.log(s)
+        row = torch.log(s) + (1.0 - eps) * (m - z_label)
+        if eps:
+            row = row + eps * (m - z_sum / vocab)
+        if o.z_loss:
+            row = row + o.z_loss * lse * lse
+        loss[c.start:c.end] = torch.where(known, row, torch.where(nan_rows, torch.nan, 0.0))
+        gate = torch.where(known, scale, torch.where(nan_rows, torch.nan, 0.0))
+        a = gate * (1.0 + 2.0 * o.z_loss * lse) / s if o.z_loss else gate / s
+        gh = c.g.mul_(a[:, None])
+        gh.addcmul_(label_rows(weight, yc, known), (-(1.0 - eps) * gate * dz_label)[:, None])
+        if eps:
+            gh.addcmul_(col_sum[None, :], (-(eps / vocab) * gate)[:, None])
+        grad_h[c.start:c.end] = gh
+    return loss, grad_h
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Gradients in the forward (scaled in the backward), or, for reduction "none" with a trainable weight/bias,
     chunks recomputed in the backward with the per-token gradient as grad_scale."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, h2, y, o, num_items, rows):
+    def forward(ctx, hidden, weight, bias, h2, y, o, num_items, rows, budget):
+        ctx.budget = budget
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         ctx.o, ctx.rows, ctx.shape, ctx.need, ctx.used = o, rows, hidden.shape, (need_h, need_w, need_b), False
@@ -185,8 +224,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # fp16: unit-scale chunks (see forward_grad_scale); grad_hidden keeps that scale until the
                 # backward, the float32 weight/bias sums take 1/divisor before their cast (they could overflow)
                 scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device)
-                wb = None if ctx.divisor is None else 1.0 / ctx.divisor
-                loss, gh, gw, gb = _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb)
+                if (budget is not None and need_h and not (need_w or need_b)
+                        and not (o.softcap and o.label_smoothing)):
+                    loss, gh = _frozen_head_grad(h2, weight, bias, y, o, ctx.budget, scale)
+                    gw = gb = None
+                else:
+                    wb = None if ctx.divisor is None else 1.0 / ctx.divisor
+                    loss, gh, gw, gb = _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb)
                 ctx.save_for_backward(gh, gw, gb)
         return reduce_rows(loss, o, hidden.shape[:-1], divisor)
 
@@ -209,4 +253,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 for g in (gw, gb):  # a per-row scale ("none") never reaches here with these
                     if g is not None:
                         _lib.scale_rows_(g, backward_scale(grad, o, None))
-        return (None if gh is None else gh.view(ctx.shape)), gw, gb, None, None, None, None, None
+        return (None if gh is None else gh.view(ctx.shape)), gw, gb, None, None, None, None, None, None

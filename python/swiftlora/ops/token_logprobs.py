@@ -7,7 +7,9 @@ Forward, per chunk of rows: ``logits_c = hidden_c @ weightᵀ`` (input dtype), t
 ``entropy = lse − E``. The gradient w.r.t. the logits of ``Σ g_lp·logprob + g_ent·entropy`` is ``softmax_grad``
 with ``a = −g_lp + g_ent·E, b = g_lp, c = 0, d = −g_ent`` (``dH/dz_j = p_j (E − z_j)``). Two ways to the backward:
 
-- frozen weight (LoRA / QLoRA RL, the common case): ``grad_hidden = g_lp·u + g_ent·w`` is linear in the upstream
+- frozen weight (LoRA / QLoRA RL, the common case), default chunking: u and w below come from vocabulary blocks
+  (:mod:`.lm_head_blocks`: ``u = dz·W[token] − Σ p dz W``, ``w = Σ p (E − z) dz W``), 2 GEMMs (3 with entropy);
+- frozen weight with an explicit ``chunk_size``: ``grad_hidden = g_lp·u + g_ent·w`` is linear in the upstream
   gradients, so the forward also computes ``u = d logprob/d hidden`` (without entropy in one pass over the chunk:
   ``cross_entropy_fused_`` with grad_scale −1 gives −logprob and overwrites the logits with d logprob/d logits; then
   ``@ weight``) and, with entropy, ``w = d entropy/d hidden`` (``softmax_stats``, then ``softmax_grad`` into a second
@@ -27,6 +29,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import rows_of
 from .fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, check_linear, chunk_logits, chunk_rows
+from .lm_head_blocks import block_plan, head_chunks, label_rows
 
 _lib = torch.ops.swiftlora
 
@@ -74,7 +77,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
     # the eager path with entropy holds two chunk buffers (both gradients): half the rows each
     budget = memory_budget_mb / 2 if eager and with_entropy and chunk_size is None else memory_budget_mb
     rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, budget, chunk_size, fn)
-    args = (ignore_index, 1.0 / t, bool(with_entropy), rows, batch)
+    # frozen head with grad: vocabulary blocks (lm_head_blocks), unless the caller fixed the token chunks
+    blocks = memory_budget_mb if eager and chunk_size is None else None
+    args = (ignore_index, 1.0 / t, bool(with_entropy), rows, batch, blocks)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _TokenLogprobs.apply(hidden, weight, h2.detach(), y, args, eager)
     with below_autograd():
@@ -85,7 +90,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
 def _forward(h2, weight, y, args, eager=False):
     """(logprobs [...], entropy [...] or None, lse [N], E [N] or None, u [N, H] or None, w [N, H] or None): u and w
     (eager) are d logprob / d hidden and d entropy / d hidden per row."""
-    ignore_index, scale, with_entropy, rows, batch = args
+    ignore_index, scale, with_entropy, rows, batch, blocks = args
+    if eager and blocks is not None:
+        return _forward_blocks(h2, weight, y, args)
     n, dev = h2.shape[0], h2.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -117,6 +124,37 @@ def _forward(h2, weight, y, args, eager=False):
             _lib.softmax_grad_(logits, y[s:e], ignore_index, st[0], torch.stack((-v, v, zero, zero), 1), 0.0, scale)
             torch.mm(logits, weight, out=u[s:e])
     lp = torch.where(valid, lp, 0.0).view(batch)
+    ent = (lse - pz).view(batch) if with_entropy else None
+    return lp, ent, lse, pz, u, w
+
+
+def _forward_blocks(h2, weight, y, args):
+    """_forward's eager results through vocabulary blocks: u = dz_label·W[token] − G/s and, with entropy,
+    w = (E·G − Gz)/s, from the float32 sums G = Σ e^{z−m}·dz·W_j and Gz = Σ e^{z−m}·z·dz·W_j."""
+    ignore_index, scale, with_entropy, _, batch, budget = args
+    n, vocab = h2.shape[0], weight.shape[0]
+    plan = block_plan(n, vocab, h2.dtype, budget)
+    lse = torch.empty(n, dtype=torch.float32, device=h2.device)
+    lp = torch.empty_like(lse)
+    pz = torch.empty_like(lse) if with_entropy else None
+    u = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
+    w = torch.empty_like(u) if with_entropy else None
+    for c in head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy):
+        m, s, _, spz, z_label, dz_label = c.stats.unbind(1)
+        yc = y[c.start:c.end]
+        valid = yc != ignore_index
+        known = valid & (yc >= 0) & (yc < vocab)
+        nan_rows = valid & ~known  # a token id outside [0, V): NaN, as the kernels give
+        lse[c.start:c.end] = m + torch.log(s)
+        lp[c.start:c.end] = torch.where(nan_rows, torch.nan, z_label - lse[c.start:c.end])
+        if with_entropy:
+            e_z = spz / s
+            pz[c.start:c.end] = e_z
+            w[c.start:c.end] = c.gz.mul_((-1.0 / s)[:, None]).addcmul_(c.g, (e_z / s)[:, None])
+        gate = torch.where(known, 1.0, torch.where(nan_rows, torch.nan, 0.0))
+        gu = c.g.mul_((-gate / s)[:, None])
+        u[c.start:c.end] = gu.addcmul_(label_rows(weight, yc, known), (gate * dz_label)[:, None])
+    lp = torch.where(y != ignore_index, lp, 0.0).view(batch)
     ent = (lse - pz).view(batch) if with_entropy else None
     return lp, ent, lse, pz, u, w
 
@@ -165,7 +203,7 @@ def _scaled_grads(ctx, g_lp, g_ent):
 
 def _recomputed_grads(ctx, g_lp, g_ent):
     h2, weight, y, lse, pz = ctx.saved_tensors
-    ignore_index, scale, with_entropy, rows, _ = ctx.args
+    ignore_index, scale, with_entropy, rows, _, _ = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     n, dev = h2.shape[0], h2.device
     zero = torch.zeros(n, dtype=torch.float32, device=dev)

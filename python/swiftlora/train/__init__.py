@@ -1,1 +1,1 @@
-"""Training integration: chat templates and data helpers (and, on other branches, trainer glue)."""
+"""Training integration: chat templates, conversation data and response-only masking."""

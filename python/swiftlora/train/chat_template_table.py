@@ -153,7 +153,8 @@ def _llama3(name: str, system_lead: str = "") -> ChatTemplate:
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # Llama 3.1's own template opens every conversation with this system header (its default date).
 _LLAMA31_LEAD = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-_ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                  "Write a response that appropriately completes the request.")
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 

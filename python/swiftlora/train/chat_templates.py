@@ -1,5 +1,5 @@
 """Chat templates and conversation data helpers with Unsloth's API: ``get_chat_template`` and
-``standardize_sharegpt``. (``train_on_responses_only`` is in response_masking.py.)
+``standardize_sharegpt``. (``train_on_responses_only`` is in response_masking.py, the loaders in data.py.)
 
 The templates themselves are in chat_template_table.py; how a template's text is read back (for masking and for
 the Ollama Modelfile) is in template_layout.py.
@@ -99,10 +99,11 @@ def _header(default_system: str, mapping: dict[str, str]) -> str:
 
 def _set_stop_word(tokenizer, stop_word: str | None, map_eos_token: bool):
     """A copy of the tokenizer whose EOS is ``stop_word`` when ``map_eos_token`` (see get_chat_template)."""
-    tokenizer = copy.deepcopy(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if stop_word is None or stop_word in vocab or not map_eos_token:
+        tokenizer = copy.deepcopy(tokenizer)
     if stop_word is None:
         return tokenizer
-    vocab = tokenizer.get_vocab()
     if stop_word in vocab:
         if tokenizer.encode(stop_word, add_special_tokens=False) != [vocab[stop_word]]:
             # In the vocabulary but split by the pre-tokenizer: make it atomic (same id, no new row).
@@ -139,13 +140,13 @@ def _fix_pad_token(tokenizer, template_text: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token  # nothing else is safe; labels are padded with -100 anyway
 
 
-_USER_ALIASES = ("user", "human", "input")
-_ASSISTANT_ALIASES = ("gpt", "assistant", "output")
-_SYSTEM_ALIASES = ("system",)
+USER_ALIASES = ("user", "human", "input")
+ASSISTANT_ALIASES = ("gpt", "assistant", "output")
+SYSTEM_ALIASES = ("system",)
 
 
-def standardize_sharegpt(dataset, aliases_for_system=_SYSTEM_ALIASES, aliases_for_user=_USER_ALIASES,
-                         aliases_for_assistant=_ASSISTANT_ALIASES, column: str | None = None):
+def standardize_sharegpt(dataset, aliases_for_system=SYSTEM_ALIASES, aliases_for_user=USER_ALIASES,
+                         aliases_for_assistant=ASSISTANT_ALIASES, column: str | None = None):
     """ShareGPT-style conversations (``{"from": "human", "value": ...}`` turns) as standard ``{"role": "user",
     "content": ...}`` messages, in the same column.
 
@@ -167,14 +168,17 @@ def standardize_sharegpt(dataset, aliases_for_system=_SYSTEM_ALIASES, aliases_fo
     def convert(turns, row_index):
         if not isinstance(turns, list):
             raise ValueError(f"row {row_index}: {column!r} must be a list of turns, got {type(turns).__name__}")
-        return [_standard_turn(turn, roles, row_index, k) for k, turn in enumerate(turns)]
+        return [standard_message(turn, roles, row_index, k) for k, turn in enumerate(turns)]
 
     if rows is not None:
         return [{**row, column: convert(row[column], i)} for i, row in enumerate(rows)]
     return dataset.map(lambda row, i: {column: convert(row[column], i)}, with_indices=True)
 
 
-def _standard_turn(turn, roles: dict[str, str], row: int, k: int) -> dict:
+def standard_message(turn, roles: dict[str, str], row: int, k: int) -> dict:
+    """One turn (``from``/``value`` or ``role``/``content`` keys) as ``{"role", "content"}`` with its role mapped
+    through ``roles`` (alias -> system/user/assistant); ``row``/``k`` only name the turn in errors. Content that is
+    neither text nor a list of parts (multimodal) becomes text."""
     if not isinstance(turn, Mapping):
         raise ValueError(f"row {row}, turn {k}: expected a dict, got {type(turn).__name__}")
     role = next((turn[key] for key in ("from", "role") if turn.get(key) is not None), None)

@@ -16,19 +16,20 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .chat_templates import _ASSISTANT_ALIASES, _SYSTEM_ALIASES, _USER_ALIASES, _standard_turn
+from .chat_templates import ASSISTANT_ALIASES, SYSTEM_ALIASES, USER_ALIASES, standard_message
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
-_ROLES = {**{a: "system" for a in _SYSTEM_ALIASES}, **{a: "user" for a in _USER_ALIASES},
-          **{a: "assistant" for a in _ASSISTANT_ALIASES}}
+_ROLES = {**{a: "system" for a in SYSTEM_ALIASES}, **{a: "user" for a in USER_ALIASES},
+          **{a: "assistant" for a in ASSISTANT_ALIASES}}
 
 
 def default_chat_dataset(max_conversations: int | None = None, *, categories: list[str] | None = None,
                          language: str = "english"):
-    """The main job's default data: chatterbot-corpus (PyPI ``chatterbot-corpus``, BSD), 2,026 hand-written
+    """The main job's default data: chatterbot-corpus (PyPI ``chatterbot-corpus``, BSD), 2,025 hand-written
     English conversations in 21 topic files (greetings, ai, science, ...), turns alternating user/assistant.
 
-    A conversation with an odd number of turns loses its last (user) turn, so every one ends with an answer.
+    A conversation with an odd number of turns loses its last (user) turn, so every one ends with an answer;
+    the corpus's one malformed entry (a bare string) is skipped.
     ``categories``: file stems to keep (e.g. ``["greetings", "ai"]``); ``max_conversations``: the first N in file
     order (files sorted by name). Returns a ``datasets.Dataset`` with a ``messages`` column.
     """
@@ -51,8 +52,10 @@ def default_chat_dataset(max_conversations: int | None = None, *, categories: li
     rows = []
     for f in files:
         for turns in yaml.load(f.read_text(encoding="utf-8"), Loader=loader)["conversations"]:
+            if not isinstance(turns, list):
+                continue  # one entry of the corpus (in trivia.yml) is a bare string, not a conversation
             turns = [str(t).strip() for t in turns][: len(turns) // 2 * 2]
-            if turns:
+            if turns and all(turns):
                 rows.append({"messages": [{"role": ("user", "assistant")[k % 2], "content": t}
                                           for k, t in enumerate(turns)]})
     return Dataset.from_list(rows[:max_conversations])
@@ -140,8 +143,9 @@ def _read_json_rows(path: Path) -> list[dict]:
 
 def _detect_format(row: dict, where: str) -> str:
     keys = set(row)
-    for fmt, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
-                        ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+    for fmt, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
+                        ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}),
+                        ("text", {"text"})):
         if needed <= keys:
             return fmt
     raise ValueError(f"cannot tell the format of {where}: its rows have keys {sorted(keys)}; expected 'messages', "
@@ -151,7 +155,7 @@ def _detect_format(row: dict, where: str) -> str:
 def _turns(turns, row: int, what: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"row {row}: {what} must be a non-empty list of messages, got {turns!r:.80}")
-    return [_standard_turn(t, _ROLES, row, k) for k, t in enumerate(turns)]
+    return [standard_message(t, _ROLES, row, k) for k, t in enumerate(turns)]
 
 
 def _from_alpaca(row: dict, i: int) -> list[dict]:

@@ -2,13 +2,13 @@
 
 A marker (the text opening an assistant turn, ``response_part``, or a user turn, ``instruction_part``) does not
 always tokenize the same way inside a conversation as alone: its last token can merge with the text that follows
-(``"\\n"`` + ``"\\nHi"`` -> ``"\\n\\n"``, SentencePiece's ``"▁"`` joining the next word), and its first token with the
-text before (``" USER"`` after a space, ``"USER"`` after ``</s>``). So a marker is matched by its *variants*: for
-each text that can precede it, the token ids it takes there that do not depend on what follows (the common
-prefix of its tokenizations before many different continuations). The texts that precede it are read from the
-tokenizer's chat template (the marker's occurrences in rendered conversations) plus a few generic ones. The
-marker text a variant stops short of (usually a newline) is skipped when its tokens follow unmerged; a merged
-token is kept, since it carries response text.
+(``"\\n"`` + ``"\\nHi"`` -> ``"\\n\\n"``; a BPE that learned ``"[/INST]I"``), and its first token with the text
+before (``" USER"`` after a space, ``"USER"`` after ``</s>``). So a marker is matched by its *variants*: for each
+text that can precede it, the token ids it keeps whatever follows (the common prefix of its tokenizations before
+many different continuations). The preceding texts are read from the tokenizer's chat template (the marker's
+occurrences in rendered conversations) plus a few generic ones. After a match, the marker text the variant stops
+short of (usually a newline) is skipped when its tokens follow unmerged; a vocabulary token that extends the
+variant's last token with following text also matches, and is kept (it carries response text).
 
 A response runs from after a response marker to the start of the next instruction marker (so the end-of-turn
 token, e.g. ``<|im_end|>``, is trained) or of the next response marker, or to the end of the sequence.
@@ -35,23 +35,9 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
     return first[:k]
 
 
-def _find_all(ids: list[int], variants: list[list[int]]) -> list[tuple[int, int]]:
-    """Non-overlapping (start, end) matches of any variant in ``ids``, earliest first, longest at a tie."""
-    hits = []
-    i, n = 0, len(ids)
-    while i < n:
-        match = next((v for v in variants if ids[i] == v[0] and ids[i:i + len(v)] == v), None)
-        if match is None:
-            i += 1
-        else:
-            hits.append((i, i + len(match)))
-            i += len(match)
-    return hits
-
-
 class Marker:
-    """A chat marker as token ids: ``variants`` (longest first) and, per variant, the marker text it stops short
-    of (``tails``)."""
+    """A chat marker as token ids: ``variants`` (longest first); per variant, the marker text it stops short of
+    (``tails``) and the vocabulary tokens that are its last token merged with following text (``merged``)."""
 
     def __init__(self, tokenizer, text: str, role: str, befores: tuple[str, ...] = ()):
         if not isinstance(text, str) or not text.strip():
@@ -69,20 +55,75 @@ class Marker:
                 while start < len(full) and before.startswith(tokenizer.decode(full[:start + 1])):
                     start += 1  # a token made of the preceding text only (it split differently next to the marker)
                 rests.append(full[start:])
-            variant = _common_prefix(rests)
-            if not variant:
-                raise ValueError(f"{role} {text!r} has no tokens of its own after {before!r}; choose a marker "
-                                 "made of whole tokens (e.g. the special tokens of the chat template)")
-            variants.add(tuple(variant))
-        self.variants = [list(v) for v in sorted(variants, key=len, reverse=True)]
-        self.tails = {tuple(v): self._tail(v) for v in self.variants}
+            variant = self._stable_prefix(rests)
+            if variant:
+                variants.add(variant)
+        if not variants:
+            raise ValueError(f"{role} {text!r} has no tokens that keep their ids next to other text; choose a "
+                             "marker made of whole tokens (e.g. the special tokens of the chat template)")
+        self.variants = sorted(variants, key=len, reverse=True)
+        self.tails = {v: self._tail(v) for v in self.variants}
+        self.merged = self._merged_last_tokens()
 
-    def _tail(self, variant: list[int]) -> str:
-        decoded = self.tokenizer.decode(variant)
-        covered = max((j for j in range(len(self.text) + 1) if decoded.endswith(self.text[:j])), default=0)
+    def _stable_prefix(self, rests: list[list[int]]) -> tuple:
+        """The tokens a marker keeps whatever follows it: the common prefix of its tokenizations (``rests[0]``
+        is the one with nothing after it), plus the next token when the others only extend it (a merge of its
+        last token with the following text, which ``find`` accepts too)."""
+        base, k = rests[0], len(_common_prefix(rests))
+        if k < len(base):
+            piece = self.tokenizer.convert_ids_to_tokens(base[k])
+            if all(len(r) > k and self.tokenizer.convert_ids_to_tokens(r[k]).startswith(piece) for r in rests):
+                k += 1
+        return tuple(base[:k])
+
+    def _tail(self, variant: tuple) -> str:
+        # The variant covers a prefix of the marker text; its decoding may carry preceding text (" USER") or lose
+        # the marker's leading space (SentencePiece decoders strip it).
+        decoded = self.tokenizer.decode(list(variant))
+        covered = next((j for j in range(len(self.text), 0, -1)
+                        if decoded.endswith(self.text[:j]) or (decoded and self.text[:j].endswith(decoded))), 0)
         return self.text[covered:]
 
-    def skip_tail(self, ids: list[int], variant: tuple, pos: int) -> int:
+    def _merged_last_tokens(self) -> dict[tuple, set[int]]:
+        """Per variant, the ids of vocabulary tokens that extend its last token with text compatible with the
+        marker's tail (BPE can learn e.g. "[/INST]" + "I" as one token)."""
+        vocab = self.tokenizer.get_vocab()
+        special = set(self.tokenizer.all_special_ids)
+        merged = {}
+        for v in self.variants:
+            piece = self.tokenizer.convert_ids_to_tokens(v[-1])
+            decoded_piece, tail = self.tokenizer.decode([v[-1]]), self.tails[v]
+            ids = set()
+            for token, i in vocab.items():
+                if i != v[-1] and i not in special and token.startswith(piece):
+                    extra = self.tokenizer.decode([i])[len(decoded_piece):]
+                    if extra and (extra.startswith(tail) or tail.startswith(extra)):
+                        ids.add(i)
+            merged[v] = ids
+        return merged
+
+    def find(self, ids: list[int]) -> list[tuple[int, int]]:
+        """(start, text_start) of each non-overlapping occurrence in ``ids``: where the marker begins, and where
+        the text after it begins (at the last marker token when that token is merged with the text)."""
+        hits, i, n = [], 0, len(ids)
+        while i < n:
+            for v in self.variants:
+                m = len(v)
+                if i + m > n or (m > 1 and (ids[i] != v[0] or ids[i:i + m - 1] != list(v[:-1]))):
+                    continue
+                if ids[i + m - 1] == v[-1]:
+                    hits.append((i, self._skip_tail(ids, v, i + m)))
+                    i += m
+                    break
+                if ids[i + m - 1] in self.merged[v]:
+                    hits.append((i, i + m - 1))
+                    i += m
+                    break
+            else:
+                i += 1
+        return hits
+
+    def _skip_tail(self, ids: list[int], variant: tuple, pos: int) -> int:
         """Position after the marker text ``variant`` stops short of, if its tokens follow at ``pos`` unmerged."""
         tail, end = self.tails[variant], pos
         for k in range(pos, min(len(ids), pos + len(tail))):
@@ -103,22 +144,22 @@ class ResponseMasker:
         befores = _befores(tokenizer, template, (instruction_part, response_part))
         self.instruction = Marker(tokenizer, instruction_part, "instruction_part", befores[instruction_part])
         self.response = Marker(tokenizer, response_part, "response_part", befores[response_part])
-        shared = {tuple(v) for v in self.instruction.variants} & {tuple(v) for v in self.response.variants}
-        if shared:
-            raise ValueError(f"instruction_part {instruction_part!r} and response_part {response_part!r} "
-                             f"tokenize to the same ids {sorted(shared)}")
+        shared = set(self.instruction.variants) & set(self.response.variants)
+        for marker in (self.instruction, self.response):  # ids both markers can take tell neither apart
+            marker.variants = [v for v in marker.variants if v not in shared]
+            if not marker.variants:
+                raise ValueError(f"instruction_part {instruction_part!r} and response_part {response_part!r} "
+                                 f"tokenize to the same ids {sorted(shared)}")
         self.last_response_only = last_response_only
 
     def spans(self, input_ids: list[int]) -> list[tuple[int, int]]:
         """(start, end) token ranges of the responses in ``input_ids``."""
-        responses = _find_all(input_ids, self.response.variants)
-        covered = {p for s, e in responses for p in range(s, e)}
+        responses = self.response.find(input_ids)
         # An instruction match inside a response marker ("INST]" in "[/INST]") is not an instruction.
-        instructions = [s for s, e in _find_all(input_ids, self.instruction.variants)
-                        if not covered.intersection(range(s, e))]
+        instructions = [s for s, _ in self.instruction.find(input_ids)
+                        if not any(r <= s < t for r, t in responses)]
         spans = []
-        for k, (s, e) in enumerate(responses):
-            start = self.response.skip_tail(input_ids, tuple(input_ids[s:e]), e)
+        for k, (_, start) in enumerate(responses):
             nxt = bisect.bisect_left(instructions, start)
             end = min(instructions[nxt] if nxt < len(instructions) else len(input_ids),
                       responses[k + 1][0] if k + 1 < len(responses) else len(input_ids))
@@ -204,12 +245,13 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
 
 
 def _relabel(dataset, label_batch, masker: ResponseMasker, tokenizer, num_proc, name: str):
-    if "input_ids" not in (dataset.column_names or []):
+    if dataset.column_names is not None and "input_ids" not in dataset.column_names:
         raise ValueError(f"train_on_responses_only needs a tokenized {name} dataset (an input_ids column), got "
                          f"columns {dataset.column_names}; build the trainer (which tokenizes) first")
-    kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens ({name})"} if hasattr(dataset, "__len__") else {}
+    sized = hasattr(dataset, "__len__")  # a streaming (iterable) dataset has no length and maps lazily
+    kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens ({name})"} if sized else {}
     dataset = dataset.map(label_batch, batched=True, **kwargs)
-    if not hasattr(dataset, "__len__"):  # streaming: rows are checked batch by batch in the collator
+    if not sized:  # rows are checked batch by batch in the collator
         return dataset.filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]))
     total = len(dataset)
     kept = dataset.filter(lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]), num_proc=num_proc)

@@ -141,6 +141,13 @@ def probe_chat_template(template: str, *, bos_token: str | None = "", eos_token:
     is also a chat marker (SmolLM2's BOS is ``<|im_start|>``); a BOS written later (llama-2 style, once per turn)
     stays in the layout as ``bos_token``'s text.
     """
+    try:
+        return _probe(template, bos_token or "", eos_token)
+    except TemplateProbeError as e:  # show the BOS sentinel as what it stands for
+        raise TemplateProbeError(str(e).replace(_BOS, "{{ bos_token }}")) from e.__cause__
+
+
+def _probe(template: str, bos_token: str, eos_token: str | None) -> TemplateLayout:
     import jinja2
 
     def render(msgs, gen=True):
@@ -171,9 +178,9 @@ def probe_chat_template(template: str, *, bos_token: str | None = "", eos_token:
                   assistant_prefix=between_ua[len(user_suffix):], assistant_suffix=assistant_suffix,
                   generation_prompt=tail[len(user_suffix):])
     fields.update(_system_fields(render, lead, head, fields["user_prefix"]))
-    fields = {k: v.replace(_BOS, bos_token or "") if isinstance(v, str) else v for k, v in fields.items()}
-    layout = TemplateLayout(bos=(bos_token or "") if lead == _BOS else lead, **fields)
-    _verify(layout, render, lead, bos_token or "")
+    fields = {k: v.replace(_BOS, bos_token) if isinstance(v, str) else v for k, v in fields.items()}
+    layout = TemplateLayout(bos=bos_token if lead == _BOS else lead, **fields)
+    _verify(layout, render, lead, bos_token)
     return layout
 
 
@@ -207,7 +214,8 @@ def _system_fields(render, lead: str, head: str, user_prefix: str) -> dict:
     pre_user = head[:len(head) - len(user_prefix)]
     default = None
     if pre_user:
-        if not (pre_user.startswith(before) and pre_user.endswith(suffix) and len(pre_user) >= len(before) + len(suffix)):
+        fits = len(pre_user) >= len(before) + len(suffix)
+        if not (fits and pre_user.startswith(before) and pre_user.endswith(suffix)):
             raise TemplateProbeError(f"cannot read the default system turn from {pre_user!r}")
         default = pre_user[len(before):len(pre_user) - len(suffix)]
     return dict(system_mode="turn", system_prefix=before, system_suffix=suffix, default_system=default)

@@ -1,0 +1,191 @@
+// online_softmax_block_ on the GPU (see csrc/cpu/online_softmax.cpp for what it computes). One 256-thread block per
+// row of the vocabulary block; each thread holds up to kBlockVecs 16-byte vectors of the row in registers (as
+// single elements when rows are not 16-byte aligned), so the row is read once and written once (plus pz when asked) whatever the two reductions (max, then Σe) need.
+// Floor: N·B·E read + N·B·E written (×2 written with pz); the block was just written by the logits GEMM, so much of
+// it comes from L2.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
+#include "common/online_softmax.h"
+#include "ops.h"
+#include "softmax_row.cuh"
+
+namespace swiftlora::cuda {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kBlockVecs = 4;  // 16-byte vectors a thread holds: B ≤ 256·4·VEC (8192 for 16-bit, 4096 for fp32)
+constexpr int kMinBlocksPerSM = 4;  // ≤ 64 registers: measured 63 µs a [2048, 8192] bf16 block at 2 blocks/SM
+
+// Two block-wide reductions at once (one pair of barriers): (max, sum) or (sum, sum). scratch: 2·32 floats.
+template <bool kFirstIsMax>
+__device__ __forceinline__ float2 block_reduce2(float2 v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float x = __shfl_xor_sync(0xffffffffu, v.x, o), y = __shfl_xor_sync(0xffffffffu, v.y, o);
+    v.x = kFirstIsMax ? fmaxf(v.x, x) : v.x + x;
+    v.y += y;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch may still be read by the previous reduction
+  if (lane == 0) scratch[warp] = v.x, scratch[32 + warp] = v.y;
+  __syncthreads();
+  constexpr int kWarps = kBlockThreads / 32;
+  v = lane < kWarps ? make_float2(scratch[lane], scratch[32 + lane]) : make_float2(kFirstIsMax ? kNegInf : 0.f, 0.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float x = __shfl_xor_sync(0xffffffffu, v.x, o), y = __shfl_xor_sync(0xffffffffu, v.y, o);
+    v.x = kFirstIsMax ? fmaxf(v.x, x) : v.x + x;
+    v.y += y;
+  }
+  return v;
+}
+
+// NV vectors of VEC elements a thread: 16-byte vectors, or single elements (NV 8x larger) for unaligned rows.
+template <typename T, typename L, int VEC, int NV, bool kPz>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    online_softmax_block_kernel(T* x, int64_t x_stride, T* pz, int64_t pz_stride, const L* __restrict__ labels,
+                                int64_t col0, int64_t ignore_index, int b, Transform f, float max_slack,
+                                float* __restrict__ stats, float* __restrict__ rescale) {
+  __shared__ float scratch[64];
+  const int64_t row = blockIdx.x;
+  T* xr = x + row * x_stride;
+  float* st = stats + row * kOnlineStats;
+  const float m_old = st[0];  // loaded early: its latency hides behind the row's
+  int label = -1;  // the label's column inside this block
+  if (labels != nullptr) {
+    const int64_t l = static_cast<int64_t>(labels[row]);
+    if (l != ignore_index && l >= col0 && l < col0 + b) label = static_cast<int>(l - col0);
+  }
+  constexpr int kStep = kBlockThreads * VEC;
+  const int c0 = static_cast<int>(threadIdx.x) * VEC;
+
+  Vec<T, VEC> xv[NV];
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    const int c = c0 + u * kStep;
+    if (c + VEC <= b) {
+      xv[u] = load_vec<T, VEC>(xr + c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xv[u].v[j] = c + j < b ? xr[c + j] : T(0);
+    }
+  }
+  float bm = kNegInf, zsum = 0.f;
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (c0 + u * kStep + j < b) {
+        const float z = f.z(static_cast<float>(xv[u].v[j]));
+        bm = fmaxf(bm, z);
+        zsum += z;
+      }
+    }
+  }
+  const float2 mz = block_reduce2<true>(make_float2(bm, zsum), scratch);
+  const float m = online_reference_max(m_old, mz.x, max_slack);
+  const float r = m_old == kNegInf ? 0.f : (m == m_old ? 1.f : __expf(m_old - m));
+
+  float s = 0.f, spz = 0.f;
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    const int c = c0 + u * kStep;
+    Vec<T, VEC> p, q;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float dz;
+      const float z = f.z_and_dz(static_cast<float>(xv[u].v[j]), dz);
+      const float e = (c + j < b && m != kNegInf) ? __expf(z - m) : 0.f;
+      s += e;
+      spz += e * z;
+      if (c + j == label) st[4] = z, st[5] = dz;  // one thread of the block owns the label's column
+      p.v[j] = static_cast<T>(e * dz);
+      if constexpr (kPz) q.v[j] = static_cast<T>(e * z * dz);
+    }
+    if (c + VEC <= b) {
+      store_vec<T, VEC>(xr + c, p);
+      if constexpr (kPz) store_vec<T, VEC>(pz + row * pz_stride + c, q);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (c + j < b) {
+          xr[c + j] = p.v[j];
+          if constexpr (kPz) pz[row * pz_stride + c + j] = q.v[j];
+        }
+      }
+    }
+  }
+  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
+  if (threadIdx.x == 0) {
+    st[0] = m;
+    st[1] = st[1] * r + sums.x;
+    st[2] += mz.y;
+    st[3] = st[3] * r + sums.y;
+    rescale[row] = r;
+  }
+}
+
+at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels_in,
+                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
+                                     double softcap, double logit_scale) {
+  constexpr const char* op = "online_softmax_block_";
+  check_online_softmax_block_args(block, stats, labels_in, pz, col0, softcap, logit_scale);
+  const c10::cuda::CUDAGuard guard(block.device());
+  const int64_t n = block.size(0), b = block.size(1);
+  const int64_t cap = kBlockThreads * kBlockVecs * (16 / block.element_size());
+  TORCH_CHECK_VALUE(b <= cap, op, ": on CUDA a block has at most ", cap, " columns for ", block.scalar_type(),
+                    ", got ", b);
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(), op, ": too many rows (", n, ")");
+  at::Tensor rescale = at::empty({n}, stats.options());
+  const std::optional<at::Tensor> labels =
+      labels_in.has_value() ? std::optional<at::Tensor>(labels_in->contiguous()) : std::nullopt;
+  const bool aligned = aligned_to(block.const_data_ptr(), 16) && (block.stride(0) * block.element_size()) % 16 == 0 &&
+                       (!pz.has_value() || (aligned_to(pz->const_data_ptr(), 16) &&
+                                            (pz->stride(0) * pz->element_size()) % 16 == 0));
+  const Transform f{static_cast<float>(logit_scale), static_cast<float>(softcap),
+                    softcap > 0 ? static_cast<float>(1.0 / softcap) : 0.f};
+  SWIFTLORA_DISPATCH_FLOAT(block.scalar_type(), "online_softmax_block_cuda", [&] {
+    using T = scalar_t;
+    constexpr int kVec = 16 / sizeof(T);
+    auto launch = [&](auto label_tag, auto with_pz, auto vec) {
+      using L = decltype(label_tag);
+      constexpr int VEC = decltype(vec)::value;
+      const L* lp = labels.has_value() ? labels->const_data_ptr<L>() : nullptr;
+      online_softmax_block_kernel<T, L, VEC, kBlockVecs * kVec / VEC, decltype(with_pz)::value>
+          <<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
+              block.mutable_data_ptr<T>(), block.stride(0), pz.has_value() ? pz->mutable_data_ptr<T>() : nullptr,
+              pz.has_value() ? pz->stride(0) : 0, lp, col0, ignore_index, static_cast<int>(b), f,
+              online_max_slack(block.scalar_type()), stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto with_vec = [&](auto label_tag, auto with_pz) {
+      if (aligned) {
+        launch(label_tag, with_pz, std::integral_constant<int, kVec>{});
+      } else {
+        launch(label_tag, with_pz, std::integral_constant<int, 1>{});
+      }
+    };
+    auto with_labels = [&](auto with_pz) {
+      if (labels.has_value() && labels->scalar_type() == at::kInt) {
+        with_vec(int32_t{}, with_pz);
+      } else {
+        with_vec(int64_t{}, with_pz);
+      }
+    };
+    if (pz.has_value()) {
+      with_labels(std::true_type{});
+    } else {
+      with_labels(std::false_type{});
+    }
+  });
+  return rescale;
+}
+
+}  // namespace
+}  // namespace swiftlora::cuda
+
+TORCH_LIBRARY_IMPL(swiftlora, CUDA, m) { m.impl("online_softmax_block_", &swiftlora::cuda::online_softmax_block_cuda); }

@@ -1,0 +1,131 @@
+"""A frozen LM head's softmax, accumulated over vocabulary blocks like flash attention's output.
+
+For hidden rows ``h`` and a frozen head ``W [V, H]`` (LoRA / QLoRA training, RL policies), the gradient of a
+cross-entropy or log-prob w.r.t. ``h`` only needs ``Σ_j p_j·dz_j·W_j``: a softmax-weighted sum of W's rows, which
+is attention with query h and keys = values = W. So instead of chunking tokens (where each chunk streams all of W
+through two skinny GEMMs and the loss kernel makes a pass over every ``[C, V]`` logits chunk), tokens are taken in
+large chunks (2048 rows) and the vocabulary in blocks: per block, ``logits = h_c @ W_bᵀ``, then
+``online_softmax_block_`` updates each row's running (max m, Σe^{z−m}, ...) and turns the block into
+``P = e^{z−m}·dz/dx``, and ``G = r·G + P @ W_b`` (float32) accumulates, ``r`` rescaling earlier blocks when m
+grows. At the end of a chunk ``lse = m + log s`` and ``Σ_j p_j dz_j W_j = G / s``. Both GEMMs keep well-shaped
+tiles (M = 2048) and the transient block (``memory_budget_mb``) mostly stays in L2 between them.
+
+Used by fused_linear_cross_entropy and token_logprobs when neither the head nor its bias needs a gradient.
+Combinations it does not cover (softcap with label smoothing, whose Σ_j dz_j·W_j term varies per row) take the
+token-chunked path.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+
+from .._compat import addmm_fp32_
+
+_lib = torch.ops.swiftlora
+ROW_CHUNK = 2048  # tokens per chunk: 16 x 128-row GEMM tiles, and G [2048, H] float32 (16 MiB at H = 2048)
+COL_ALIGN = 256
+CUDA_MAX_COLS = {2: 8192, 4: 4096}  # the CUDA kernel's register-resident row, by element size
+# A block stays in the H100's 50 MB L2 between the GEMM that writes it, the softmax kernel and the GEMM that reads
+# it (measured: 64 MiB blocks made the kernel run at 1.9 TB/s, from HBM)
+L2_BLOCK_BYTES = 32 * 2**20
+
+
+class BlockPlan(NamedTuple):
+    rows: int  # tokens per chunk
+    cols: int  # vocabulary columns per block
+
+
+def block_plan(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> BlockPlan:
+    """Chunk and block sizes, a deterministic function of the shapes, dtype and budget (the ``[rows, cols]`` logits
+    block is the buffer the budget bounds, and at most L2_BLOCK_BYTES)."""
+    rows = max(1, min(n, ROW_CHUNK))
+    cols = int(min(memory_budget_mb * 2**20, L2_BLOCK_BYTES)) // (rows * dtype.itemsize)
+    cols = min(cols, CUDA_MAX_COLS.get(dtype.itemsize, 8192), vocab)
+    if cols >= COL_ALIGN and cols < vocab:
+        cols -= cols % COL_ALIGN
+    return BlockPlan(rows, max(cols, 1))
+
+
+def online_softmax_block_reference(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale):
+    """Plain PyTorch (float32) version of ``online_softmax_block_``, same in-place contract; returns the rescale."""
+    x = block.to(torch.float32)
+    if softcap:
+        u = x * (logit_scale / softcap)
+        z, dz = softcap * torch.tanh(u), logit_scale * (1 - torch.tanh(u) ** 2)
+    else:
+        z, dz = x * logit_scale, torch.full_like(x, logit_scale)
+    m_old = stats[:, 0]
+    slack = 8.0 if block.dtype == torch.float16 else 16.0  # csrc/common/online_softmax.h
+    bm = z.max(1).values
+    m = torch.where(bm > m_old + slack, bm, m_old)
+    r = torch.where(m_old == -torch.inf, 0.0, torch.where(m == m_old, 1.0, torch.exp(m_old - m)))
+    e = torch.exp(z - m[:, None])
+    stats[:, 1] = stats[:, 1] * r + e.sum(1)
+    stats[:, 2] += z.sum(1)
+    stats[:, 3] = stats[:, 3] * r + (e * z).sum(1)
+    stats[:, 0] = m
+    if labels is not None:
+        col = labels.long() - col0
+        here = (labels.long() != ignore_index) & (col >= 0) & (col < block.shape[1])
+        idx = torch.where(here, col, 0)[:, None]
+        stats[:, 4] = torch.where(here, z.gather(1, idx)[:, 0], stats[:, 4])
+        stats[:, 5] = torch.where(here, dz.gather(1, idx)[:, 0], stats[:, 5])
+    if pz is not None:
+        pz.copy_(e * z * dz)
+    block.copy_(e * dz)
+    return r
+
+
+def new_stats(rows: int, device) -> torch.Tensor:
+    """The starting statistics: m = −inf, everything else 0."""
+    stats = torch.zeros(rows, 6, dtype=torch.float32, device=device)
+    stats[:, 0] = -torch.inf
+    return stats
+
+
+class ChunkSums(NamedTuple):
+    start: int
+    end: int
+    stats: torch.Tensor  # float32 [C, 6]: m, s, Σz, Σe^{z−m}z, z_label, dz_label
+    g: torch.Tensor  # float32 [C, H]: Σ_j e^{z_j−m}·dz_j·W_j
+    gz: torch.Tensor | None  # float32 [C, H]: Σ_j e^{z_j−m}·z_j·dz_j·W_j (when asked)
+
+
+def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor | None,
+                ignore_index: int, softcap: float, logit_scale: float, plan: BlockPlan,
+                with_gz: bool = False) -> Iterator[ChunkSums]:
+    """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows."""
+    n, hdim = h2.shape
+    vocab, dev = weight.shape[0], h2.device
+    for s in range(0, n, plan.rows):
+        e = min(s + plan.rows, n)
+        hc, yc = h2[s:e], None if labels is None else labels[s:e]
+        stats = new_stats(e - s, dev)
+        g = torch.zeros(e - s, hdim, dtype=torch.float32, device=dev)
+        gz = torch.zeros_like(g) if with_gz else None
+        for v0 in range(0, vocab, plan.cols):
+            v1 = min(v0 + plan.cols, vocab)
+            wb = weight[v0:v1]
+            block = torch.mm(hc, wb.t()) if bias is None else torch.addmm(bias[v0:v1], hc, wb.t())
+            pz = torch.empty_like(block) if with_gz else None
+            r = _lib.online_softmax_block_(block, stats, yc, pz, v0, ignore_index, softcap, logit_scale)
+            if v0:
+                _lib.scale_rows_(g, r)
+                if with_gz:
+                    _lib.scale_rows_(gz, r)
+            addmm_fp32_(g, block, wb)
+            if with_gz:
+                addmm_fp32_(gz, pz, wb)
+            del block, pz  # before the next block is allocated: one block alive at a time
+        yield ChunkSums(s, e, stats, g, gz)
+
+
+def label_rows(weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """float32 ``W[label]`` per row (row 0 of W where there is no valid label; callers zero its coefficient)."""
+    return weight.index_select(0, torch.where(valid, labels.long(), 0)).to(torch.float32)
+
+
+@torch.library.register_fake("swiftlora::online_softmax_block_")
+def _(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale):
+    return block.new_empty(block.shape[0], dtype=torch.float32)

@@ -1,0 +1,122 @@
+"""The frozen-head vocabulary-block path (ops/lm_head_blocks.py): online_softmax_block_ against its reference and
+opcheck; block_plan; and fused_linear_cross_entropy / token_logprobs through many blocks (a small memory budget)
+against their float64 references, with every option, ignored and out-of-block labels, odd sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftlora.ops.lm_head_blocks import block_plan, new_stats, online_softmax_block_reference
+from tests.helpers import DEVICES, DTYPES, assert_close, randn
+from tests.ops.ce_helpers import IGNORE, labels
+from tests.ops.test_fused_linear_cross_entropy import OPTIONS, _check as check_flce
+from tests.ops.test_fused_linear_cross_entropy import _inputs as flce_inputs
+from tests.ops.test_token_logprobs import _check as check_logprobs
+from tests.ops.test_token_logprobs import _inputs as logprob_inputs
+
+_op = torch.ops.swiftlora.online_softmax_block_
+
+
+def _run_blocks(x, y, cols, softcap, scale, with_pz, fn):
+    """Feeds x [N, V] to fn block by block; returns the final stats and the concatenated outputs."""
+    stats = new_stats(x.shape[0], x.device)
+    outs, pzs, rs = [], [], []
+    for v0 in range(0, x.shape[1], cols):
+        block = x[:, v0:v0 + cols].clone()
+        pz = torch.empty_like(block) if with_pz else None
+        rs.append(fn(block, stats, y, pz, v0, IGNORE, softcap, scale))
+        outs.append(block)
+        pzs.append(pz)
+    return stats, outs, pzs, rs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("with_pz", [False, True])
+def test_block_op_matches_reference(device, dtype, softcap, with_pz):
+    n, v, cols = 37, 1003, 264  # 4 blocks, the last one ragged; odd sizes everywhere
+    x = randn(n, v, dtype=dtype, device=device, scale=3.0)
+    x[3, 700] = 1e4 if dtype != torch.float16 else 6e4  # a row whose max jumps in a later block
+    y = labels(n, v, device)
+    y[5] = IGNORE
+    got = _run_blocks(x, y, cols, softcap, 0.7, with_pz, _op)
+    ref = _run_blocks(x, y, cols, softcap, 0.7, with_pz, online_softmax_block_reference)
+    assert torch.isfinite(got[0]).all()
+    # statistics in float32 either way, summed in another order: Σz (column 2) cancels, so its error is bounded by
+    # float32's epsilon times Σ|z| (~3000 here), not by its value
+    assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=5e-4), (got[0] - ref[0]).abs().max(0)
+    for a, b in zip(got[3], ref[3]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(got[1] + (got[2] if with_pz else []), ref[1] + (ref[2] if with_pz else [])):
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * 1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_op_opcheck(device):
+    block = randn(6, 50, device=device)
+    stats = new_stats(6, device)
+    y = labels(6, 200, device)
+    torch.library.opcheck(_op, (block, stats, y, torch.empty_like(block), 40, IGNORE, 0.0, 1.0))
+    torch.library.opcheck(_op, (block, stats, None, None, 0, IGNORE, 2.0, 0.5))
+
+
+def test_block_op_rejects_bad_input():
+    block, stats = randn(4, 10), new_stats(4, "cpu")
+    with pytest.raises(ValueError, match="stats must be a contiguous float32 \\[4, 6\\]"):
+        _op(block, stats[:, :5], None, None, 0, IGNORE, 0.0, 1.0)
+    with pytest.raises(ValueError, match="col0"):
+        _op(block, stats, None, None, -1, IGNORE, 0.0, 1.0)
+    with pytest.raises(TypeError, match="pz must have block's dtype"):
+        _op(block, stats, None, block.double(), 0, IGNORE, 0.0, 1.0)
+
+
+def test_block_plan_rule():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert block_plan(8192, 128256, bf16, 64) == (2048, 8192)  # 32 MiB blocks: they stay in L2
+    assert block_plan(1000, 128256, bf16, 64) == (1000, 8192)  # CUDA's register-resident limit for 16-bit
+    assert block_plan(8192, 128256, bf16, 16) == (2048, 4096)
+    assert block_plan(8192, 151936, f32, 64) == (2048, 4096)
+    assert block_plan(100, 151936, f32, 64) == (100, 4096)
+    assert block_plan(100, 1000, f32, 64) == (100, 1000)  # one block
+    assert block_plan(300, 1000, f32, 0.5) == (300, 256)  # 436 columns, rounded down to 256
+    assert block_plan(5, 10, f32, 1e-9) == (5, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_cross_entropy_frozen_blocks(device, dtype, reduction):
+    n, h, v = 29, 48, 203
+    hidden, weight, bias = flce_inputs(n, h, v, dtype, device, bias=False, train_w=False)
+    budget = 90 * n * dtype.itemsize / 2**20  # 90 columns a block: 3 blocks, the last ragged
+    for opts in OPTIONS + [{"label_smoothing": 0.2, "softcap": 5.0}]:  # the last: token-chunk fallback
+        if reduction != "mean" and "num_items_in_batch" in opts:
+            continue
+        y = labels(n, v, device)
+        check_flce(hidden, weight, None, y, what=f"blocks {opts}", reduction=reduction, memory_budget_mb=budget,
+                   **opts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_cross_entropy_frozen_blocks_with_bias_and_bad_label(device):
+    n, h, v = 17, 16, 300
+    hidden, weight, bias = flce_inputs(n, h, v, torch.float32, device, bias=True, train_w=False)
+    y = labels(n, v, device)
+    check_flce(hidden, weight, bias, y, what="frozen bias", memory_budget_mb=0.004)
+    y[4] = v + 3  # outside [0, V): that row's loss (so the mean) is NaN, as in the token-chunk path
+    from swiftlora.ops import fused_linear_cross_entropy
+    loss = fused_linear_cross_entropy(hidden, weight, y, bias, memory_budget_mb=0.004, reduction="none")
+    assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(n, device=device) != 4]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use", [("lp",), ("ent",), ("lp", "ent")], ids="+".join)
+def test_token_logprobs_frozen_blocks(device, dtype, use):
+    hidden, weight, ids = logprob_inputs((8, 16), 64, 301, dtype, device, train_w=False)
+    ids[0, 2] = IGNORE
+    budget = 100 * 128 * dtype.itemsize / 2**20  # 100 columns a block: 4 blocks
+    check_logprobs(hidden, weight, ids, use, what=f"blocks {use}", temperature=0.7,
+                   with_entropy="ent" in use or dtype == torch.float32, memory_budget_mb=budget)
