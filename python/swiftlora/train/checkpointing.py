@@ -65,9 +65,9 @@ class HostOffloader:
         if not x.is_cuda or nbytes < self.min_bytes:
             return x.detach()
         host = self._take(nbytes)
+        src = x.detach().contiguous()  # (a copy on the current stream when x is strided)
         side, current = self._stream(x.device), torch.cuda.current_stream(x.device)
-        side.wait_stream(current)  # x is complete
-        src = x.detach().contiguous()
+        side.wait_stream(current)  # x (and its contiguous copy) are complete
         with torch.cuda.stream(side):
             host[:nbytes].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
             event = side.record_event()
