@@ -227,3 +227,31 @@ def test_qlora_losses_match_hf_peft_bitsandbytes_on_cuda(tmp_path):
 
 
 _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_plain_trainer_loss_with_accumulation_matches_hf(checkpoints, tmp_path):
+    """transformers' Trainer (no TRL): the model's own loss path (labels -> fused head) with the Trainer's
+    num_items_in_batch over 2 accumulation steps, against transformers + PEFT."""
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    path = checkpoints["qwen3"]
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in _chats(16)]
+    data = Dataset.from_dict({"text": texts}).map(lambda r: tok(r["text"]), remove_columns=["text"])
+    args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, learning_rate=5e-3,
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0)
+    runs = {}
+    for name in ("hf", "swiftlora"):
+        if name == "hf":
+            model = _hf_peft(path, torch.float32, 8, 16)
+        else:
+            model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, load_in_4bit=False,
+                                                         device_map="cpu")
+            model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / name), **args),
+                          train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        trainer.train()
+        runs[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(runs["hf"]) == 4
+    for step, (a, b) in enumerate(zip(runs["swiftlora"], runs["hf"])):
+        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: swiftlora {a:.6f} vs HF+PEFT {b:.6f}"
