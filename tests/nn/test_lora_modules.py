@@ -117,3 +117,30 @@ def test_dropout_runs_fused_in_training_only(ckpt, counts):
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
     assert torch.equal(a, b)  # no dropout in eval
+
+
+def test_plain_nf4_decode_goes_through_the_gemv(ckpt, monkeypatch):
+    """An adapter-less NF4 model generating in bfloat16: decode steps (<= 16 rows) use nf4_gemv, prompts do not.
+    (nf4_gemv's accuracy is the op's own test; here: the routing, and logits within bf16 noise of bitsandbytes'
+    matmul_4bit over the same NF4 weights: the GEMV keeps their exact float32 values, bitsandbytes rounds them to
+    bf16 first.)"""
+    model, tok = FastLanguageModel.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cpu")
+    calls = {"n": 0}
+    real = lora_mod.nf4_gemv
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "nf4_gemv", counting)
+    prompt = torch.randint(5, 100, (2, 12))  # 24 rows: the module's own forward
+    with torch.no_grad():
+        model(input_ids=prompt)
+        assert calls["n"] == 0
+        step = torch.randint(5, 100, (2, 1))
+        ours = model(input_ids=step).logits
+        assert calls["n"] == 7 * model.config.num_hidden_layers  # q k v o gate up down
+        monkeypatch.setattr(lora_mod, "GEMV_MAX_ROWS", 0)  # bitsandbytes' matmul_4bit
+        bnb_out = model(input_ids=step).logits
+    assert calls["n"] == 7 * model.config.num_hidden_layers
+    assert torch.isfinite(ours).all() and rel_err(ours, bnb_out) < 1e-2

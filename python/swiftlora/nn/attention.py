@@ -21,7 +21,7 @@ from .. import _compat
 from ..ops.lora_qkv import lora_qkv
 from ..ops.qlora_linear import qlora_linear
 from ..ops.rope import half_tables, rope
-from .lora import lora_projection, lora_projections
+from .lora import linear, lora_projection, lora_projections
 from .rotary import RotaryEmbedding
 
 
@@ -129,7 +129,7 @@ class Attention(nn.Module):
         """``[B, S, hidden]`` -> q ``[B, S, H*D]``, k and v ``[B, S, Hkv*D]``."""
         fused = lora_projections((self.q_proj, self.k_proj, self.v_proj), x)
         if fused is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
         (q, k, v), p = fused
         with torch.autocast(x.device.type, enabled=False):
             return lora_qkv(x, q, k, v, dropout_p=p)
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         """The attention output ``[B, S, H*D]`` through o_proj."""
         fused = lora_projection(self.o_proj, a)
         if fused is None:
-            return self.o_proj(a)
+            return linear(self.o_proj, a)
         o, p = fused
         with torch.autocast(a.device.type, enabled=False):
             return qlora_linear(a, o.base, o.lora_a, o.lora_b, o.scale, o.bias, dropout_p=p)

@@ -6,7 +6,11 @@ adapter's A and B Parameters themselves, so their gradients land where PEFT and 
 attention and MLP modules then run the fused ``lora_qkv`` / ``qlora_linear`` / ``lora_mlp`` ops instead of the
 layers' own forwards.
 
-A layer stays on its own forward (None here) when the kernels do not cover it: adapters disabled or merged, more
+:func:`linear` runs any projection: a plain (adapter-less) NF4 ``Linear4bit`` given a decode-sized 16-bit input
+without gradient goes through swiftlora's NF4 GEMV (the packed weight read once, no dequantized copy); everything
+else through the module's own forward.
+
+A LoRA layer stays on its own forward (None from :func:`lora_projection`) when the kernels do not cover it: adapters disabled or merged, more
 or other than one active adapter, DoRA, LoRA bias, a base that is neither NF4 nor a dense weight of the input's
 dtype, bitsandbytes' repacked CPU inference layout, or autocast to a dtype other than the input's.
 """
@@ -16,6 +20,9 @@ import torch
 from torch import nn
 
 from ..ops.lora_weights import LoRAProjection, NF4Weight
+from ..ops.nf4 import nf4_gemv
+
+GEMV_MAX_ROWS = 16  # nf4_gemv's limit: decode steps of up to 16 sequences
 
 
 def _adapter(module: nn.Module) -> str | None:
@@ -32,12 +39,30 @@ def _adapter(module: nn.Module) -> str | None:
     return name
 
 
+def _nf4(module: nn.Module) -> NF4Weight | None:
+    """The NF4 weight of a bitsandbytes Linear4bit in the standard layout (else None)."""
+    if type(module).__name__ != "Linear4bit":
+        return None
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
+        return None
+    return NF4Weight.from_bnb(module.weight)
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; see the module docstring for the NF4 GEMV case."""
+    if (x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        weight = _nf4(module)
+        if weight is not None:
+            y = nf4_gemv(x, *weight.tensors(), blocksize=weight.blocksize, out_features=weight.shape[0])
+            return y if module.bias is None else y + module.bias.to(y.dtype)
+    return module(x)
+
+
 def _base_weight(base: nn.Module, x: torch.Tensor):
     if type(base).__name__ == "Linear4bit":
-        state = getattr(base.weight, "quant_state", None)
-        if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
-            return None
-        return NF4Weight.from_bnb(base.weight)
+        return _nf4(base)
     if isinstance(base, nn.Linear) and base.weight.dtype == x.dtype:
         return base.weight
     return None

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops.glu import geglu, swiglu
 from ..ops.lora_mlp import lora_mlp
-from .lora import lora_projections
+from .lora import linear, lora_projections
 
 # transformers activation name -> (kernel, GeGLU approximation, lora_mlp's activation)
 ACTIVATIONS = {
@@ -53,7 +53,7 @@ class GatedMLP(nn.Module):
             (gate, up, down), p = fused
             with torch.autocast(x.device.type, enabled=False):
                 return lora_mlp(x, gate, up, down, activation=self._block_activation, dropout_p=p)
-        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
+        return linear(self.down_proj, self.glu(linear(self.gate_proj, x), linear(self.up_proj, x)))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
