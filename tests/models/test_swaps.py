@@ -54,8 +54,12 @@ def test_all_swaps_fire_and_keys_stay(arch):
         assert isinstance(layer.self_attn, Attention) and isinstance(layer.mlp, GatedMLP)
         assert isinstance(layer.input_layernorm, RMSNorm)
     assert isinstance(ours.model.rotary_emb, RotaryPositions)
-    # the swapped modules share the HF parameters (nothing copied)
-    assert ours.model.layers[0].self_attn.q_proj.weight is ours.model.layers[0].self_attn.q_proj.weight
+    # the swaps reuse the HF modules' children and parameters (nothing copied)
+    fresh = copy.deepcopy(hf)
+    q, norm_weight = fresh.model.layers[0].self_attn.q_proj, fresh.model.layers[0].input_layernorm.weight
+    apply_swaps(fresh, architecture(fresh.config.model_type), fresh.config)
+    assert fresh.model.layers[0].self_attn.q_proj is q
+    assert fresh.model.layers[0].input_layernorm.weight is norm_weight
 
 
 def _loss_and_grads(model, ids, labels):
