@@ -82,8 +82,8 @@ class SwiftCausalLM:
         mask = res["label_mask"]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -res["log_probs"].sum() / count
-        return _compat.fused_causal_lm_output(loss=loss, log_probs=res["log_probs"], entropy=res.get("entropy"),
-                                              is_top1=res.get("is_top1"), label_mask=mask)
+        fields = {k: res.get(k) for k in ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs")}
+        return _compat.fused_causal_lm_output(loss=loss, label_mask=mask, **fields)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, *args, **kwargs):
         """transformers calls this from ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` (the

@@ -1,6 +1,6 @@
 """The LM head and its training objectives on hidden states, without ``[N, V]`` logits: the causal-LM loss
-(:func:`head_loss`) and TRL's per-token outputs (:func:`head_token_outputs`: log-probs, entropy, top-1 flags),
-both on :func:`swiftlora.ops.fused_linear_cross_entropy`.
+(:func:`head_loss`) and TRL's per-token outputs (:func:`head_token_outputs`: log-probs on
+:func:`swiftlora.ops.fused_linear_cross_entropy`, plus the statistics of :mod:`swiftlora.nn.head_metrics`).
 
 Only positions with a label (``!= ignore_index``) reach the head: padding and masked prompt tokens cost no GEMM
 (the compaction reads the mask on the host once). Labels are shifted left by one unless ``shift_labels`` (already
@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, chunk_rows, fused_linear_cross_entropy
+from ..ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from .head_metrics import STATS, head_metrics
 from .loss import shifted_labels
 
 IGNORE_INDEX = -100
@@ -71,8 +72,9 @@ def head_token_outputs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
                        shift_labels: torch.Tensor | None = None, temperature: float = 1.0,
                        softcap: float | None = None, logit_scale: float = 1.0,
                        outputs: tuple[str, ...] = ("log_probs",), upcast: bool = False) -> dict:
-    """Per-token outputs of TRL's fused LM head: ``log_probs`` (differentiable), and on request ``entropy`` and
-    ``is_top1`` (metrics, no gradient), each ``[B, S']`` and zero where the label is -100, plus ``label_mask``.
+    """Per-token outputs of TRL's fused LM head: ``log_probs`` and, on request, ``entropy`` (both differentiable),
+    ``is_top1``, ``mean_logits``, ``log_sum_sq_probs`` (no gradient), each ``[B, S']`` and zero where the label is
+    -100, plus ``label_mask``.
 
     Without ``shift_labels`` the last position has no next token and is dropped (``S' = S - 1``), as TRL does.
     Logits are ``z = softcap·tanh(logit_scale·x/softcap) / temperature`` (TRL's order). ``upcast`` runs the head in
@@ -91,38 +93,21 @@ def head_token_outputs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
     scale = logit_scale / t
     h, yv = hidden[mask].to(dtype), y[mask]
     result = {"label_mask": mask}
-    if h.shape[0] == 0:
-        zero = hidden.sum() * 0.0
-        result["log_probs"] = zero + torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    else:
-        with torch.autocast(hidden.device.type, enabled=False):
-            nll = fused_linear_cross_entropy(h, weight, yv, bias, reduction="none", softcap=cap, logit_scale=scale)
-        result["log_probs"] = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, -nll)
-    wanted = [name for name in ("entropy", "is_top1") if name in outputs]
+    wanted = [name for name in STATS if name in outputs]
+    if h.shape[0] == 0:  # keep the graph connected: differentiable zeros
+        zero = hidden.sum() * 0.0 + torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        result["log_probs"] = zero
+        for name in wanted:
+            kind = torch.bool if name == "is_top1" else torch.float32
+            result[name] = zero if name == "entropy" else torch.zeros(mask.shape, dtype=kind, device=hidden.device)
+        return result
+    with torch.autocast(hidden.device.type, enabled=False):
+        nll = fused_linear_cross_entropy(h, weight, yv, bias, reduction="none", softcap=cap, logit_scale=scale)
+    result["log_probs"] = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, -nll)
     if wanted:
-        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            ent, top1 = _metrics(h.detach(), weight.detach(), None if bias is None else bias.detach(), yv, cap, scale)
-        if "entropy" in wanted:
-            result["entropy"] = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, ent)
-        if "is_top1" in wanted:
-            result["is_top1"] = torch.zeros(mask.shape, dtype=torch.bool, device=h.device).masked_scatter(mask, top1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            stats = head_metrics(h, weight, bias, yv, cap, scale)
+        for name in wanted:
+            values = stats[name]
+            result[name] = torch.zeros(mask.shape, dtype=values.dtype, device=h.device).masked_scatter(mask, values)
     return result
-
-
-def _metrics(h: torch.Tensor, weight: torch.Tensor, bias, y: torch.Tensor, softcap, scale):
-    """Entropy ``[N]`` float32 and top-1 flags ``[N]`` bool, chunk by chunk (float32 softmax per chunk).
-    A label tied with an earlier maximum is not top-1 (``argmax`` takes the first maximum), as in TRL."""
-    n = h.shape[0]
-    ent = torch.empty(n, dtype=torch.float32, device=h.device)
-    top1 = torch.empty(n, dtype=torch.bool, device=h.device)
-    rows = chunk_rows(n, weight.shape[0], weight.dtype, DEFAULT_MEMORY_BUDGET_MB / 4, None, "head_token_outputs")
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        logits = nn.functional.linear(h[s:e], weight, bias)
-        top1[s:e] = logits.argmax(-1) == y[s:e]
-        z = logits.float() * scale
-        if softcap is not None:
-            z = torch.tanh(z / softcap) * softcap
-        logp = torch.log_softmax(z, -1)
-        ent[s:e] = -(logp.exp() * logp).sum(-1)
-    return ent, top1
