@@ -1,14 +1,14 @@
 """Decoder self-attention for transformers models: q/k/v projections, optional per-head q/k RMSNorm (Qwen3, Gemma 3),
 rotary embedding on swiftlora's rope kernel, then the attention backend transformers selected for the model
-(``config._attn_implementation``: PyTorch SDPA by default, flash-attention when installed and asked for, or eager),
-so masks, KV caches, sliding windows and packed sequences behave exactly as in the HF module it replaces.
+(``config._attn_implementation``: PyTorch SDPA by default, flash-attention when installed and asked for, or eager), so
+masks, KV caches, sliding windows and packed sequences behave exactly as in the HF module it replaces.
 
-The projections are the HF module's own children under their HF names (``q_proj`` ... ``o_proj``), so PEFT finds
-them and state dicts keep their keys. PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`) run as
-one ``lora_qkv`` op for q, k and v (one GEMM over the three base weights) and a ``qlora_linear`` op for o. Rotary positions come from :class:`RotaryPositions`, swapped in for the
-model-level HF rotary module: it hands every layer its ``[T, R/2]`` cos/sin tables and the position ids
-(:class:`RopeTables`), which the kernel indexes itself. An HF ``(cos, sin)`` pair (rope types swiftlora does not
-build tables for) is accepted too.
+The projections are the HF module's own children under their HF names (``q_proj`` ... ``o_proj``), so PEFT finds them
+and state dicts keep their keys. PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`) run as one
+``lora_qkv`` op for q, k and v (one GEMM over the three base weights) and a ``qlora_linear`` op for o. Rotary
+positions come from :class:`RotaryPositions`, swapped in for the model-level HF rotary module: it hands every layer
+its ``[T, R/2]`` cos/sin tables and the position ids (:class:`RopeTables`), which the kernel indexes itself. An HF
+``(cos, sin)`` pair (rope types swiftlora does not build tables for) is accepted too.
 """
 from __future__ import annotations
 

@@ -3,16 +3,17 @@
 A PEFT LoRA layer (``peft.tuners.lora`` over an ``nn.Linear`` or a bitsandbytes NF4 ``Linear4bit``) becomes an
 :class:`swiftlora.ops.LoRAProjection` (frozen base: :class:`swiftlora.ops.NF4Weight` or the dense weight; the
 adapter's A and B Parameters themselves, so their gradients land where PEFT and the optimizer expect them). The
-attention and MLP modules then run the fused ``lora_qkv`` / ``qlora_linear`` / ``lora_mlp`` ops instead of the
-layers' own forwards.
+attention and MLP modules then run the fused ``lora_qkv`` / ``qlora_linear`` / ``lora_mlp`` ops instead of the layers'
+own forwards.
 
 :func:`linear` runs any projection: a plain (adapter-less) NF4 ``Linear4bit`` given a decode-sized 16-bit input
-without gradient goes through swiftlora's NF4 GEMV (the packed weight read once, no dequantized copy); everything
-else through the module's own forward.
+without gradient goes through swiftlora's NF4 GEMV (the packed weight read once, no dequantized copy); everything else
+through the module's own forward.
 
-A LoRA layer stays on its own forward (None from :func:`lora_projection`) when the kernels do not cover it: adapters disabled or merged, more
-or other than one active adapter, DoRA, LoRA bias, a base that is neither NF4 nor a dense weight of the input's
-dtype, bitsandbytes' repacked CPU inference layout, or autocast to a dtype other than the input's.
+A LoRA layer stays on its own forward (None from :func:`lora_projection`) when the kernels do not cover it: adapters
+disabled or merged, more or other than one active adapter, DoRA, LoRA bias, a base that is neither NF4 nor a dense
+weight of the input's dtype, bitsandbytes' repacked CPU inference layout, or autocast to a dtype other than the
+input's.
 """
 from __future__ import annotations
 

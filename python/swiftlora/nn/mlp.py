@@ -1,9 +1,10 @@
 """Gated MLP ``down(act(gate(x)) * up(x))`` with the activation-and-product on swiftlora's GLU kernels.
 
-The three projections are the HF module's own children under their HF names, so PEFT wraps them and state dicts
-keep their keys. When all three are PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`: NF4 or
-dense bases), the whole block runs as one ``lora_mlp`` op (gate and up in one GEMM, the activation's input
-recomputed in the backward, not stored); otherwise each projection runs its own forward around the GLU kernel. Activations by transformers' names: ``silu``/``swish`` -> SwiGLU (Llama, Mistral, Qwen),
+The three projections are the HF module's own children under their HF names, so PEFT wraps them and state dicts keep
+their keys. When all three are PEFT LoRA layers the fused kernels cover (:mod:`swiftlora.nn.lora`: NF4 or dense
+bases), the whole block runs as one ``lora_mlp`` op (gate and up in one GEMM, the activation's input recomputed in the
+backward, not stored); otherwise each projection runs its own forward around the GLU kernel. Activations by
+transformers' names: ``silu``/``swish`` -> SwiGLU (Llama, Mistral, Qwen),
 ``gelu_pytorch_tanh``/``gelu_new``/``gelu_fast`` -> tanh-approximate GeGLU (Gemma), ``gelu`` -> exact GeGLU.
 """
 from __future__ import annotations
