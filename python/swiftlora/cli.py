@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules providing a subcommand (add_parser); each lives beside the code it drives
-SUBCOMMANDS = ("swiftlora.export.cli",)
+SUBCOMMANDS = ("swiftlora.train.cli", "swiftlora.export.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
