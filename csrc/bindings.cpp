@@ -75,6 +75,11 @@ TORCH_LIBRARY(swiftlora, m) {
   m.def("qlora_linear_backward(Tensor grad_y, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, "
         "Tensor?[] code2, Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
         "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+  // One NF4 projection's forward, y [..., N] = x [..., K] @ dequant(W)ᵀ + xa [..., R] @ lora_bᵀ (+ bias), lora_b
+  // [N, R] already scaled, all in x's dtype. On sm_90a the dequantization runs inside the GEMM (qlora_linear's
+  // version 2); elsewhere, or for shapes that kernel does not take, dequantize + GEMM.
+  m.def("qlora_gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int out_features, Tensor? xa, Tensor? lora_b, Tensor? bias) -> Tensor");
 }
 
 namespace py = pybind11;

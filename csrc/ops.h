@@ -27,7 +27,8 @@
   X(nf4_dequantize)              \
   X(nf4_gemv)                    \
   X(qlora_linear)                \
-  X(qlora_linear_backward)
+  X(qlora_linear_backward)       \
+  X(qlora_gemm)
 
 namespace swiftlora {
 

@@ -7,7 +7,8 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            fwd+bwd adds grad_x 2 M N K + 2 M r (N + K), grad_A 2 M r K, grad_B 2 M r N
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
-Providers: swiftlora (qlora_linear), torch (its plain-PyTorch reference: dequantize in PyTorch ops, then matmuls),
+Providers: swiftlora (qlora_linear), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
+dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch ops, then matmuls),
 gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its LoRA_W function, what
 Unsloth runs for o_proj).
 """
@@ -59,6 +60,24 @@ def swiftlora(case: Case, inp: dict):
     x = inp["x"]
     return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale), _wrt(inp),
                           [_grad_like(case, x)], notes=["v1: dequantize into [W | s·B], one cuBLAS GEMM"])
+
+
+def swiftlora_fused(case: Case, inp: dict):
+    """Version 2: the forward through qlora_gemm (sm_90a: NF4 dequantization inside the wgmma GEMM; other GPUs fall
+    back to dequantize + cuBLAS), the backward as version 1."""
+    (qlora_linear,) = import_swiftlora_ops("qlora_linear")
+    p = _lora.projection(inp, "o_proj")
+    x = inp["x"]
+    return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale, fused=True), _wrt(inp),
+                          [_grad_like(case, x)], notes=[f"v2 forward (qlora_gemm, {_fused_path(x)})"])
+
+
+def _fused_path(x: torch.Tensor) -> str:
+    import swiftlora
+
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and "90a" in swiftlora.compiled_arches():
+        return "sm_90a kernel"
+    return "fallback: dequantize + cuBLAS"
 
 
 def torch_reference(case: Case, inp: dict):
@@ -117,4 +136,4 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}

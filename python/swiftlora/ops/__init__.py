@@ -5,6 +5,7 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear
 from .lora_mlp import lora_mlp, lora_mlp_reference
 from .lora_qkv import lora_qkv, lora_qkv_reference
 from .lora_weights import LoRAProjection, NF4Weight
+from .qlora_gemm import qlora_gemm, qlora_gemm_reference
 from .qlora_linear import (dropout_masks, lora_projections, lora_reference, qlora_linear,
                            qlora_linear_reference)
 from .glu import geglu, geglu_reference, swiglu, swiglu_reference
@@ -12,9 +13,10 @@ from .rms_norm import rms_norm, rms_norm_reference
 from .rope import half_tables, rope, rope_reference
 from .token_logprobs import token_logprobs, token_logprobs_reference
 
-__all__ = ["LoRAProjection", "NF4Weight", "cross_entropy", "cross_entropy_reference", "dropout_masks",
-           "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference", "geglu", "geglu_reference",
-           "half_tables", "lora_mlp", "lora_mlp_reference", "lora_projections", "lora_qkv",
-           "lora_qkv_reference", "lora_reference", "qlora_linear", "qlora_linear_reference", "rms_norm",
-           "rms_norm_reference", "rope", "rope_reference", "softmax_grad_reference", "softmax_stats_reference",
-           "swiglu", "swiglu_reference", "token_logprobs", "token_logprobs_reference"]
+__all__ = ["cross_entropy", "cross_entropy_reference", "dropout_masks", "fused_linear_cross_entropy",
+           "fused_linear_cross_entropy_reference", "geglu", "geglu_reference", "half_tables", "lora_mlp",
+           "lora_mlp_reference", "lora_projections", "lora_qkv", "lora_qkv_reference", "lora_reference",
+           "LoRAProjection", "NF4Weight", "qlora_gemm", "qlora_gemm_reference", "qlora_linear",
+           "qlora_linear_reference", "rms_norm", "rms_norm_reference", "rope", "rope_reference",
+           "softmax_grad_reference", "softmax_stats_reference", "swiglu", "swiglu_reference", "token_logprobs",
+           "token_logprobs_reference"]
