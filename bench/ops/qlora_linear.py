@@ -8,16 +8,16 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
 Providers: swiftlora (qlora_linear), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
-dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch ops, then matmuls),
-gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its LoRA_W function, what
-Unsloth runs for o_proj).
+dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch
+ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
+LoRA_W function, what Unsloth runs for o_proj).
 """
 from __future__ import annotations
 
 import torch
 
 from . import _lora
-from .common import Bench, Case, Unavailable, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
+from .common import Case, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
 
 OP = "qlora_linear"
 
@@ -103,16 +103,11 @@ def gemm(case: Case, inp: dict):
         fwd()
         return torch.mm(dy, w, out=dx)
 
-    def output():
-        raise Unavailable("gemm yardstick: no LoRA term to check")
-
-    return Bench(fwd=fwd, fwd_bwd=fwd_bwd, output=output, notes=["yardstick: bf16 cuBLAS on the dequantized W"])
+    return _lora.yardstick(fwd, fwd_bwd, "bf16 cuBLAS on the dequantized W")
 
 
 def peft(case: Case, inp: dict):
-    module = torch.nn.Module()
-    module.o_proj = _lora.bnb_linear4bit(inp["o_proj"]["nf4"])
-    params = _lora.peft_wrap(module, inp, ["o_proj"], case.dims["r"])
+    module, params = _lora.peft_module(inp, ["o_proj"], case.dims["r"])
     x = inp["x"]
     return autograd_bench(lambda: module.o_proj(x), [x, *params], [_grad_like(case, x)],
                           notes=["peft Linear4bit (bitsandbytes matmul_4bit) + LoRA in bf16"])
@@ -123,9 +118,7 @@ def unsloth(case: Case, inp: dict):
     import_unsloth()
     from unsloth.kernels.fast_lora import apply_lora_o
 
-    module = torch.nn.Module()
-    module.o_proj = _lora.bnb_linear4bit(inp["o_proj"]["nf4"])
-    params = _lora.peft_wrap(module, inp, ["o_proj"], case.dims["r"])
+    module, params = _lora.peft_module(inp, ["o_proj"], case.dims["r"])
     x = inp["x"]
     return autograd_bench(lambda: apply_lora_o(module, _lora.three_d(x)), [x, *params],
                           [_grad_like(case, x).unsqueeze(0)], canonical=lambda outs: (outs[0][0],),
@@ -136,4 +129,5 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
+             "peft": peft, "unsloth": unsloth}
