@@ -1,4 +1,5 @@
-"""Kernel benchmark: swiftlora's ops against the plain-PyTorch reference and the peers (liger, unsloth, peft).
+"""Kernel benchmark: swiftlora's ops against the plain-PyTorch reference and the peers (liger, unsloth,
+bitsandbytes, peft).
 
     python -m bench.kernels --ops rms_norm,rope,swiglu,geglu [--quick] [--out bench/results] [--tag NAME]
                             [--peers DIR] [--device cuda|cpu] [--providers swiftlora,torch,liger,unsloth,peft]
@@ -28,12 +29,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2); "gemm" is the yardstick of the
 # fused LM-head and QLoRA ops (their matmuls alone).
 LOCAL_PROVIDERS = ("swiftlora", "swiftlora_inplace", "swiftlora_fused", "torch", "gemm")
-PEER_PROVIDERS = ("liger", "unsloth", "peft")  # peft: PEFT LoRA over bitsandbytes (the QLoRA ops)
+PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
+FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS
 PASSES = ("fwd", "fwd+bwd")
 PEER_PACKAGES = {
     "liger": ["liger-kernel", "triton", "torch"],
     "unsloth": ["unsloth", "unsloth_zoo", "triton", "transformers", "peft", "bitsandbytes", "torch"],
+    "bitsandbytes": ["bitsandbytes", "torch"],
     "peft": ["peft", "bitsandbytes", "transformers", "torch"],
 }
 PEER_ENV = {  # unsloth: no network, no telemetry, its compile cache out of the tree
@@ -123,6 +126,9 @@ def _run_case(spec, case, provider: str, h: harness.Harness) -> list[dict]:
     note = "; ".join(bench.notes + ([check_note] if check_note else []))
     for row, fn in zip(rows, (bench.fwd, bench.fwd_bwd)):
         row["note"] = note
+        if fn is None:  # an inference op (e.g. nf4_dequantize): no backward to time
+            row["status"] = "n/a: no backward pass"
+            continue
         try:
             m = h.measure(fn, bench.restore)
         except Exception as exc:  # noqa: BLE001
@@ -236,7 +242,6 @@ def _sort_key(r: dict):
 TARGET_SHAPES = {op: ops.load(op).cases(False)[0].shape for op in ops.OPS}
 NOISE = 1.02  # "not slower than a peer": within 2% of its median
 FOUNDATION_OPS = ("rms_norm", "rope", "swiglu", "geglu")  # the ">= 5x torch, not slower than each peer" targets
-FOUNDATION_PEERS = ("liger", "unsloth")
 
 
 def targets(rows: list[dict], device: str, op_names: list[str]) -> list[dict]:
@@ -294,6 +299,7 @@ def targets(rows: list[dict], device: str, op_names: list[str]) -> list[dict]:
                 add(f"{label} fwd+bwd not slower than {peer}", ratio <= NOISE,
                     f"{ms(r['wall_ms'])} vs {ms(p['wall_ms'])} ({ratio:.2f}x its time; pass <= {NOISE})")
     cross_entropy_targets(get, ours, add)
+    nf4_targets(get, device, add)
     qlora_targets(get, add, device)
     return out
 
@@ -335,18 +341,45 @@ def cross_entropy_targets(get, ours, add) -> None:
             f"{ms(best)} vs {peer['provider']} {ms(peer['wall_ms'])}")
 
 
+def _target_row(get, device: str, op: str, pass_: str = "fwd", provider: str = "swiftlora"):
+    """(row, "") of an op's row at its target shape on a GPU, else (None, why not)."""
+    r = get.get((op, "", pass_, provider))
+    if r is None:
+        return None, "not run"
+    if device != "cuda" or r["shape"] != TARGET_SHAPES[op]:
+        return None, "needs the target shape on a GPU (not --quick / cpu)"
+    return (r, "") if r["status"] == "ok" else (None, r["status"])
+
+
+def nf4_targets(get, device: str, add) -> None:
+    """Issue 4: nf4_dequantize of W[14336, 4096] (double quant) <= 0.052 ms (>= 95% of the copy floor, 0.049 ms);
+    nf4_gemv at M = 1 >= 80% of the bandwidth floor of reading the packed weight and faster than bitsandbytes'
+    4-bit inference matmul in the same run. Wall times of the fwd rows (these ops have no backward)."""
+
+    def row(op, provider="swiftlora"):
+        return _target_row(get, device, op, "fwd", provider)
+
+    r, why = row("nf4_dequantize")
+    add("nf4_dequantize W[14336,4096] wall <= 0.052 ms", r and r["wall_ms"] <= 0.052,
+        why or f"{r['wall_ms']:.4f} ms ({r['copy_bw_frac']:.0%} of copy BW; kernel {r.get('kernel_ms') or 0:.4f} ms)")
+    r, why = row("nf4_gemv")
+    add("nf4_gemv M=1 wall >= 80% of the bandwidth floor", r and r["copy_bw_frac"] >= 0.80,
+        why or f"{r['copy_bw_frac']:.0%} ({r['wall_ms'] * 1e3:.1f} us; floor {r['floor_ms_at_copy_bw'] * 1e3:.1f} us)")
+    b = get.get(("nf4_gemv", "", "fwd", "bitsandbytes"))
+    if r is None or b is None or b["status"] != "ok":
+        add("nf4_gemv M=1 faster than bitsandbytes matmul_4bit", None, why or (b["status"] if b else "not run"))
+    else:
+        add("nf4_gemv M=1 faster than bitsandbytes matmul_4bit", r["wall_ms"] < b["wall_ms"],
+            f"{r['wall_ms'] * 1e3:.1f} us vs {b['wall_ms'] * 1e3:.1f} us")
+
+
 def qlora_targets(get, add, device: str) -> None:
     """Issue 4: qlora_linear's forward (the faster of versions 1 and 2) <= 1.10x the bf16 cuBLAS GEMM on the
     pre-dequantized weight ("gemm" provider, same run); the LoRA MLP block fwd+bwd <= 4.3 ms, and faster than
     PEFT + bitsandbytes and Unsloth."""
 
     def row(op, pass_, provider):
-        r = get.get((op, "", pass_, provider))
-        if r is None:
-            return None, "not run"
-        if device != "cuda" or r["shape"] != TARGET_SHAPES[op]:
-            return None, "needs the target shape on a GPU (not --quick / cpu)"
-        return (r, "") if r["status"] == "ok" else (None, r["status"])
+        return _target_row(get, device, op, pass_, provider)
 
     ours = [r for r in (row("qlora_linear", "fwd", p)[0] for p in ("swiftlora", "swiftlora_fused")) if r]
     mine, why = (min(ours, key=lambda r: r["wall_ms"]), "") if ours else row("qlora_linear", "fwd", "swiftlora")
@@ -360,8 +393,8 @@ def qlora_targets(get, add, device: str) -> None:
         why or f"{mine['wall_ms']:.4f} ms")
     for peer in ("unsloth", "peft"):
         p, pwhy = row("lora_mlp", "fwd+bwd", peer)
-        add(f"lora_mlp fwd+bwd faster than {peer}", None if mine is None or p is None else mine["wall_ms"] < p["wall_ms"],
-            why or pwhy or f"{mine['wall_ms']:.4f} ms vs {p['wall_ms']:.4f} ms")
+        ok = None if mine is None or p is None else mine["wall_ms"] < p["wall_ms"]
+        add(f"lora_mlp fwd+bwd faster than {peer}", ok, why or pwhy or f"{mine['wall_ms']:.4f} ms vs {p['wall_ms']:.4f} ms")
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -402,7 +435,7 @@ def main(argv=None) -> int:
     checks = targets(rows, args.device, args.ops)
     json_path, md_path = harness.write_results(out_dir, tag, header, rows, checks)
     print(harness.markdown_table(rows))
-    print("\n== targets (foundation, cross-entropy and QLoRA issues)")
+    print("\n== targets (foundation, cross-entropy, NF4 and QLoRA issues)")
     for t in checks:
         print(t["line"])
     print(f"\nwrote {json_path} and {md_path}")

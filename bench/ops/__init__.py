@@ -5,7 +5,7 @@ import importlib
 from types import ModuleType
 
 OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs",
-       "qlora_linear", "lora_mlp")
+       "nf4_dequantize", "nf4_gemv", "qlora_linear", "lora_mlp")
 
 
 def load(op: str) -> ModuleType:

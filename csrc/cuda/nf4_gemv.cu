@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -211,27 +213,51 @@ __global__ void __launch_bounds__(kThreads) nf4_gemv_loop_kernel(const T* __rest
   }
 }
 
+// Host-side launch facts, looked up once per device (and per kernel and shared-memory size): a decode step is
+// ~10 µs, so per-call driver queries would show in its wall time.
+int max_optin_smem() {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  const int dev = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it == cache.end()) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    it = cache.emplace(dev, v).first;
+  }
+  return it->second;
+}
+
 template <typename T, int MAXM, int R>
 void launch_tiled(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, std::size_t smem) {
   auto kernel = nf4_gemv_kernel<T, MAXM, R>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  static std::mutex mu;
+  static std::map<std::pair<int, std::size_t>, int> grid_per_sm;  // (device, smem) -> resident CTAs per SM
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_pair(static_cast<int>(c10::cuda::current_device()), smem);
+    auto it = grid_per_sm.find(key);
+    if (it == grid_per_sm.end()) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin_smem() -
+                                          static_cast<int>(sizeof(Nf4Tables))));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+      it = grid_per_sm.emplace(key, std::clamp(per_sm, 1, kCtasPerSm)).first;
+    }
+    per_sm = it->second;
+  }
   const int64_t groups = ceil_div(n, R);
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(ceil_div(groups, kWarps),
-                                                              static_cast<int64_t>(sm_count()) *
-                                                                  std::clamp(per_sm, 1, kCtasPerSm)));
+                                                              static_cast<int64_t>(sm_count()) * per_sm));
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, current_stream()>>>(x, m, k, n, a, y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Whether the tiled kernel can run: whole 32-code chunks per row, aligned packed and x, x fits in shared memory.
-bool tiled_fits(const void* packed, const void* x, int m, int64_t k, std::size_t smem) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        c10::cuda::current_device()));
+bool tiled_fits(const void* packed, const void* x, int64_t k, std::size_t smem) {
   return k % 32 == 0 && aligned_to(packed, 16) && aligned_to(x, 16) &&
-         smem + sizeof(Nf4Tables) <= static_cast<std::size_t>(optin) && m >= 1;
+         smem + sizeof(Nf4Tables) <= static_cast<std::size_t>(max_optin_smem());
 }
 
 at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
@@ -251,7 +277,7 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const
   SWIFTLORA_DISPATCH_HALF(x.scalar_type(), "nf4_gemv_cuda", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (!tiled_fits(a.packed, xp, m, k, smem)) {
+    if (!tiled_fits(a.packed, xp, k, smem)) {
       const int64_t grid = std::min<int64_t>(ceil_div(n, kWarps), 16 * sm_count());
       nf4_gemv_loop_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, current_stream()>>>(xp, m, k, n,
                                                                                                    a, yp);

@@ -28,19 +28,20 @@ def expected_codes(xn: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    b = packed.reshape(-1).long()
+    """The first n 4-bit codes (high nibble first), int64 on the CPU."""
+    b = packed.reshape(-1).long().cpu()
     return torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]
 
 
 def adversarial_input(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     """Blocks that hit every special case of the encoder, one case per block (flattened, as quantize sees them):
-    exact thresholds and their neighbours with absmax 1 (and 2^3 for 16-bit types), an all-zero block, an all -0.0
-    block, -0.0 among values, subnormals only, huge values (1/absmax flushes to 0 past 2^126), inf, NaN."""
+    exact thresholds and their neighbours with absmax 1, thresholds times 8 with absmax 8, an all-zero block, an
+    all -0.0 block, -0.0 among values, subnormals only, huge values (1/absmax flushes to 0 past 2^126), inf, NaN."""
     f32 = torch.float32
     t = nf4_thresholds()
     up, down = torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))
     if dtype == f32:
-        ties = torch.cat([t, up, down, -t, t * 8])
+        ties = torch.cat([t, up, down, -t])
     else:  # the 16-bit values nearest each threshold from both sides
         lo = t.to(dtype).float()
         ties = torch.cat([lo, torch.nextafter(lo.to(dtype), torch.tensor(2.0, dtype=dtype)).float(),

@@ -6,15 +6,22 @@ the tensor is flattened row-major and cut into blocks of ``blocksize`` elements;
 the NF4 table, two per byte with the first element in the high nibble; each block has one fp32 scale ``absmax``,
 optionally double-quantized to uint8 (``absmax2`` per 256 scales, the 8-bit dynamic map ``code2``, one ``offset``).
 
-Quantize and dequantize are bit-identical to bitsandbytes' CUDA ``quantize_4bit`` / ``dequantize_4bit`` (with
-``compress_statistics``). Where bitsandbytes' CPU backend differs from its CUDA kernels we follow CUDA (what
-checkpoints are made with): an all-zero block gets codes 0 (CUDA) not 7 (CPU); a value exactly on 4 of the 15
-NF4 midpoints (e.g. 0.8614784479141235 * absmax) rounds as nvcc compiled the thresholds; the 8-bit absmax code is
-CUDA's binary search, not the CPU's 65536-entry lookup table; the short last block is scaled by 1/absmax (CUDA) not
-divided by absmax (CPU PyTorch path).
+Quantize and dequantize reproduce bitsandbytes' CUDA ``quantize_4bit`` / ``dequantize_4bit`` (with
+``compress_statistics``) bit for bit on CUDA. bitsandbytes builds those kernels with ``--use_fast_math`` (its
+shipped SASS shows FMNMX.FTZ, FMUL.FTZ, MUFU.RCP), so subnormals flush to zero and 1/absmax is the GPU's approximate
+reciprocal; ours do the same. The CPU kernels flush the same way but divide exactly (the correctly rounded 1/absmax,
+as bitsandbytes' CPU backend does): a CPU and a CUDA quantization may differ by one code step where a scaled value
+lies within an ulp of a threshold (rare: it takes a block whose two reciprocals differ and an element that close to
+a threshold). Dequantization has no reciprocal and is identical on every device.
 
-The references below reproduce those rules with PyTorch ops, so they run on any device; run on the GPU they also
-reproduce the offset bnb computes there (``absmax.mean()`` is the same torch reduction).
+Where bitsandbytes' CPU backend departs from its CUDA kernels we follow CUDA (what checkpoints are made with): an
+all-zero block gets codes 0 (CUDA) not 7 (CPU); a value between an fp32 midpoint of two codes and the threshold
+nvcc compiled for it (4 of the 15 midpoints, e.g. 0.8614784479141235 * absmax) rounds as CUDA does; the 8-bit
+absmax code is CUDA's binary search, not the CPU's 65536-entry lookup table; the short last block is scaled by
+1/absmax (CUDA) not divided by absmax (CPU PyTorch path).
+
+The references below reproduce the CPU rules with PyTorch ops, on any device; run on the GPU they also reproduce
+the offset bitsandbytes computes there (``absmax.mean()`` is the same torch reduction).
 """
 from __future__ import annotations
 

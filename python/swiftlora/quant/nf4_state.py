@@ -135,10 +135,10 @@ class QuantState:
             if not suffix.startswith("bitsandbytes__"):
                 raise ValueError(f"QuantState.from_dict: {key!r} must end in 'bitsandbytes__nf4'")
             d.update(_unpack_json(d.pop(key), key))
-        elif "quant_type" not in d:
+        d = {k.split(".")[-1]: v for k, v in d.items()}  # strip "<module>.weight." prefixes
+        if "quant_type" not in d:
             raise ValueError("QuantState.from_dict: expected a packed 'quant_state.bitsandbytes__nf4' tensor or the "
                              f"unpacked keys (quant_type, blocksize, ...), got keys {sorted(qs_dict)}")
-        d = {k.split(".")[-1]: v for k, v in d.items()}
         unknown = sorted(set(d) - _VALID_KEYS)
         if unknown:
             raise ValueError(f"QuantState.from_dict: unknown keys {unknown}")
