@@ -89,6 +89,11 @@ TORCH_LIBRARY(swiftlora, m) {
   // bytes llama.cpp's reference quantizer writes for ggml type qtype (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
   // Q2_K 10, Q3_K 11, Q4_K 12, Q5_K 13, Q6_K 14; B = 32 or 256 elements per block, S bytes per block).
   m.def("gguf_quantize(Tensor x, int qtype) -> Tensor");
+  // One NF4 projection's forward, y [..., N] = x [..., K] @ dequant(W)ᵀ + xa [..., R] @ lora_bᵀ (+ bias), lora_b
+  // [N, R] already scaled, all in x's dtype. On sm_90a the dequantization runs inside the GEMM (qlora_linear's
+  // version 2); elsewhere, or for shapes that kernel does not take, dequantize + GEMM.
+  m.def("qlora_gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int out_features, Tensor? xa, Tensor? lora_b, Tensor? bias) -> Tensor");
 }
 
 namespace py = pybind11;

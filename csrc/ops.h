@@ -29,7 +29,8 @@
   X(nf4_gemv)                    \
   X(qlora_linear)                \
   X(qlora_linear_backward)       \
-  X(gguf_quantize)
+  X(gguf_quantize)               \
+  X(qlora_gemm)
 
 namespace swiftlora {
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Unavailable
+from .common import Bench, Unavailable
 
 BLOCKSIZE = 64
 NESTED = 256
@@ -58,6 +58,15 @@ def matmul_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
+def yardstick(fwd, fwd_bwd, note: str) -> Bench:
+    """The "gemm" provider's Bench: bf16 cuBLAS GEMMs alone, nothing to check against the reference."""
+
+    def output():
+        raise Unavailable("gemm yardstick: GEMMs only, no LoRA term to check")
+
+    return Bench(fwd=fwd, fwd_bwd=fwd_bwd, output=output, notes=["yardstick: " + note])
+
+
 # ----------------------------------------------------------------------------------------------------- the peers
 
 
@@ -80,6 +89,15 @@ def bnb_linear4bit(t: dict, dtype=torch.bfloat16):
                                    bnb_quantized=True)
     lin.quant_state = state
     return lin
+
+
+def peft_module(inp: dict, names: list[str], r: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A module whose children ``names`` are bitsandbytes Linear4bit over inp[name]'s NF4 tensors, with PEFT LoRA
+    injected (see peft_wrap); returns it and the trainable factors."""
+    module = torch.nn.Module()
+    for name in names:
+        setattr(module, name, bnb_linear4bit(inp[name]["nf4"]))
+    return module, peft_wrap(module, inp, names, r)
 
 
 def peft_wrap(module: torch.nn.Module, inp: dict, names: list[str], r: int) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 from ..harness import Restore
 from . import _lora
-from .common import Bench, Case, Unavailable, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
+from .common import Case, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
 
 OP = "lora_mlp"
 NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -96,19 +96,12 @@ def gemm(case: Case, inp: dict):
         torch.mm(dy, w_d, out=dh)
         return torch.mm(gu, w_gu, out=dx)
 
-    def output():
-        raise Unavailable("gemm yardstick: no activation or LoRA to check")
-
-    return Bench(fwd=fwd, fwd_bwd=fwd_bwd, output=output, notes=["yardstick: 3 (6) bf16 cuBLAS GEMMs, nothing else"])
+    return _lora.yardstick(fwd, fwd_bwd, "3 (6) bf16 cuBLAS GEMMs, no activation")
 
 
 def _peft_mlp(case: Case, inp: dict):
     """HF LlamaMLP's shape (gate_proj, up_proj, down_proj: bitsandbytes Linear4bit) with PEFT LoRA injected."""
-    mlp = torch.nn.Module()
-    for name in NAMES:
-        setattr(mlp, name, _lora.bnb_linear4bit(inp[name]["nf4"]))
-    params = _lora.peft_wrap(mlp, inp, list(NAMES), case.dims["r"])
-    return mlp, params
+    return _lora.peft_module(inp, list(NAMES), case.dims["r"])
 
 
 def peft(case: Case, inp: dict):

@@ -7,16 +7,17 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            fwd+bwd adds grad_x 2 M N K + 2 M r (N + K), grad_A 2 M r K, grad_B 2 M r N
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
-Providers: swiftlora (qlora_linear), torch (its plain-PyTorch reference: dequantize in PyTorch ops, then matmuls),
-gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its LoRA_W function, what
-Unsloth runs for o_proj).
+Providers: swiftlora (qlora_linear), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
+dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch
+ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
+LoRA_W function, what Unsloth runs for o_proj).
 """
 from __future__ import annotations
 
 import torch
 
 from . import _lora
-from .common import Bench, Case, Unavailable, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
+from .common import Case, autograd_bench, import_swiftlora_ops, import_unsloth, leaf, require_cuda
 
 OP = "qlora_linear"
 
@@ -61,6 +62,24 @@ def swiftlora(case: Case, inp: dict):
                           [_grad_like(case, x)], notes=["v1: dequantize into [W | s·B], one cuBLAS GEMM"])
 
 
+def swiftlora_fused(case: Case, inp: dict):
+    """Version 2: the forward through qlora_gemm (sm_90a: NF4 dequantization inside the wgmma GEMM; other GPUs fall
+    back to dequantize + cuBLAS), the backward as version 1."""
+    (qlora_linear,) = import_swiftlora_ops("qlora_linear")
+    p = _lora.projection(inp, "o_proj")
+    x = inp["x"]
+    return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale, fused=True), _wrt(inp),
+                          [_grad_like(case, x)], notes=[f"v2 forward (qlora_gemm, {_fused_path(x)})"])
+
+
+def _fused_path(x: torch.Tensor) -> str:
+    import swiftlora
+
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and "90a" in swiftlora.compiled_arches():
+        return "sm_90a kernel"
+    return "fallback: dequantize + cuBLAS"
+
+
 def torch_reference(case: Case, inp: dict):
     (lora_reference,) = import_swiftlora_ops("lora_reference")
     p = _lora.projection(inp, "o_proj")
@@ -84,16 +103,11 @@ def gemm(case: Case, inp: dict):
         fwd()
         return torch.mm(dy, w, out=dx)
 
-    def output():
-        raise Unavailable("gemm yardstick: no LoRA term to check")
-
-    return Bench(fwd=fwd, fwd_bwd=fwd_bwd, output=output, notes=["yardstick: bf16 cuBLAS on the dequantized W"])
+    return _lora.yardstick(fwd, fwd_bwd, "bf16 cuBLAS on the dequantized W")
 
 
 def peft(case: Case, inp: dict):
-    module = torch.nn.Module()
-    module.o_proj = _lora.bnb_linear4bit(inp["o_proj"]["nf4"])
-    params = _lora.peft_wrap(module, inp, ["o_proj"], case.dims["r"])
+    module, params = _lora.peft_module(inp, ["o_proj"], case.dims["r"])
     x = inp["x"]
     return autograd_bench(lambda: module.o_proj(x), [x, *params], [_grad_like(case, x)],
                           notes=["peft Linear4bit (bitsandbytes matmul_4bit) + LoRA in bf16"])
@@ -104,9 +118,7 @@ def unsloth(case: Case, inp: dict):
     import_unsloth()
     from unsloth.kernels.fast_lora import apply_lora_o
 
-    module = torch.nn.Module()
-    module.o_proj = _lora.bnb_linear4bit(inp["o_proj"]["nf4"])
-    params = _lora.peft_wrap(module, inp, ["o_proj"], case.dims["r"])
+    module, params = _lora.peft_module(inp, ["o_proj"], case.dims["r"])
     x = inp["x"]
     return autograd_bench(lambda: apply_lora_o(module, _lora.three_d(x)), [x, *params],
                           [_grad_like(case, x).unsqueeze(0)], canonical=lambda outs: (outs[0][0],),
@@ -117,4 +129,5 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
+             "peft": peft, "unsloth": unsloth}

@@ -224,8 +224,41 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const Proj
   return {dx_out, gxa.view(shape)};
 }
 
-// The two ops of one backend. Backend: `static void dequantize(const BaseWeight&, at::Tensor out)` writing the NF4
-// weight into out [n, k] (compute dtype, unit column stride, any row stride: e.g. the left part of the panel).
+// qlora_gemm: one NF4 projection's forward GEMM, y = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias), lora_b already
+// scaled (the fused kernel's op; csrc/cuda/qlora_gemm_sm90.cu). Rows of x/xa as [M, ·] views.
+struct GemmArgs {
+  at::Tensor x;                 // [M, K], unit column stride
+  BaseWeight w;                 // NF4 [N, K]
+  at::Tensor xa, lora_b, bias;  // [M, R], [N, R] (x's dtype), [N]; undefined when absent
+  int64_t m = 0, n = 0, k = 0, r = 0;
+};
+
+// Checks qlora_gemm's arguments (defined in csrc/cpu/qlora_linear.cpp).
+GemmArgs make_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                        const std::optional<at::Tensor>& xa, const std::optional<at::Tensor>& lora_b,
+                        const std::optional<at::Tensor>& bias);
+
+// The unfused path (dequantize, then GEMMs): the CPU implementation and the CUDA fallback.
+template <typename Backend>
+at::Tensor gemm_unfused(const GemmArgs& a) {
+  const at::Tensor w = base_matrix<Backend>(a.w, a.x.options());
+  at::Tensor y = a.bias.defined() ? at::addmm(a.bias, a.x, w.t()) : at::mm(a.x, w.t());
+  if (a.r > 0) y.addmm_(a.xa, a.lora_b.t());
+  return y;
+}
+
+// y [..., N] from the [M, N] result.
+inline at::Tensor gemm_output_shape(const at::Tensor& x_in, const at::Tensor& y2) {
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  shape.push_back(y2.size(1));
+  return y2.view(shape);
+}
+
+// The ops of one backend. Backend: `static void dequantize(const BaseWeight&, at::Tensor out)` writing the NF4
+// weight into out [n, k] (compute dtype, unit column stride, any row stride: e.g. the left part of the panel), and
+// `static at::Tensor qlora_gemm(...)` (the schema's arguments).
 template <typename Backend>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor> qlora_linear(
@@ -252,6 +285,7 @@ template <typename Backend>
 void register_ops(torch::Library& m) {
   m.impl("qlora_linear", &Ops<Backend>::qlora_linear);
   m.impl("qlora_linear_backward", &Ops<Backend>::qlora_linear_backward);
+  m.impl("qlora_gemm", &Backend::qlora_gemm);
 }
 
 }  // namespace swiftlora::qlora

@@ -1,5 +1,5 @@
-// qlora_linear on the CPU: the shared host code (csrc/common/qlora_host.h) with NF4 weights dequantized row by row
-// into a scratch buffer, then ATen's matmuls. Also the argument checks both backends share.
+// qlora_linear (and qlora_gemm) on the CPU: the shared host code (csrc/common/qlora_host.h) with NF4 weights
+// dequantized row by row into a scratch buffer, then ATen's matmuls. Also the argument checks both backends share.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -152,6 +152,49 @@ at::Tensor concat_bias(const char* op, const Projections& p, const OptionalTenso
   return cat;
 }
 
+GemmArgs make_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                        const std::optional<at::Tensor>& xa, const std::optional<at::Tensor>& lora_b,
+                        const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "qlora_gemm";
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dim [..., K], got a scalar");
+  check_not_empty(x, op, "x");
+  TORCH_CHECK_VALUE(out_features > 0, op, ": out_features must be positive, got ", out_features);
+  check_same_device(x, packed, op, "x", "packed");
+  GemmArgs a;
+  a.k = x.size(-1);
+  a.n = out_features;
+  a.x = as_rows(x);
+  a.m = a.x.size(0);
+  a.w.n = a.n;
+  a.w.k = a.k;
+  a.w.nf4 = check_nf4_weight(op, packed, absmax, absmax2, code2, offset, blocksize, a.n * a.k);
+  TORCH_CHECK_VALUE(xa.has_value() == lora_b.has_value(), op, ": xa and lora_b go together (the LoRA term), got only ",
+                    xa.has_value() ? "xa" : "lora_b");
+  if (xa.has_value()) {
+    for (const auto& [t, name] : {std::pair{*xa, "xa"}, std::pair{*lora_b, "lora_b"}}) {
+      check_same_dtype(x, t, op, "x", name);
+      check_same_device(x, t, op, "x", name);
+    }
+    a.r = lora_b->dim() == 2 ? lora_b->size(1) : -1;
+    TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == a.n && a.r >= 1, op, ": lora_b must be [",
+                      a.n, ", R] (out_features rows), got ", lora_b->sizes());
+    TORCH_CHECK_VALUE(xa->dim() >= 1 && xa->size(-1) == a.r && xa->numel() / a.r == a.m, op, ": xa must be [..., ",
+                      a.r, "] with x's ", a.m, " rows, got ", xa->sizes());
+    a.xa = as_rows(*xa);
+    a.lora_b = lora_b->stride(1) == 1 ? *lora_b : lora_b->contiguous();
+  }
+  if (bias.has_value()) {
+    check_float_dtype(*bias, op, "bias");
+    check_same_device(x, *bias, op, "x", "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == a.n, op, ": bias must be [", a.n, "], got ", bias->sizes());
+    a.bias = bias->to(x.scalar_type()).contiguous();
+  }
+  return a;
+}
+
 namespace {
 
 // out[r, c] = NF4 element r·k + c of the flattened weight (out: any row stride), rows in parallel.
@@ -167,7 +210,8 @@ void dequantize_rows(const BaseWeight& b, at::Tensor& out) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t c = 0; c < k; ++c) {
         const int64_t i = r * k + c;
-        dst[r * ld + c] = static_cast<T>(nf4::dequant_value(nf4::code_value(nf4::code_at(packed, i)), scale[i >> shift]));
+        const float v = nf4::dequant_value(nf4::code_value(nf4::code_at(packed, i)), scale[i >> shift]);
+        dst[r * ld + c] = static_cast<T>(v);
       }
     }
   });
@@ -176,6 +220,15 @@ void dequantize_rows(const BaseWeight& b, at::Tensor& out) {
 struct CpuBackend {
   static void dequantize(const BaseWeight& b, at::Tensor out) {
     SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows", [&] { dequantize_rows<scalar_t>(b, out); });
+  }
+  static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                               const std::optional<at::Tensor>& xa, const std::optional<at::Tensor>& lora_b,
+                               const std::optional<at::Tensor>& bias) {
+    const GemmArgs a = make_gemm_args(x, packed, absmax, absmax2, code2, offset, blocksize, out_features, xa, lora_b,
+                                      bias);
+    return gemm_output_shape(x, gemm_unfused<CpuBackend>(a));
   }
 };
 

@@ -1,6 +1,7 @@
 // qlora_linear on CUDA, version 1: the shared host code (csrc/common/qlora_host.h) with each NF4 weight dequantized
 // into a row view of a scratch buffer in the compute dtype (the weight panel [W | s·B] or a plain [N, K] buffer),
-// which cuBLAS (through ATen) then reads.
+// which cuBLAS (through ATen) then reads. Also qlora_gemm, dispatched to its sm_90a kernel (version 2:
+// csrc/cuda/qlora_gemm_sm90.cu) where that applies.
 // Dequantization floor: read N·K/2 packed bytes + N·K/blocksize scales, write N·K·E bytes; for W [14336, 4096] bf16
 // that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "QLoRA ops").
 // Launch: like nf4_dequantize's kernel (csrc/cuda/nf4.cu) but writing rows with a row stride: 256-thread CTAs, each
@@ -16,6 +17,7 @@
 #include "common/dispatch.h"
 #include "common/nf4_cuda.cuh"
 #include "common/qlora_host.h"
+#include "cuda/qlora_gemm_sm90.h"
 
 namespace swiftlora::cuda {
 namespace {
@@ -101,6 +103,20 @@ struct CudaBackend {
     SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows", [&] {
       launch_dequant<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), out.stride(0), b.k, current_stream());
     });
+  }
+  // Version 2 where it applies (sm_90a: dequantization inside the wgmma GEMM), else dequantize + cuBLAS.
+  static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                               const std::optional<at::Tensor>& xa, const std::optional<at::Tensor>& lora_b,
+                               const std::optional<at::Tensor>& bias) {
+    const qlora::GemmArgs a = qlora::make_gemm_args(x, packed, absmax, absmax2, code2, offset, blocksize,
+                                                    out_features, xa, lora_b, bias);
+    const c10::cuda::CUDAGuard guard(x.device());
+    if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
+    at::Tensor y = at::empty({a.m, a.n}, x.options());
+    sm90::run(a, y);
+    return qlora::gemm_output_shape(x, y);
   }
 };
 

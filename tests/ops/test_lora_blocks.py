@@ -7,7 +7,8 @@ import torch
 
 from swiftlora.ops import dropout_masks, lora_mlp, lora_mlp_reference, lora_qkv, lora_qkv_reference
 from tests.helpers import DEVICES, DTYPES, randn
-from tests.ops.lora_helpers import CHAINED_BF16_CAP, check_against_reference, random_projection, reference_runs, trainable
+from tests.ops.lora_helpers import (CHAINED_BF16_CAP, check_against_reference, random_projection, reference_runs,
+                                    trainable)
 
 LORA_DTYPES = [torch.float32, torch.bfloat16]
 ACTIVATIONS = ["swiglu", "geglu", "geglu_tanh"]

@@ -1,4 +1,5 @@
-"""Attention input projections with LoRA: ``q, k, v = x @ W_{q,k,v}ᵀ + scale · (dropout(x) @ Aᵀ) @ Bᵀ`` in one call.
+"""Attention input projections with LoRA, in one call: q, k and v, each
+``x @ Wᵀ + scale · (dropout(x) @ Aᵀ) @ Bᵀ``.
 
 The three projections share x: one ``qlora_linear`` op computes ``[q | k | v]`` (one dequantized weight panel and
 one GEMM on the NF4 path) and returns q, k, v as views of that buffer; the backward forms one ``grad_x`` from the

@@ -62,7 +62,8 @@ class NF4Weight:
         if state2 is None:
             return cls(packed, quant_state.absmax, quant_state.shape, quant_state.blocksize, dtype=quant_state.dtype)
         if int(state2.blocksize) != NESTED_BLOCKSIZE:
-            raise ValueError(f"NF4Weight: the nested absmax blocksize must be {NESTED_BLOCKSIZE}, got {state2.blocksize}")
+            raise ValueError(f"NF4Weight: the nested absmax blocksize must be {NESTED_BLOCKSIZE}, "
+                             f"got {state2.blocksize}")
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.blocksize, state2.absmax, state2.code,
                    quant_state.offset, quant_state.dtype)
 
@@ -159,8 +160,8 @@ def check_projection(fn: str, i: int, proj: LoRAProjection, k: int) -> None:
         raise TypeError(f"{fn}: base of projection {i} must be a tensor or an NF4Weight, got {_describe(base)}")
     shape = base_shape(base)
     if len(shape) != 2 or shape != (proj.lora_b.shape[0], k):
-        raise ValueError(f"{fn}: the base weight of projection {i} must be [{proj.lora_b.shape[0]}, {k}] (lora_b's rows, "
-                         f"the input's last dim), got {list(shape)}")
+        raise ValueError(f"{fn}: the base weight of projection {i} must be [{proj.lora_b.shape[0]}, {k}] (lora_b's "
+                         f"rows, the input's last dim), got {list(shape)}")
 
 
 def op_lists(projs) -> tuple:

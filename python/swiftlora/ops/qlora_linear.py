@@ -20,7 +20,8 @@ import torch
 
 from .._compat import below_autograd, mm_fp32
 from .. import _build  # noqa: F401  (registers torch.ops.swiftlora)
-from .lora_weights import BaseWeight, LoRAProjection, check_projection, dense_base, op_lists
+from .lora_weights import BaseWeight, LoRAProjection, NF4Weight, check_projection, dense_base, op_lists
+from .qlora_gemm import qlora_gemm
 
 _lib = torch.ops.swiftlora
 
@@ -53,7 +54,7 @@ def dropout_masks(x: torch.Tensor, p: float, count: int, generator: torch.Genera
 
 def qlora_linear(x: torch.Tensor, base: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0,
                  bias: torch.Tensor | None = None, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, fused: bool = False) -> torch.Tensor:
     """One LoRA linear ``x @ baseᵀ (+ bias) + scale · (dropout(x) @ lora_aᵀ) @ lora_bᵀ``.
 
     Args:
@@ -66,25 +67,30 @@ def qlora_linear(x: torch.Tensor, base: BaseWeight, lora_a: torch.Tensor, lora_b
         dropout_mask: bool ``[..., K]`` keep-mask to use instead of drawing one (kept values are scaled by
             ``1 / (1 - dropout_p)``).
         generator: for drawing the mask.
+        fused: the forward through :func:`~swiftlora.ops.qlora_gemm` (version 2: on sm_90a the NF4 dequantization
+            inside the GEMM) instead of dequantize + one cuBLAS GEMM; NF4 bases only. Off by default until measured.
     Returns:
         ``[..., N]`` in x's dtype.
     """
     masks = None if dropout_mask is None else [dropout_mask]
-    return lora_projections(x, [LoRAProjection(base, lora_a, lora_b, scale, bias)], dropout_p, masks, generator)
+    return lora_projections(x, [LoRAProjection(base, lora_a, lora_b, scale, bias)], dropout_p, masks, generator,
+                            fused=fused)
 
 
 def lora_projections(x: torch.Tensor, projections: Sequence[LoRAProjection], dropout_p: float = 0.0,
                      dropout_masks_: Sequence[torch.Tensor | None] | None = None,
-                     generator: torch.Generator | None = None, fn: str = "qlora_linear") -> torch.Tensor:
+                     generator: torch.Generator | None = None, fn: str = "qlora_linear",
+                     fused: bool = False) -> torch.Tensor:
     """Several LoRA projections of one input in one call: ``[y_1 | ... | y_P]`` ``[..., Σ N_p]`` (e.g. q, k, v).
     Each projection gets its own dropout mask (``dropout_masks_``: one bool ``[..., K]`` mask or None per
     projection). See :func:`qlora_linear` for the rest."""
     projs, masks, dscale = prepare(fn, x, projections, dropout_p, dropout_masks_, generator)
+    spec = _Spec(projs, dscale, fused and all(isinstance(p.base, NF4Weight) for p in projs))
     tensors = [t for p in projs for t in (p.lora_a, p.lora_b, p.bias)]
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        return _LoRALinear.apply(_Spec(projs, dscale), x, *tensors, *masks)
+        return _LoRALinear.apply(spec, x, *tensors, *masks)
     with below_autograd():
-        return forward_op(x, projs, masks, dscale)[0]
+        return spec.forward(x, masks)[0]
 
 
 def prepare(fn: str, x, projections, dropout_p, masks, generator):
@@ -170,12 +176,30 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Spec:
-    """The non-tensor half of a call: projections (their base weights and scales) and the dropout scale."""
+    """The non-tensor half of a call: projections (their base weights and scales), the dropout scale, and whether
+    the forward takes qlora_gemm (version 2)."""
 
-    __slots__ = ("projs", "dscale")
+    __slots__ = ("projs", "dscale", "fused")
 
-    def __init__(self, projs, dscale):
-        self.projs, self.dscale = projs, dscale
+    def __init__(self, projs, dscale, fused=False):
+        self.projs, self.dscale, self.fused = projs, dscale, fused
+
+    def forward(self, x, masks):
+        """(y, xa)."""
+        return (fused_forward if self.fused else forward_op)(x, self.projs, masks, self.dscale)
+
+
+def fused_forward(x, projs, masks, dscale):
+    """(y, xa) with one qlora_gemm per projection: xa_p = dropout_p(x) @ A_pᵀ here, its LoRA term inside the GEMM."""
+    dt = x.dtype
+    xa = torch.cat([(x if m is None else x * m * dscale) @ p.lora_a.to(dt).t() for p, m in zip(projs, masks)], -1)
+    ys, off = [], 0
+    for p in projs:
+        r = p.lora_a.shape[0]
+        lb = (p.lora_b.float() * p.scale).to(dt)
+        ys.append(qlora_gemm(x, p.base, xa[..., off:off + r], lb, p.bias))
+        off += r
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, -1)), xa
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -186,7 +210,7 @@ class _LoRALinear(torch.autograd.Function):
         projs, np_ = spec.projs, len(spec.projs)
         masks = list(tensors[3 * np_:])
         with below_autograd():
-            y, xa = forward_op(x, projs, masks, spec.dscale)
+            y, xa = spec.forward(x, masks)
         ctx.spec = spec
         ctx.save_for_backward(x, xa, *masks)
         return y

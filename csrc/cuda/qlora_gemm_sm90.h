@@ -1,0 +1,17 @@
+// The sm_90a variant of qlora_gemm (csrc/cuda/qlora_gemm_sm90.cu): NF4 dequantization inside a wgmma GEMM.
+// csrc/cuda/qlora_linear.cu registers qlora_gemm and calls run() when supported(), else the dequantize + cuBLAS path.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "common/qlora_host.h"
+
+namespace swiftlora::cuda::sm90 {
+
+// Built with 90a, running on a compute-capability 9.0 device, 16-bit x, K % 64 == 0, LoRA rank <= 64 and % 8 == 0,
+// 16-byte aligned rows of x / xa / lora_b and of the packed weight.
+bool supported(const qlora::GemmArgs& a);
+
+// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias).
+void run(const qlora::GemmArgs& a, at::Tensor& y);
+
+}  // namespace swiftlora::cuda::sm90
