@@ -86,3 +86,14 @@ def test_cuda_inputs_wait_in_pinned_host_memory():
     for a, b in zip(_grads(plain), _grads(layers)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert offloader._free or offloader._pending  # buffers come back for the next step
+
+
+def test_buffer_reuse_takes_the_smallest_that_fits_among_different_sizes():
+    """Regression (found by the demo on the H100): free buffers of different sizes were removed with list.remove,
+    which compares tensors elementwise and raised a size mismatch."""
+    off = HostOffloader()
+    small, large = torch.empty(1000, dtype=torch.uint8), torch.empty(3000, dtype=torch.uint8)
+    off._free = [large, small]
+    assert off._take(800) is small
+    assert off._take(2000) is large
+    assert off._free == []

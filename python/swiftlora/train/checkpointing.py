@@ -52,11 +52,10 @@ class HostOffloader:
         for buf, ev in self._pending:
             (self._free.append(buf) if ev.query() else still.append((buf, ev)))
         self._pending = still
-        fits = [b for b in self._free if b.numel() >= nbytes]
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
         if fits:
-            buf = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buf)
-            return buf
+            # by position: list.remove would compare tensors with ==, elementwise (and fail across sizes)
+            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def offload(self, x: torch.Tensor):
