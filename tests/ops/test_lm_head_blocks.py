@@ -120,3 +120,22 @@ def test_token_logprobs_frozen_blocks(device, dtype, use):
     budget = 100 * 128 * dtype.itemsize / 2**20  # 100 columns a block: 4 blocks
     check_logprobs(hidden, weight, ids, use, what=f"blocks {use}", temperature=0.7,
                    with_entropy="ent" in use or dtype == torch.float32, memory_budget_mb=budget)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["blocks", "token_chunks", "trainable_head"])
+def test_autocast_runs_the_head_in_autocast_dtype(device, path):
+    """Under autocast (HF Trainer with bf16=True) float32 hidden and weight go through the GEMMs in bfloat16, as
+    F.linear would, on every path, and the gradients come back in float32."""
+    from swiftlora.ops import fused_linear_cross_entropy, token_logprobs
+    hidden, weight, _ = flce_inputs(40, 32, 300, torch.float32, device, bias=False, train_w=path == "trainable_head")
+    y = labels(40, 300, device)
+    kw = {"chunk_size": 16} if path == "token_chunks" else {}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, y, **kw)
+        lp = token_logprobs(hidden, weight, y.clamp_min(0), **kw)
+    ref = fused_linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), y, **kw)
+    assert torch.allclose(loss, ref, rtol=1e-5), (loss, ref)
+    params = [hidden] + ([weight] if weight.requires_grad else [])
+    grads = torch.autograd.grad(loss + lp.sum(), params)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -116,6 +116,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         float32 loss: a scalar, or ``[...]`` for reduction "none".
     """
     fn = "fused_linear_cross_entropy"
+    kind = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(kind):
+        # as F.linear under autocast would: the GEMMs in autocast's dtype; then the kernels on operands of one dtype
+        dt = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(dt), weight.to(dt), labels, None if bias is None else bias.to(dt), ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
+                z_loss=z_loss, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                memory_budget_mb=memory_budget_mb)
     o = ce_options(fn, ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss, num_items_in_batch)
     check_linear(fn, hidden, weight, bias)
     h2, y, batch = rows_of(fn, hidden, labels, last="hidden")

@@ -64,6 +64,13 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
         w.r.t. hidden and weight.
     """
     fn = "token_logprobs"
+    kind = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(kind):  # the GEMMs in autocast's dtype, as F.linear would run them
+        dt = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return token_logprobs(hidden.to(dt), weight.to(dt), token_ids, temperature=temperature,
+                                  with_entropy=with_entropy, ignore_index=ignore_index, chunk_size=chunk_size,
+                                  memory_budget_mb=memory_budget_mb)
     t = float(temperature)
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature}")
