@@ -16,16 +16,15 @@ log = logging.getLogger("swiftlora")
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|endoftext|>")
 
 
-def choose_pad_token(tokenizer) -> str | None:
-    """The pad token this module would pick (None: nothing better than EOS)."""
-    eos = tokenizer.eos_token
+def choose_pad_token(tokenizer, avoid_text: str = "") -> str | None:
+    """The pad token to use (None: nothing better than EOS): a known pad-like token, else UNK, that is in the
+    vocabulary, is neither EOS nor BOS, and does not occur in ``avoid_text`` (e.g. the chat template, whose own
+    tokens must stay trainable)."""
     vocab = tokenizer.get_vocab()
-    for token in PAD_CANDIDATES:
-        if token in vocab and token != eos:
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    for token in (*PAD_CANDIDATES, tokenizer.unk_token):
+        if token and token in vocab and vocab[token] not in taken and token not in avoid_text:
             return token
-    unk = tokenizer.unk_token
-    if unk is not None and unk != eos and unk in vocab:
-        return unk
     return None
 
 

@@ -11,11 +11,11 @@ import warnings
 from collections.abc import Mapping
 
 from .. import _compat
+from ..models.tokenizer import choose_pad_token
 from .chat_template_table import CHAT_TEMPLATES, ChatTemplate, _jinja_str
 
 DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant", "system": "system"}
 # Tokens tried, in order, as the pad token when the tokenizer has none or pads with EOS.
-_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|endoftext|>")
 
 
 def get_chat_template(tokenizer, chat_template="chatml", mapping: Mapping[str, str] | None = None,
@@ -130,12 +130,10 @@ def _fix_pad_token(tokenizer, template_text: str) -> None:
     eos_id = tokenizer.eos_token_id
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != eos_id:
         return
-    vocab = tokenizer.get_vocab()
-    for candidate in (*_PAD_CANDIDATES, tokenizer.unk_token):
-        if (candidate and candidate in vocab and vocab[candidate] not in (eos_id, tokenizer.bos_token_id)
-                and candidate not in template_text):
-            tokenizer.pad_token = candidate
-            return
+    candidate = choose_pad_token(tokenizer, avoid_text=template_text)
+    if candidate is not None:
+        tokenizer.pad_token = candidate
+        return
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # nothing else is safe; labels are padded with -100 anyway
 
