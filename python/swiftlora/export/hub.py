@@ -5,9 +5,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..distributed import on_main_process
 from .gguf import save_pretrained_gguf
 
 
+@on_main_process
 def push_to_hub_gguf(model: Any, repo_id: str, tokenizer: Any = None,
                      quantization_method: str | list[str] = "fast_quantized", *, token: str | None = None,
                      private: bool | None = None, save_directory: str | os.PathLike | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import on_main_process
 from .atomic import atomic_dir
 from .merge import base_model_of, merged_tensors
 from .writer import write_safetensors
@@ -38,6 +39,7 @@ def save_pretrained(self, save_directory, *args, **kwargs):
         type(self).save_pretrained(self, str(tmp), *args, **kwargs)
 
 
+@on_main_process
 def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit",
                            push_to_hub: bool = False, token=None, max_shard_size="5GB", dtype=None, **kwargs):
     """Save the fine-tuned model (see the module docstring). ``dtype`` overrides the merged weights' dtype.
@@ -70,6 +72,7 @@ def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: st
             tokenizer.save_pretrained(str(tmp))
 
 
+@on_main_process
 def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", token=None,
                        private=None, commit_message: str = "Trained with swiftlora", create_pr: bool = False,
                        revision=None, max_shard_size="5GB", **kwargs):

@@ -43,6 +43,16 @@ class SwiftCausalLM:
                 return
         super().__setattr__(name, value)
 
+    def __reduce_ex__(self, protocol):
+        # the generated class has its HF base's name, so pickle would find the base by name and refuse: rebuild
+        # from the base class instead (the model's own state, minus caches, follows through __setstate__)
+        return _rebuild_swift_instance, (self._swiftlora_base,), self.__getstate__()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # a weak reference to the tokenizer (for exports) does not pickle; copies fall back to an explicit tokenizer
+        return {k: v for k, v in state.items() if k != "_swiftlora_tokenizer"}
+
     def _swiftlora_forward(self, *args, fused_lm_head: bool = False, labels=None, shift_labels=None,
                            num_items_in_batch=None, **kwargs):
         if fused_lm_head:
@@ -119,6 +129,13 @@ def swift_class(base: type) -> type:
                     "__qualname__": base.__qualname__})
         _CLASSES[base] = cls
     return cls
+
+
+def _rebuild_swift_instance(base: type):
+    """Unpickling: an empty instance of ``swift_class(base)`` (its state is restored next by ``__setstate__``)."""
+    obj = base.__new__(base)
+    obj.__class__ = swift_class(base)
+    return obj
 
 
 def patch_causal_lm(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _compat
+from ..distributed import launched_cuda_device
 from . import source as sources
 from .causal_lm import patch_causal_lm, set_checkpointing
 from .patching import apply_swaps, architecture
@@ -69,13 +70,18 @@ def is_bfloat16_supported(device=None) -> bool:
 
 def resolve_device(device_map) -> torch.device:
     """Unsloth's ``device_map`` ("sequential", "auto", None, a device string or a {"": device} dict) -> the single
-    device the model goes to (the current CUDA device when there is one)."""
+    device the model goes to: the current CUDA device when there is one, and under torchrun/accelerate with CUDA
+    the rank's own GPU, ``cuda:LOCAL_RANK`` (made the current device, as data-parallel training expects)."""
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
             raise ValueError(f"device_map: swiftlora places the whole model on one device, got {device_map}")
         device_map = devices.pop()
     if device_map in (None, "sequential", "auto", "balanced", "balanced_low_0"):
+        launched = launched_cuda_device()
+        if launched is not None:  # torchrun/accelerate: each rank loads its own copy on its own GPU
+            torch.cuda.set_device(launched)
+            return launched
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)

@@ -10,8 +10,8 @@ host memory, :mod:`swiftlora.train.checkpointing`), True (torch's checkpointing)
 """
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import warnings
 
 import torch
@@ -25,11 +25,12 @@ WHOLE_MODULES = ("embed_tokens", "lm_head")
 
 
 def attach_methods(model) -> None:
-    """Bind swiftlora's saving methods (``save_pretrained_merged`` ...) to this model instance."""
+    """Bind swiftlora's saving methods (``save_pretrained_merged`` ...) to this model instance (as partials, which
+    pickle with the model: ``types.MethodType`` pickles as a ``getattr`` on the half-restored model and fails)."""
     from ..export import MODEL_METHODS
 
     for name, fn in MODEL_METHODS.items():
-        setattr(model, name, types.MethodType(fn, model))
+        setattr(model, name, functools.update_wrapper(functools.partial(fn, model), fn))
 
 
 def _check(name, ok, expected, value):

@@ -42,6 +42,13 @@ class HostOffloader:
         self._live: list[weakref.ref] = []              # offloaded inputs in forward order
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
+    def __getstate__(self):
+        # streams and pinned buffers are per-process caches: a copy (pickle, deepcopy) starts with its own
+        return {"min_bytes": self.min_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["min_bytes"])
+
     def _stream(self, device) -> torch.cuda.Stream:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
@@ -113,9 +120,16 @@ def _numel(shape) -> int:
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
+    """inputs: (anchor, x, *rest, *params): ``params`` are the layer's trainable parameters, inputs here so that
+    the autograd graph reaches them and their gradients flow out of this node like any other op's (DDP's
+    unused-parameter search and its gradient hooks then see an ordinary graph; no gradient is written behind
+    autograd's back)."""
+
     @staticmethod
-    def forward(ctx, run, offloader, kwargs, anchor, x, *rest):
-        ctx.run, ctx.offloader, ctx.kwargs, ctx.rest = run, offloader, kwargs, rest
+    def forward(ctx, run, offloader, kwargs, n_rest, anchor, x, *rest_and_params):
+        rest = rest_and_params[:n_rest]
+        ctx.run, ctx.offloader, ctx.kwargs, ctx.n_rest = run, offloader, kwargs, n_rest
+        ctx.rest, ctx.params = rest, rest_and_params[n_rest:]
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.cpu_rng = torch.get_rng_state()
@@ -129,7 +143,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x = ctx.offloader.restore(ctx.saved).detach().requires_grad_(ctx.needs_input_grad[4])
+        x = ctx.offloader.restore(ctx.saved).detach().requires_grad_(ctx.needs_input_grad[5])
         ctx.saved = None
         rest = tuple(r.detach().requires_grad_(r.requires_grad) if isinstance(r, torch.Tensor) else r
                      for r in ctx.rest)
@@ -144,10 +158,36 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad
                  and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        rest_grads = tuple(r.grad if isinstance(r, torch.Tensor) else None for r in rest)
-        return (None, None, None, None, x.grad if ctx.needs_input_grad[4] else None) + rest_grads
+        tensors = [x] + [r for r in rest if isinstance(r, torch.Tensor)] + list(ctx.params)
+        grads_in = _input_grads(pairs, tensors, accumulate_others=not ctx.params)
+        x_grad, others = grads_in[0], iter(grads_in[1:])
+        rest_grads = tuple(next(others) if isinstance(r, torch.Tensor) else None for r in rest)
+        return (None, None, None, None, None, x_grad if ctx.needs_input_grad[5] else None) + rest_grads + \
+            tuple(others)
+
+
+def _input_grads(pairs, tensors, accumulate_others: bool) -> list:
+    """Gradients of the recomputed outputs w.r.t. ``tensors`` (None where one needs none). ``accumulate_others``:
+    the layer's parameters are unknown, so backpropagate into every leaf (they accumulate their own ``.grad``)."""
+    if not pairs:
+        return [None] * len(tensors)
+    outs, grads = [o for o, _ in pairs], [g for _, g in pairs]
+    if accumulate_others:
+        torch.autograd.backward(outs, grads)
+        return [t.grad if t.requires_grad else None for t in tensors]
+    need = [t for t in tensors if t.requires_grad]
+    found = iter(torch.autograd.grad(outs, need, grads, allow_unused=True))
+    return [next(found) if t.requires_grad else None for t in tensors]
+
+
+def _trainable_parameters(function) -> tuple[torch.Tensor, ...]:
+    """The trainable parameters of the layer ``function`` runs, when it is transformers' checkpointed forward
+    (``partial(forward, layer, **kwargs)``); empty for any other callable (their gradients then still reach the
+    parameters through the recompute, but outside the graph autograd sees)."""
+    layer = function.args[0] if isinstance(function, partial) and function.args else None
+    if not isinstance(layer, torch.nn.Module):
+        return ()
+    return tuple(p for p in layer.parameters() if p.requires_grad)
 
 
 def offloaded_checkpoint(offloader: HostOffloader, function, *args, **kwargs):
@@ -160,7 +200,8 @@ def offloaded_checkpoint(offloader: HostOffloader, function, *args, **kwargs):
         return function(*args, **kwargs)
     x, rest = args[0], args[1:]
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    out = _OffloadedCheckpoint.apply(function, offloader, kwargs, anchor, x, *rest)
+    params = _trainable_parameters(function)
+    out = _OffloadedCheckpoint.apply(function, offloader, kwargs, len(rest), anchor, x, *rest, *params)
     return out if len(out) > 1 else out[0]
 
 

