@@ -1,7 +1,7 @@
 """A user's training script as it runs under torchrun (used by test_distributed.py): FastLanguageModel +
 get_peft_model + TRL's SFTTrainer with default trainer arguments, then every rank calls the saving methods.
 
-    python ddp_user_script.py MODEL_DIR DATA_JSONL OUT_DIR PER_DEVICE_BATCH GRAD_ACCUM BITS
+    python ddp_user_script.py MODEL_DIR DATA_JSONL OUT_DIR PER_DEVICE_BATCH GRAD_ACCUM BITS [fsdp2]
 """
 import json
 import sys
@@ -14,16 +14,23 @@ from swiftlora import FastLanguageModel
 from swiftlora.distributed import barrier, placement
 
 
-def main(model_dir, data_path, out_dir, batch, accum, bits):
+# accelerate's FSDP2 (GPUs only: on CPU accelerate falls back to DDP): each decoder layer and the root sharded
+FSDP2 = {"fsdp": "full_shard auto_wrap",
+         "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                         "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"], "reshard_after_forward": True,
+                         "activation_checkpointing": False}}
+
+
+def main(model_dir, data_path, out_dir, batch, accum, bits, parallel="ddp"):
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=torch.float32, max_seq_length=96,
                                                    load_in_4bit=bits == "4")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)  # "unsloth" checkpointing
     rows = [json.loads(line) for line in open(data_path)]
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     args = SFTConfig(output_dir=f"{out_dir}/trainer", max_steps=3, per_device_train_batch_size=int(batch),
-                     gradient_accumulation_steps=int(accum), learning_rate=0.5, warmup_steps=0, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
+                     gradient_accumulation_steps=int(accum), learning_rate=0.05, warmup_steps=0, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
                      save_strategy="no", report_to=[], seed=0, max_length=96, use_cpu=True,
-                     gradient_checkpointing=True)
+                     gradient_checkpointing=True, **(FSDP2 if parallel == "fsdp2" else {}))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

@@ -89,8 +89,9 @@ def test_cli_under_torchrun_matches_one_process_with_accumulation(job):
 
 def test_user_script_qlora_under_torchrun_matches_one_process(job):
     """A plain user script (default trainer arguments, so DDP searches for unused parameters; "unsloth"
-    checkpointing; every rank calls save_pretrained_merged): QLoRA on NF4. TRL keeps QLoRA adapters in bf16, so
-    the gradients of the two halves are rounded to bf16 before they are averaged: agreement to bf16 precision.
+    checkpointing; every rank calls save_pretrained_merged): QLoRA on NF4. TRL's defaults train under bf16
+    autocast and keep QLoRA adapters in bf16, so each half batch's gradients are rounded to bf16 before they are
+    averaged: agreement to bf16 precision.
     (SGD: Adam's first steps move each weight by about ±lr whatever the gradient's size, so a bf16 rounding that
     flips a tiny gradient's sign changes the weight by a whole step — no way to compare adapters.)"""
     root, model_dir, data = job
@@ -105,6 +106,20 @@ def test_user_script_qlora_under_torchrun_matches_one_process(job):
     worst = max(_rel(a[k], b[k]) for k in a)
     assert worst < 3e-2, worst
     assert not list((root / "q2").glob("lora.*")), "no temporary directories left by other ranks"
+
+
+@pytest.mark.parametrize("bits,checkpointing", [(16, "unsloth"), (4, "unsloth"), (4, "false")])
+def test_fsdp2_sharded_gradients_equal_the_full_batch(job, bits, checkpointing):
+    """FSDP2 ``fully_shard`` over the patched model (each layer and the root), 16-bit LoRA and QLoRA: the gathered
+    gradients of two ranks' half batches equal one unsharded copy's gradient on the whole batch."""
+    root, model_dir, _ = job
+    out = root / f"fsdp2-{bits}-{checkpointing}.json"
+    _torchrun(2, [str(REPO / "tests" / "train" / "fsdp2_script.py"), str(model_dir), str(bits), checkpointing,
+                  str(out)], root)
+    result = json.loads(out.read_text())
+    assert result["sharded"] == "DTensor" and result["world_size"] == 2 and not result["missing"]
+    assert len(result["errors"]) == 28  # lora_A and lora_B of 7 projections x 2 layers
+    assert max(result["errors"].values()) < 1e-5, result["errors"]
 
 
 @pytest.mark.parametrize("bits", [4, 16])
