@@ -22,14 +22,15 @@ FSDP2 = {"fsdp": "full_shard auto_wrap",
 
 
 def main(model_dir, data_path, out_dir, batch, accum, bits, parallel="ddp"):
-    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=torch.float32, max_seq_length=96,
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=dtype, max_seq_length=96,
                                                    load_in_4bit=bits == "4")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)  # "unsloth" checkpointing
     rows = [json.loads(line) for line in open(data_path)]
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     args = SFTConfig(output_dir=f"{out_dir}/trainer", max_steps=3, per_device_train_batch_size=int(batch),
                      gradient_accumulation_steps=int(accum), learning_rate=0.05, warmup_steps=0, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                     save_strategy="no", report_to=[], seed=0, max_length=96, use_cpu=True,
+                     save_strategy="no", report_to=[], seed=0, max_length=96, use_cpu=not torch.cuda.is_available(),
                      gradient_checkpointing=True, **(FSDP2 if parallel == "fsdp2" else {}))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.train()

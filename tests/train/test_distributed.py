@@ -1,7 +1,8 @@
 """Data-parallel training under torchrun, on CPU with the gloo backend and 2 processes: the losses and final
 adapters equal a single-process run with the same global batch; only rank 0 writes; patched models pickle.
 
-The single-process runs go through torchrun too (one process), so both sides see the launcher's environment
+The GPU versions (NCCL, one GPU per rank) are in test_distributed_gpu.py. The single-process runs go through
+torchrun too (one process), so both sides see the launcher's environment
 (e.g. its one-thread default) and differ only in the data split.
 """
 from __future__ import annotations
@@ -44,9 +45,12 @@ def job(tmp_path_factory):
     return root, model_dir, data
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path) -> str:
+def _torchrun(nproc: int, args: list[str], cwd: Path, gpus: bool = False) -> str:
+    """Runs ``torchrun --nproc_per_node=nproc ARGS``; on CPU (gloo) unless ``gpus`` (one GPU per rank, NCCL)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO)]),
            "TOKENIZERS_PARALLELISM": "false"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
