@@ -34,6 +34,7 @@ using nf4::ScaleParts;
 constexpr int kThreads = 256;
 constexpr int kWords = 4;
 constexpr int64_t kTile = int64_t{kThreads} * kWords;  // words per CTA per step
+constexpr int kMinCtasPerSm = 4;  // <= 64 registers: 1024 threads per SM (71 unbounded: 768)
 
 // A word's place in the rectangle, and a step of s words as (s / words_per_row rows, s % words_per_row words).
 struct Pos {
@@ -101,7 +102,7 @@ __device__ __forceinline__ void store_stage(const Stage& st, const Nf4Args& a, c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     nf4_dequant_words(Nf4Args a, Nf4Rect r, WalkArgs wa, T* __restrict__ out) {
   int64_t g = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
   Pos p{g / wa.wpr, g % wa.wpr};
