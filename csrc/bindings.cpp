@@ -75,15 +75,17 @@ TORCH_LIBRARY(swiftlora, m) {
   // dropout_p(x) = x · dropout_mask[p] · dropout_scale. W_p [N_p, K] (N_p = lora_b[p].size(0)) is NF4 (weight =
   // packed codes with absmax, absmax2, code2, offset as nf4_dequantize takes them) or dense (absmax None, x's dtype).
   // Lists hold one entry per projection (bias and dropout_mask may be empty). Returns (y [..., N], xa [..., R]),
-  // xa = the LoRA inputs [dropout_1(x) @ A_1ᵀ | ...], in x's dtype.
+  // xa = the LoRA inputs [dropout_1(x) @ A_1ᵀ | ...], in x's dtype. Plan (csrc/common/qlora_pipeline.h): chunks
+  // <= 0 automatic, 1 one dequantization + one GEMM, n up to n dequantize/GEMM chunks overlapped on the GPU;
+  // panel_align: the folded LoRA columns pad K + R to a multiple of it (8 or more, a multiple of 8).
   m.def("qlora_linear(Tensor x, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, Tensor?[] code2, "
         "Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, Tensor?[] bias, "
-        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+        "Tensor?[] dropout_mask, float dropout_scale, int chunks=-1, int panel_align=8) -> (Tensor, Tensor)");
   // (grad_x [..., K], grad_xa [..., R]): grad_xa_p = scale_p · grad_y_p @ B_p, the gradient of xa (grad_A and grad_B
   // are small GEMMs the caller forms from it and from xa).
   m.def("qlora_linear_backward(Tensor grad_y, Tensor[] weight, Tensor?[] absmax, Tensor?[] absmax2, "
         "Tensor?[] code2, Tensor?[] offset, int[] blocksize, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
-        "Tensor?[] dropout_mask, float dropout_scale) -> (Tensor, Tensor)");
+        "Tensor?[] dropout_mask, float dropout_scale, int chunks=-1, int panel_align=8) -> (Tensor, Tensor)");
 
   // GGUF block quantization (python/swiftlora/ops/gguf_quant.py): rows x [..., n] float -> uint8 [..., n/B·S], the
   // bytes llama.cpp's reference quantizer writes for ggml type qtype (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,

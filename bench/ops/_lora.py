@@ -54,6 +54,28 @@ def dequantized(inp: dict, name: str, dtype=torch.bfloat16) -> torch.Tensor:
     return projection(inp, name).base.dequantize(dtype)
 
 
+# The qlora plans the specs compare in one run (swiftlora.ops.qlora_plan: chunks, panel_align): the default
+# (automatic: 4 dequantize/GEMM chunks on two streams at these shapes), version 1 (one dequantization, one GEMM), and
+# the default with the folded LoRA columns padded to a multiple of 64 (K + r = 4112 -> 4160: whole GEMM k-tiles).
+PLANS = {"swiftlora": ((-1, 8), "pipelined: dequantize chunk i+1 on a side stream under chunk i's GEMM"),
+         "swiftlora_v1": ((1, 8), "v1: one dequantization into [W | s·B], one cuBLAS GEMM"),
+         "swiftlora_a64": ((-1, 64), "pipelined, LoRA columns padded to K + r' = 4160")}
+
+
+def planned(provider: str, fn):
+    """fn run under the provider's qlora plan (the backward keeps its forward's plan), and the plan's note."""
+    from .common import import_swiftlora_ops
+
+    (qlora_plan,) = import_swiftlora_ops("qlora_plan")
+    plan, note = PLANS[provider]
+
+    def run():
+        with qlora_plan(*plan):
+            return fn()
+
+    return run, note
+
+
 def matmul_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 

@@ -7,7 +7,9 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            fwd+bwd adds grad_x 2 M N K + 2 M r (N + K), grad_A 2 M r K, grad_B 2 M r N
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
-Providers: swiftlora (qlora_linear), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
+Providers: swiftlora (qlora_linear, default plan: the dequantization pipelined under the GEMM in 4 chunks),
+swiftlora_v1 (plan chunks=1: one dequantization, then one GEMM), swiftlora_a64 (default plan, the LoRA columns
+padded to a multiple of 64: K + r' = 4160 instead of 4112), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
 dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch
 ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
 LoRA_W function, what Unsloth runs for o_proj).
@@ -54,12 +56,12 @@ def _wrt(inp: dict) -> list:
     return [inp["x"], inp["o_proj"]["a"], inp["o_proj"]["b"]]
 
 
-def swiftlora(case: Case, inp: dict):
+def swiftlora(case: Case, inp: dict, provider: str = "swiftlora"):
     (qlora_linear,) = import_swiftlora_ops("qlora_linear")
     p = _lora.projection(inp, "o_proj")
     x = inp["x"]
-    return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale), _wrt(inp),
-                          [_grad_like(case, x)], notes=["v1: dequantize into [W | s·B], one cuBLAS GEMM"])
+    fn, note = _lora.planned(provider, lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale))
+    return autograd_bench(fn, _wrt(inp), [_grad_like(case, x)], notes=[note])
 
 
 def swiftlora_fused(case: Case, inp: dict):
@@ -129,5 +131,6 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_v1": lambda c, i: swiftlora(c, i, "swiftlora_v1"),
+             "swiftlora_a64": lambda c, i: swiftlora(c, i, "swiftlora_a64"), "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
              "peft": peft, "unsloth": unsloth}

@@ -55,10 +55,25 @@ __device__ __forceinline__ void load_tables(Nf4Tables& t, const Nf4Args& a) {
   }
 }
 
+// A block scale in two phases, so a kernel can issue its global loads (they depend only on the block index)
+// together with the packed words and decode through the shared tables after they land.
+struct ScaleParts {
+  float value;  // absmax[b] (plain) or absmax2[b / 256] (nested)
+  uint32_t q;   // qabsmax[b] (nested)
+};
+
+__device__ __forceinline__ ScaleParts load_scale_parts(const Nf4Args& a, int64_t b) {
+  if (!a.nested) return {__ldg(a.absmax + b), 0u};
+  return {__ldg(a.absmax2 + (b >> kNestedBlocksizeLog2)), static_cast<uint32_t>(__ldg(a.qabsmax + b))};
+}
+
+__device__ __forceinline__ float scale_from_parts(const Nf4Args& a, const Nf4Tables& t, ScaleParts s, float offset) {
+  return a.nested ? nested_absmax(t.code2[s.q], s.value, offset) : s.value;
+}
+
 // The fp32 scale of NF4 block b (offset: *a.offset, read once per thread by the caller).
 __device__ __forceinline__ float block_scale(const Nf4Args& a, const Nf4Tables& t, int64_t b, float offset) {
-  if (!a.nested) return __ldg(a.absmax + b);
-  return nested_absmax(t.code2[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> kNestedBlocksizeLog2)), offset);
+  return scale_from_parts(a, t, load_scale_parts(a, b), offset);
 }
 
 }  // namespace swiftlora::nf4

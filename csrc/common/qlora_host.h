@@ -14,6 +14,8 @@
 // The backward mirrors it: grad_x = grad_y @ W + Σ_p mask_p·c·(grad_xa_p @ A_p), grad_xa = grad_y @ (s·B) (the
 // gradient of xa, from which the caller forms grad_A = grad_xaᵀ @ dropout(x) and grad_B). With the panel, grad_xa
 // falls out of the same GEMM as extra output columns; the LoRA term is an addmm into grad_x.
+// When every base is NF4, W (or the panel) is dequantized and multiplied in chunks, the dequantization of chunk i+1
+// overlapping the GEMM of chunk i (csrc/common/qlora_pipeline.h); `chunks` = 1 is one dequantization, one GEMM.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -31,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/qlora_pipeline.h"
 #include "ops.h"
 
 namespace swiftlora::qlora {
@@ -55,7 +58,9 @@ struct Projections {
   int64_t k = 0, n = 0, r = 0;        // K, N = Σ N_p, R = Σ r_p
   double dropout_scale = 1.0;
   bool any_mask = false;
-  int64_t panel_width() const { return (k + r + 7) / 8 * 8; }
+  int64_t align = 8;   // the panel's width K + R' is a multiple of this (8: 16-byte rows)
+  int64_t chunks = 1;  // dequantize-and-GEMM chunks (qlora_pipeline.h), resolved by the op
+  int64_t panel_width() const { return (k + r + align - 1) / align * align; }
   bool all_nf4() const {
     for (const auto& b : base)
       if (!b.is_nf4()) return false;
@@ -95,26 +100,12 @@ inline at::Tensor block_diag_lora_b(const Projections& p, const at::TensorOption
   return bd;
 }
 
-// The [N, K + R'] panel [W | s·B (block-diagonal) | 0].
-template <typename Backend>
-at::Tensor weight_panel(const Projections& p, const at::TensorOptions& opt) {
-  const int64_t width = p.panel_width();
-  at::Tensor panel = at::empty({p.n, width}, opt);
-  panel.narrow(1, p.k, width - p.k).zero_();
-  for (size_t i = 0; i < p.base.size(); ++i) {
-    at::Tensor rows = panel.narrow(0, p.n_off[i], p.base[i].n);
-    Backend::dequantize(p.base[i], rows.narrow(1, 0, p.k));
-    rows.narrow(1, p.k + p.r_off[i], p.lora_b[i].size(1)).copy_(p.lora_b[i]);
-  }
-  return panel;
-}
-
 // W_p in the compute dtype: the dense weight itself, or NF4 dequantized into a scratch buffer.
 template <typename Backend>
 at::Tensor base_matrix(const BaseWeight& b, const at::TensorOptions& opt) {
   if (!b.is_nf4()) return b.dense;
   at::Tensor w = at::empty({b.n, b.k}, opt);
-  Backend::dequantize(b, w);
+  Backend::dequantize(b, 0, 0, w);
   return w;
 }
 
@@ -146,6 +137,42 @@ inline at::Tensor lora_input_product(const at::Tensor& x2, const Projections& p)
   return xa;
 }
 
+// y [M, N] for NF4 bases, W dequantized chunk by chunk (qlora_pipeline.h). Panel plan: y = [x | xa | 0] · Pᵀ
+// (+ bias), each chunk's GEMM writing its slice of y; lora_first: y = xa · (s·B)ᵀ (+ bias), then y += x · Wᵀ.
+template <typename Backend>
+at::Tensor nf4_forward(const at::Tensor& x2, const at::Tensor& xa, const Projections& p, const at::Tensor& bias) {
+  const int64_t m = x2.size(0);
+  if (!p.use_panel()) {
+    const at::Tensor b = block_diag_lora_b(p, x2.options());
+    at::Tensor y = bias.defined() ? at::addmm(bias, xa, b.t()) : at::mm(xa, b.t());
+    panel_row_chunks<Backend>(p, p.k, p.chunks, x2, [&](int64_t n0, int64_t nc, const at::Tensor& w) {
+      at::Tensor yc = y.narrow(1, n0, nc);
+      yc.addmm_(x2, w.t());
+    });
+    return y;
+  }
+  const int64_t width = p.panel_width();
+  at::Tensor xcat = at::empty({m, width}, x2.options());
+  xcat.narrow(1, 0, p.k).copy_(x2);
+  xcat.narrow(1, p.k, p.r).copy_(xa);
+  if (width > p.k + p.r) xcat.narrow(1, p.k + p.r, width - p.k - p.r).zero_();
+  at::Tensor y;
+  panel_row_chunks<Backend>(p, width, p.chunks, x2, [&](int64_t n0, int64_t nc, const at::Tensor& w) {
+    if (nc == p.n) {  // one chunk: a fresh output (cuBLASLt's bias epilogue applies)
+      y = bias.defined() ? at::addmm(bias, xcat, w.t()) : at::mm(xcat, w.t());
+      return;
+    }
+    if (!y.defined()) y = at::empty({m, p.n}, x2.options());
+    at::Tensor yc = y.narrow(1, n0, nc);
+    if (bias.defined()) {
+      at::addmm_out(yc, bias.narrow(0, n0, nc), xcat, w.t());
+    } else {
+      at::mm_out(yc, xcat, w.t());
+    }
+  });
+  return y;
+}
+
 // Forward: (y [..., N], xa [..., R]) for x [..., K].
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const Projections& p, const at::Tensor& bias) {
@@ -160,13 +187,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const Projection
       y.narrow(1, p.n_off[i], p.base[i].n).copy_(nf4_gemv(x2, p.base[i]));
     y.addmm_(xa, block_diag_lora_b(p, x.options()).t());
     if (bias.defined()) y.add_(bias);
-  } else if (p.use_panel()) {
-    const at::Tensor panel = weight_panel<Backend>(p, x.options());
-    at::Tensor xcat = at::empty({m, p.panel_width()}, x.options());
-    xcat.narrow(1, 0, p.k).copy_(x2);
-    xcat.narrow(1, p.k, p.r).copy_(xa);
-    if (p.panel_width() > p.k + p.r) xcat.narrow(1, p.k + p.r, p.panel_width() - p.k - p.r).zero_();
-    y = bias.defined() ? at::addmm(bias, xcat, panel.t()) : at::mm(xcat, panel.t());
+  } else if (p.all_nf4()) {
+    y = nf4_forward<Backend>(x2, xa, p, bias);
   } else {
     const at::Tensor b = block_diag_lora_b(p, x.options());
     y = bias.defined() ? at::addmm(bias, xa, b.t()) : at::mm(xa, b.t());
@@ -190,7 +212,12 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const Proj
   const auto opt = grad_y.options();
   at::Tensor dx_base, gxa;  // dx_base: grad_y @ W (panel plan), else accumulated last
   if (p.use_panel()) {
-    const at::Tensor dcat = at::mm(dy, weight_panel<Backend>(p, opt));
+    const int64_t width = p.panel_width();
+    at::Tensor dcat = at::empty({dy.size(0), width}, opt);
+    panel_col_chunks<Backend>(p, width, p.chunks, dy, [&](int64_t c0, int64_t cc, const at::Tensor& w) {
+      at::Tensor out = dcat.narrow(1, c0, cc);
+      at::mm_out(out, dy, w);
+    });
     dx_base = dcat.narrow(1, 0, p.k);
     gxa = dcat.narrow(1, p.k, p.r).contiguous();
   } else {
@@ -211,7 +238,12 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const Proj
       }
     }
   }
-  if (!dx_base.defined()) {
+  if (!dx_base.defined() && p.all_nf4()) {  // lora_first over NF4: dx += grad_y · W, column chunks of W
+    panel_col_chunks<Backend>(p, p.k, p.chunks, dy, [&](int64_t c0, int64_t cc, const at::Tensor& w) {
+      at::Tensor out = dx.narrow(1, c0, cc);
+      out.addmm_(dy, w);
+    });
+  } else if (!dx_base.defined()) {
     for (size_t i = 0; i < p.base.size(); ++i) {
       const at::Tensor dyi = p.base.size() == 1 ? dy : dy.narrow(1, p.n_off[i], p.base[i].n);
       dx.addmm_(dyi, base_matrix<Backend>(p.base[i], opt));
@@ -256,27 +288,42 @@ inline at::Tensor gemm_output_shape(const at::Tensor& x_in, const at::Tensor& y2
   return y2.view(shape);
 }
 
-// The ops of one backend. Backend: `static void dequantize(const BaseWeight&, at::Tensor out)` writing the NF4
-// weight into out [n, k] (compute dtype, unit column stride, any row stride: e.g. the left part of the panel), and
-// `static at::Tensor qlora_gemm(...)` (the schema's arguments).
+// Checks the plan arguments and fills them into p (chunks resolved for `rows` rows of x).
+template <typename Backend>
+void set_plan(const char* op, Projections& p, int64_t rows, int64_t chunks, int64_t panel_align) {
+  TORCH_CHECK_VALUE(panel_align >= 8 && panel_align <= 256 && panel_align % 8 == 0, op,
+                    ": panel_align must be a multiple of 8 in [8, 256], got ", panel_align);
+  p.align = panel_align;
+  p.chunks = resolve_chunks(chunks, Backend::kOverlaps, rows, p.n, p.k);
+}
+
+// The ops of one backend. Backend:
+//   `static void dequantize(const BaseWeight&, int64_t row0, int64_t col0, at::Tensor out)`: writes rows
+//     [row0, row0 + out.size(0)) × columns [col0, col0 + out.size(1)) of the NF4 weight into out (compute dtype,
+//     unit column stride, any row stride: e.g. a slice of a panel chunk);
+//   `struct Overlap` (qlora_pipeline.h's run_pipeline) and `static constexpr bool kOverlaps` (whether it overlaps
+//     at all, for the automatic chunk count);
+//   `static at::Tensor qlora_gemm(...)` (the schema's arguments).
 template <typename Backend>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor> qlora_linear(
       const at::Tensor& x, at::TensorList weight, const OptionalTensorList& absmax, const OptionalTensorList& absmax2,
       const OptionalTensorList& code2, const OptionalTensorList& offset, at::IntArrayRef blocksize,
       at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale, const OptionalTensorList& bias,
-      const OptionalTensorList& dropout_mask, double dropout_scale) {
-    const Projections p = make_projections("qlora_linear", x, false, weight, absmax, absmax2, code2, offset,
-                                           blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
+      const OptionalTensorList& dropout_mask, double dropout_scale, int64_t chunks, int64_t panel_align) {
+    Projections p = make_projections("qlora_linear", x, false, weight, absmax, absmax2, code2, offset, blocksize,
+                                     lora_a, lora_b, scale, dropout_mask, dropout_scale);
+    set_plan<Backend>("qlora_linear", p, x.numel() / x.size(-1), chunks, panel_align);
     return forward<Backend>(x, p, concat_bias("qlora_linear", p, bias, x));
   }
   static std::tuple<at::Tensor, at::Tensor> qlora_linear_backward(
       const at::Tensor& grad_y, at::TensorList weight, const OptionalTensorList& absmax,
       const OptionalTensorList& absmax2, const OptionalTensorList& code2, const OptionalTensorList& offset,
       at::IntArrayRef blocksize, at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
-      const OptionalTensorList& dropout_mask, double dropout_scale) {
-    const Projections p = make_projections("qlora_linear_backward", grad_y, true, weight, absmax, absmax2, code2,
-                                           offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
+      const OptionalTensorList& dropout_mask, double dropout_scale, int64_t chunks, int64_t panel_align) {
+    Projections p = make_projections("qlora_linear_backward", grad_y, true, weight, absmax, absmax2, code2, offset,
+                                     blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale);
+    set_plan<Backend>("qlora_linear_backward", p, grad_y.numel() / grad_y.size(-1), chunks, panel_align);
     return backward<Backend>(grad_y, p);
   }
 };

@@ -197,19 +197,19 @@ GemmArgs make_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at:
 
 namespace {
 
-// out[r, c] = NF4 element r·k + c of the flattened weight (out: any row stride), rows in parallel.
+// out[r, c] = NF4 element (row0 + r)·k + col0 + c of the flattened weight (out: any row stride), rows in parallel.
 template <typename T>
-void dequantize_rows(const BaseWeight& b, at::Tensor& out) {
+void dequantize_rect(const BaseWeight& b, int64_t row0, int64_t col0, at::Tensor& out) {
   const at::Tensor scales = nf4_block_scales_cpu(b.nf4);  // fp32 per block, decoded once
   const float* scale = scales.const_data_ptr<float>();
   const uint8_t* packed = b.nf4.packed.const_data_ptr<uint8_t>();
   const int shift = nf4::log2_exact(b.nf4.blocksize);
-  const int64_t k = b.k, ld = out.stride(0);
+  const int64_t k = b.k, ld = out.stride(0), cols = out.size(1);
   T* dst = out.mutable_data_ptr<T>();
-  at::parallel_for(0, b.n, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0), 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t c = 0; c < k; ++c) {
-        const int64_t i = r * k + c;
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t i = (row0 + r) * k + col0 + c;
         const float v = nf4::dequant_value(nf4::code_value(nf4::code_at(packed, i)), scale[i >> shift]);
         dst[r * ld + c] = static_cast<T>(v);
       }
@@ -218,9 +218,21 @@ void dequantize_rows(const BaseWeight& b, at::Tensor& out) {
 }
 
 struct CpuBackend {
-  static void dequantize(const BaseWeight& b, at::Tensor out) {
-    SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows", [&] { dequantize_rows<scalar_t>(b, out); });
+  static void dequantize(const BaseWeight& b, int64_t row0, int64_t col0, at::Tensor out) {
+    SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows",
+                             [&] { dequantize_rect<scalar_t>(b, row0, col0, out); });
   }
+  // No second stream: chunks (only when asked for explicitly) run one after the other.
+  static constexpr bool kOverlaps = false;
+  struct Overlap {
+    explicit Overlap(const at::Tensor&) {}
+    template <typename F>
+    void produce(int, F&& fill) {
+      fill();
+    }
+    void consume(int) {}
+    void consumed(int) {}
+  };
   static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                                const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,

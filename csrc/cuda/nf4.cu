@@ -1,13 +1,7 @@
 // NF4 quantize / dequantize on CUDA, bit-identical to bitsandbytes' CUDA kernels (rules: csrc/common/nf4.h, which
 // reproduces their fast-math rounding: FTZ, MUFU.RCP for 1/absmax).
 //
-// Dequantize. Floor: read n/2 packed bytes (+ n/blocksize scales), write n outputs: 2.5 bytes per element in
-// bf16/fp16 (W[14336, 4096]: 29 MB read + 117 MB written). Launch: 256-thread CTAs, each thread owns kWords
-// packed 32-bit words (8 elements each) at a stride of one CTA width, so every warp load is 128 contiguous bytes
-// and every warp store 32 × 8 contiguous outputs (16-byte stores); all kWords loads are issued before any decode.
-// The NF4 table (and the 8-bit map when double-quantized) sit in shared memory: 16 distinct words, so a warp's
-// lookups never conflict. One scale decode per word (8 elements, always inside one block since blocksize >= 32).
-// Elements past the last whole word, or a packed pointer not 4-byte aligned, take a one-element-per-thread loop.
+// Dequantize: the shared kernel of csrc/cuda/nf4_dequant.cu (the qlora ops use it too), on the whole tensor.
 //
 // Quantize (runs once per weight; correctness first). A group of G = min(32, blocksize/8) lanes owns one block:
 // pass 1 reduces max|x| over the group with shuffles, pass 2 re-reads x (L1/L2) and writes 4 packed bytes per
@@ -21,82 +15,15 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/nf4_cuda.cuh"
+#include "cuda/nf4_dequant.h"
 #include "ops.h"
 
 namespace swiftlora::cuda {
 namespace {
 
 using nf4::Nf4Args;
-using nf4::Nf4Tables;
 
 constexpr int kThreads = 256;
-constexpr int kWords = 4;  // packed words (8 elements each) per thread in the dequantize kernel
-
-// ------------------------------------------------------------------------------------------------- dequantize
-template <typename T>
-__device__ __forceinline__ Vec<T, 8> decode_word(uint32_t word, float scale, const float* code) {
-  Vec<T, 8> v;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j + 1 (low nibble)
-    const uint32_t byte = (word >> (8 * j)) & 0xFFu;
-    v.v[2 * j] = static_cast<T>(nf4::dequant_value(code[nf4::high_nibble(byte)], scale));
-    v.v[2 * j + 1] = static_cast<T>(nf4::dequant_value(code[nf4::low_nibble(byte)], scale));
-  }
-  return v;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(Nf4Args a, T* __restrict__ out, int64_t nwords) {
-  __shared__ Nf4Tables tables;
-  nf4::load_tables(tables, a);
-  __syncthreads();
-  const float offset = a.nested ? __ldg(a.offset) : 0.f;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(a.packed);
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kWords) + threadIdx.x;
-  uint32_t w[kWords];
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    const int64_t g = first + i * kThreads;
-    w[i] = g < nwords ? __ldcs(words + g) : 0u;  // read once: evict-first
-  }
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    const int64_t g = first + i * kThreads;
-    if (g >= nwords) break;
-    const float scale = nf4::block_scale(a, tables, (g * 8) >> a.log2_blocksize, offset);
-    store_vec<T, 8>(out + g * 8, decode_word<T>(w[i], scale, tables.code));
-  }
-}
-
-// Elements [start, n) one per thread (the tail after the whole words, or everything when packed is unaligned).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) nf4_dequantize_loop_kernel(Nf4Args a, T* __restrict__ out, int64_t start) {
-  __shared__ Nf4Tables tables;
-  nf4::load_tables(tables, a);
-  __syncthreads();
-  const float offset = a.nested ? __ldg(a.offset) : 0.f;
-  for (int64_t i = start + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float scale = nf4::block_scale(a, tables, i >> a.log2_blocksize, offset);
-    out[i] = static_cast<T>(nf4::dequant_value(tables.code[nf4::code_at(a.packed, i)], scale));
-  }
-}
-
-template <typename T>
-void launch_dequantize(const Nf4Args& a, T* out, cudaStream_t stream) {
-  const int64_t nwords = aligned_to(a.packed, 4) ? a.n / 8 : 0;
-  if (nwords > 0) {
-    const int64_t grid = ceil_div(nwords, kThreads * kWords);
-    nf4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, nwords);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t rest = a.n - nwords * 8;
-  if (rest > 0) {
-    const int64_t grid = std::min<int64_t>(ceil_div(rest, kThreads), 8 * sm_count());
-    nf4_dequantize_loop_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, nwords * 8);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
 
 // --------------------------------------------------------------------------------------------------- quantize
 // 8 consecutive elements from e0 as fp32; zeros at and past `end` (bitsandbytes' zero-padded loads).
@@ -247,8 +174,9 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   const c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty(shape, packed.options().dtype(dtype));
   const Nf4Args a = nf4::nf4_args(w);
+  const Nf4Rect all{0, 1, w.n, w.n, w.n};
   SWIFTLORA_DISPATCH_FLOAT(dtype, "nf4_dequantize_cuda", [&] {
-    launch_dequantize<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), current_stream());
+    launch_nf4_dequant<scalar_t>(a, all, out.mutable_data_ptr<scalar_t>(), current_stream());
   });
   return out;
 }

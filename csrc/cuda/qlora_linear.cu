@@ -1,109 +1,96 @@
 // qlora_linear on CUDA, version 1: the shared host code (csrc/common/qlora_host.h) with each NF4 weight dequantized
-// into a row view of a scratch buffer in the compute dtype (the weight panel [W | s·B] or a plain [N, K] buffer),
-// which cuBLAS (through ATen) then reads. Also qlora_gemm, dispatched to its sm_90a kernel (version 2:
-// csrc/cuda/qlora_gemm_sm90.cu) where that applies.
+// by the shared kernel (csrc/cuda/nf4_dequant.cu) into a slice of a scratch buffer in the compute dtype (a chunk of
+// the weight panel [W | s·B] or of W), which cuBLAS (through ATen) then reads; chunk i+1 is dequantized on a side
+// stream while chunk i's GEMM runs (csrc/common/qlora_pipeline.h; StreamOverlap below). Also qlora_gemm, dispatched to
+// its sm_90a kernel (version 2: csrc/cuda/qlora_gemm_sm90.cu) where that applies.
 // Dequantization floor: read N·K/2 packed bytes + N·K/blocksize scales, write N·K·E bytes; for W [14336, 4096] bf16
 // that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "QLoRA ops").
-// Launch: like nf4_dequantize's kernel (csrc/cuda/nf4.cu) but writing rows with a row stride: 256-thread CTAs, each
-// thread kWords packed 32-bit words (8 elements each, one scale: blocksize >= 32) at a stride of one CTA width, all
-// loads issued before any decode, one 16-byte store per word. A word never straddles a row when K % 8 == 0 (then
-// element 8g sits at row 8g / K); other K, unaligned packed data or unaligned rows: one element per thread.
-// Tables (NF4 values, the 8-bit map when double-quantized) in shared memory (csrc/common/nf4_cuda.cuh).
 #include <torch/library.h>
-
-#include <algorithm>
 
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/nf4_cuda.cuh"
 #include "common/qlora_host.h"
+#include "cuda/nf4_dequant.h"
 #include "cuda/qlora_gemm_sm90.h"
 
 namespace swiftlora::cuda {
 namespace {
 
-using nf4::Nf4Args;
-using nf4::Nf4Tables;
 using qlora::BaseWeight;
 
-constexpr int kThreads = 256;
-constexpr int kWords = 4;
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    dequant_rows_words(Nf4Args a, T* __restrict__ out, int64_t ld, int64_t k, int64_t nwords) {
-  __shared__ Nf4Tables tables;
-  nf4::load_tables(tables, a);
-  __syncthreads();
-  const float offset = a.nested ? __ldg(a.offset) : 0.f;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(a.packed);
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kWords) + threadIdx.x;
-  uint32_t w[kWords];
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    const int64_t g = first + i * kThreads;
-    w[i] = g < nwords ? __ldcs(words + g) : 0u;
+// A CUDA event without timing (cheap to record; legal inside CUDA graph capture).
+class Event {
+ public:
+  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming)); }
+  ~Event() { C10_CUDA_CHECK_WARN(cudaEventDestroy(e_)); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(cudaStream_t s) {
+    C10_CUDA_CHECK(cudaEventRecord(e_, s));
+    recorded_ = true;
   }
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    const int64_t g = first + i * kThreads;
-    if (g >= nwords) break;
-    const int64_t e = g * 8, row = e / k, col = e - row * k;
-    const float scale = nf4::block_scale(a, tables, e >> a.log2_blocksize, offset);
-    Vec<T, 8> v;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j + 1 (low nibble)
-      const uint32_t byte = (w[i] >> (8 * j)) & 0xFFu;
-      v.v[2 * j] = static_cast<T>(nf4::dequant_value(tables.code[nf4::high_nibble(byte)], scale));
-      v.v[2 * j + 1] = static_cast<T>(nf4::dequant_value(tables.code[nf4::low_nibble(byte)], scale));
+  void block(cudaStream_t s) const {  // s waits for the last record (nothing to wait for before the first)
+    if (recorded_) C10_CUDA_CHECK(cudaStreamWaitEvent(s, e_, 0));
+  }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+  bool recorded_ = false;
+};
+
+// The producer/consumer streams of qlora_pipeline.h's run_pipeline. The side stream (high priority, so the
+// dequantization gets SMs as soon as the GEMM's CTAs free them) first waits for everything queued so far on the
+// current stream (inputs, and the scratch buffers' previous users: they were allocated on the current stream);
+// each chunk's fill waits for the GEMM that last read its buffer (consumed) and the GEMM waits for its fill (ready).
+// The destructor joins the side stream back into the current one, so every tensor the side stream touched is
+// used, in stream order, before anything after the op, and freeing it needs no record_stream; this also makes the
+// fork/join a valid CUDA graph capture.
+struct StreamOverlap {
+  explicit StreamOverlap(const at::Tensor& like)
+      : main_(c10::cuda::getCurrentCUDAStream(like.device().index())),
+        side_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, like.device().index())) {
+    fork_.record(main_.stream());
+    fork_.block(side_.stream());
+  }
+  ~StreamOverlap() {
+    try {
+      join_.record(side_.stream());
+      join_.block(main_.stream());
+    } catch (const std::exception& e) {
+      TORCH_WARN("qlora_linear: joining the dequantization stream failed: ", e.what());
     }
-    if constexpr (sizeof(T) == 2) {
-      store_vec<T, 8>(out + row * ld + col, v);
-    } else {
-      T* dst = out + row * ld + col;
-      store_vec<T, 4>(dst, *reinterpret_cast<const Vec<T, 4>*>(&v.v[0]));
-      store_vec<T, 4>(dst + 4, *reinterpret_cast<const Vec<T, 4>*>(&v.v[4]));
+  }
+  StreamOverlap(const StreamOverlap&) = delete;
+  StreamOverlap& operator=(const StreamOverlap&) = delete;
+  template <typename F>
+  void produce(int slot, F&& fill) {
+    consumed_[slot].block(side_.stream());
+    {
+      const c10::cuda::CUDAStreamGuard guard(side_);
+      fill();
     }
+    ready_[slot].record(side_.stream());
   }
-}
+  void consume(int slot) { ready_[slot].block(main_.stream()); }
+  void consumed(int slot) { consumed_[slot].record(main_.stream()); }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) dequant_rows_scalar(Nf4Args a, T* __restrict__ out, int64_t ld, int64_t k) {
-  __shared__ Nf4Tables tables;
-  nf4::load_tables(tables, a);
-  __syncthreads();
-  const float offset = a.nested ? __ldg(a.offset) : 0.f;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / k, col = i - row * k;
-    const float scale = nf4::block_scale(a, tables, i >> a.log2_blocksize, offset);
-    out[row * ld + col] = static_cast<T>(nf4::dequant_value(tables.code[nf4::code_at(a.packed, i)], scale));
-  }
-}
-
-template <typename T>
-void launch_dequant(const Nf4Args& a, T* out, int64_t ld, int64_t k, cudaStream_t stream) {
-  const bool words = k % 8 == 0 && aligned_to(a.packed, 4) && aligned_to(out, 16) &&
-                     (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  if (words) {
-    const int64_t nwords = a.n / 8;
-    const int64_t grid = ceil_div(nwords, kThreads * kWords);
-    dequant_rows_words<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, ld, k, nwords);
-  } else {
-    const int64_t grid = std::min<int64_t>(ceil_div(a.n, kThreads), 8 * sm_count());
-    dequant_rows_scalar<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, out, ld, k);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+  c10::cuda::CUDAStream main_, side_;
+  Event fork_, join_, ready_[2], consumed_[2];
+};
 
 struct CudaBackend {
-  // out: [n, k] in the compute dtype, unit column stride, any row stride (a slice of the weight panel).
-  static void dequantize(const BaseWeight& b, at::Tensor out) {
-    const Nf4Args a = nf4::nf4_args(b.nf4);
+  // out: rows [row0, ...) × columns [col0, ...) of W in the compute dtype, unit column stride, any row stride (a
+  // slice of a panel chunk), on the current stream (the side stream inside Overlap::produce).
+  static void dequantize(const BaseWeight& b, int64_t row0, int64_t col0, at::Tensor out) {
+    const nf4::Nf4Args a = nf4::nf4_args(b.nf4);
+    const Nf4Rect rect{row0 * b.k + col0, out.size(0), out.size(1), b.k, out.stride(0)};
     SWIFTLORA_DISPATCH_FLOAT(out.scalar_type(), "qlora_dequantize_rows", [&] {
-      launch_dequant<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), out.stride(0), b.k, current_stream());
+      launch_nf4_dequant<scalar_t>(a, rect, out.mutable_data_ptr<scalar_t>(), current_stream());
     });
   }
+  static constexpr bool kOverlaps = true;
+  using Overlap = StreamOverlap;
   // Version 2 where it applies (sm_90a: dequantization inside the wgmma GEMM), else dequantize + cuBLAS.
   static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,

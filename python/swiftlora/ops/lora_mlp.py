@@ -19,8 +19,8 @@ import torch
 from .._compat import below_autograd
 from .glu import geglu_reference, swiglu_reference
 from .lora_weights import LoRAProjection
-from .qlora_linear import (backward_op, dropout_masks as draw_masks, factor_lists, forward_op, lora_grads,
-                           lora_reference, prepare, rows, scaled_b_block)
+from .qlora_linear import (backward_op, current_plan, dropout_masks as draw_masks, factor_lists, forward_op,
+                           lora_grads, lora_reference, prepare, rows, scaled_b_block)
 
 _lib = torch.ops.swiftlora
 ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")  # geglu: exact erf GeLU; geglu_tanh: Gemma's gelu_pytorch_tanh
@@ -81,10 +81,10 @@ def lora_mlp_reference(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection
 
 
 class _Spec:
-    __slots__ = ("projs", "dscale", "activation")
+    __slots__ = ("projs", "dscale", "activation", "plan")
 
     def __init__(self, projs, dscale, activation):
-        self.projs, self.dscale, self.activation = projs, dscale, activation
+        self.projs, self.dscale, self.activation, self.plan = projs, dscale, activation, current_plan()
 
 
 def _activation(spec, g, u):
@@ -104,10 +104,10 @@ def _activation_backward_(spec, dh, g, u):
 def _forward(spec, x, masks):
     """(y, gu, xa_gu, xa_down)."""
     gate, up, down = spec.projs
-    gu, xa_gu = forward_op(x, (gate, up), masks[:2], spec.dscale)
+    gu, xa_gu = forward_op(x, (gate, up), masks[:2], spec.dscale, spec.plan)
     f = gate.out_features
     h = _activation(spec, gu[..., :f], gu[..., f:])
-    y, xa_down = forward_op(h, (down,), masks[2:], spec.dscale)
+    y, xa_down = forward_op(h, (down,), masks[2:], spec.dscale, spec.plan)
     return y, gu, xa_gu, xa_down
 
 
@@ -140,7 +140,7 @@ class _LoRAMLP(torch.autograd.Function):
         g, u = gu[..., :f], gu[..., f:]
         with below_autograd():
             if need_upstream:
-                dh, gxa_down = backward_op(grad_y, (down,), masks[2:], spec.dscale)
+                dh, gxa_down = backward_op(grad_y, (down,), masks[2:], spec.dscale, spec.plan)
                 _activation_backward_(spec, dh, g, u)  # dh <- h; gu <- [d gate | d up]
                 h = dh
             else:
@@ -161,7 +161,7 @@ def _gate_up_backward(spec, x, dgu, xa_gu, masks, need_x, needs):
     projs = spec.projs[:2]
     grad_x = grad_xa = None
     if need_x:
-        grad_x, grad_xa = backward_op(dgu, projs, masks, spec.dscale)
+        grad_x, grad_xa = backward_op(dgu, projs, masks, spec.dscale, spec.plan)
     elif any(needs[0]):
         grad_xa = rows(dgu) @ scaled_b_block(projs, dgu.dtype)
     return grad_x, lora_grads(factor_lists(projs), masks, spec.dscale, rows(x), rows(xa_gu), rows(dgu),

@@ -8,13 +8,18 @@ the backward saves ``x``, ``xa`` and the dropout masks, and forms ``grad_A``, ``
 All matmuls run in x's dtype (the compute dtype) with float32 accumulation; ``grad_A``/``grad_B``/``grad_bias``
 come back in the parameters' own dtypes.
 
+Plan (:func:`qlora_plan`): on the GPU the NF4 weight is dequantized in chunks on a side stream, each under the
+GEMM of the previous chunk (csrc/common/qlora_pipeline.h); the chunk count and the padding of the folded LoRA
+columns are chosen by the op unless a ``qlora_plan`` block fixes them (benchmarks, tests).
+
 Dropout: with ``dropout_p > 0`` each projection draws its own keep-mask (``dropout_masks``, optionally from a
 ``generator``), as PEFT's per-layer ``nn.Dropout`` would; pass masks explicitly to reproduce a run or to check
 against :func:`qlora_linear_reference`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -24,6 +29,40 @@ from .lora_weights import BaseWeight, LoRAProjection, NF4Weight, check_projectio
 from .qlora_gemm import qlora_gemm
 
 _lib = torch.ops.swiftlora
+
+
+class QLoRAPlan(NamedTuple):
+    """How the qlora ops run their NF4 GEMMs. ``chunks``: <= 0 automatic (on the GPU 4 for big weights and inputs,
+    else 1), 1 one dequantization then one GEMM (version 1), n up to n dequantize/GEMM chunks overlapped on two
+    streams (fewer when the weight is small; sequential on the CPU). ``panel_align``: the folded LoRA columns pad
+    ``K + r`` to a multiple of it (8: 16-byte rows; 64: whole 64-wide GEMM k-tiles)."""
+
+    chunks: int = -1
+    panel_align: int = 8
+
+
+_plan = QLoRAPlan()
+
+
+@contextlib.contextmanager
+def qlora_plan(chunks: int = -1, panel_align: int = 8) -> Iterator[QLoRAPlan]:
+    """Within the block, LoRA linears built on the qlora ops (:func:`qlora_linear`, ``lora_qkv``, ``lora_mlp``) run
+    with this :class:`QLoRAPlan`; their backward keeps the plan of its forward."""
+    global _plan
+    if not (isinstance(chunks, int) and isinstance(panel_align, int)):
+        raise TypeError(f"qlora_plan: chunks and panel_align must be ints, got {chunks!r}, {panel_align!r}")
+    if panel_align < 8 or panel_align > 256 or panel_align % 8:
+        raise ValueError(f"qlora_plan: panel_align must be a multiple of 8 in [8, 256], got {panel_align}")
+    saved, _plan = _plan, QLoRAPlan(chunks, panel_align)
+    try:
+        yield _plan
+    finally:
+        _plan = saved
+
+
+def current_plan() -> QLoRAPlan:
+    """The plan a LoRA linear started now runs with."""
+    return _plan
 
 
 def lora_reference(x: torch.Tensor, proj: LoRAProjection, dropout_mask: torch.Tensor | None = None,
@@ -117,14 +156,14 @@ def prepare(fn: str, x, projections, dropout_p, masks, generator):
     return projs, masks, 1.0 / (1.0 - float(dropout_p))
 
 
-def forward_op(x, projs, masks, dscale):
+def forward_op(x, projs, masks, dscale, plan: QLoRAPlan):
     """(y, xa) from torch.ops.swiftlora.qlora_linear."""
-    return _lib.qlora_linear(x, *op_lists(projs), [p.bias for p in projs], _op_masks(masks), dscale)
+    return _lib.qlora_linear(x, *op_lists(projs), [p.bias for p in projs], _op_masks(masks), dscale, *plan)
 
 
-def backward_op(grad_y, projs, masks, dscale):
+def backward_op(grad_y, projs, masks, dscale, plan: QLoRAPlan):
     """(grad_x, grad_xa) from torch.ops.swiftlora.qlora_linear_backward."""
-    return _lib.qlora_linear_backward(grad_y, *op_lists(projs), _op_masks(masks), dscale)
+    return _lib.qlora_linear_backward(grad_y, *op_lists(projs), _op_masks(masks), dscale, *plan)
 
 
 def factor_lists(projs) -> tuple:
@@ -176,17 +215,19 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Spec:
-    """The non-tensor half of a call: projections (their base weights and scales), the dropout scale, and whether
-    the forward takes qlora_gemm (version 2)."""
+    """The non-tensor half of a call: projections (their base weights and scales), the dropout scale, whether
+    the forward takes qlora_gemm (version 2), and the plan (taken when the call starts, kept for its backward)."""
 
-    __slots__ = ("projs", "dscale", "fused")
+    __slots__ = ("projs", "dscale", "fused", "plan")
 
     def __init__(self, projs, dscale, fused=False):
-        self.projs, self.dscale, self.fused = projs, dscale, fused
+        self.projs, self.dscale, self.fused, self.plan = projs, dscale, fused, current_plan()
 
     def forward(self, x, masks):
         """(y, xa)."""
-        return (fused_forward if self.fused else forward_op)(x, self.projs, masks, self.dscale)
+        if self.fused:
+            return fused_forward(x, self.projs, masks, self.dscale)
+        return forward_op(x, self.projs, masks, self.dscale, self.plan)
 
 
 def fused_forward(x, projs, masks, dscale):
@@ -228,7 +269,7 @@ class _LoRALinear(torch.autograd.Function):
         grad_x = grad_xa = None
         with below_autograd():
             if need_x:
-                grad_x, grad_xa = backward_op(grad_y, projs, masks, spec.dscale)
+                grad_x, grad_xa = backward_op(grad_y, projs, masks, spec.dscale, spec.plan)
             elif any(need_a):
                 grad_xa = rows(grad_y) @ scaled_b_block(projs, grad_y.dtype)
             ga, gb, gbias = lora_grads(factor_lists(projs), masks, spec.dscale, rows(x), rows(xa), rows(grad_y),
@@ -245,14 +286,16 @@ def scaled_b_block(projs, dtype) -> torch.Tensor:
 
 
 @torch.library.register_fake("swiftlora::qlora_linear")
-def _(x, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale):
+def _(x, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale,
+      chunks=-1, panel_align=8):
     n = sum(b.shape[0] for b in lora_b)
     r = sum(a.shape[0] for a in lora_a)
     return x.new_empty((*x.shape[:-1], n)), x.new_empty((*x.shape[:-1], r))
 
 
 @torch.library.register_fake("swiftlora::qlora_linear_backward")
-def _(grad_y, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale):
+def _(grad_y, weight, absmax, absmax2, code2, offset, blocksize, lora_a, lora_b, scale, dropout_mask, dropout_scale,
+      chunks=-1, panel_align=8):
     k = lora_a[0].shape[1]
     r = sum(a.shape[0] for a in lora_a)
     return grad_y.new_empty((*grad_y.shape[:-1], k)), grad_y.new_empty((*grad_y.shape[:-1], r))
@@ -272,7 +315,7 @@ def _backward(ctx, grad_y, _grad_xa):
     args = ctx.args
     lora_a, lora_b, scale, bias, dscale = args[7], args[8], args[9], args[10], args[12]
     masks = masks or [None] * len(lora_a)
-    grad_x, grad_xa = _lib.qlora_linear_backward(grad_y, *args[1:10], args[11], dscale)
+    grad_x, grad_xa = _lib.qlora_linear_backward(grad_y, *args[1:10], args[11], dscale, *args[13:15])
     bias = list(bias) or [None] * len(lora_a)
     needs = ([a.requires_grad for a in lora_a], [b.requires_grad for b in lora_b],
              [b is not None and b.requires_grad for b in bias])
@@ -283,7 +326,9 @@ def _backward(ctx, grad_y, _grad_xa):
     grads[0], grads[7], grads[8] = grad_x, ga, gb
     if args[10] and _tensor_list(args[10]):
         grads[10] = gbias
-    return tuple(grads)
+    # args has the defaulted plan arguments filled in; the gradients follow the arguments as passed (the dispatcher
+    # drops trailing ones equal to their defaults), whose structure needs_input_grad has.
+    return tuple(grads[:len(ctx.needs_input_grad)])
 
 
 def _tensor_list(a) -> bool:
