@@ -28,7 +28,8 @@ from .ops.common import Unavailable, rel_err
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2); "gemm" is the yardstick of the
 # fused LM-head and QLoRA ops (their matmuls alone).
-LOCAL_PROVIDERS = ("swiftlora", "swiftlora_inplace", "swiftlora_fused", "torch", "gemm")
+# swiftlora_serial: the frozen LM head's vocabulary blocks in one stream (the overlap's baseline, same run).
+LOCAL_PROVIDERS = ("swiftlora", "swiftlora_inplace", "swiftlora_fused", "swiftlora_serial", "torch", "gemm")
 PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS

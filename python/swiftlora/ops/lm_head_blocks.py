@@ -85,6 +85,8 @@ def new_stats(rows: int, device) -> torch.Tensor:
 
 
 class ChunkSums(NamedTuple):
+    """One token chunk's sums. ``stats``, ``g`` and ``gz`` are buffers that the next chunk reuses: consume them
+    (they may be modified in place) before advancing the iterator."""
     start: int
     end: int
     stats: torch.Tensor  # float32 [C, 6]: m, s, Σz, Σe^{z−m}z, z_label, dz_label
@@ -92,38 +94,102 @@ class ChunkSums(NamedTuple):
     gz: torch.Tensor | None  # float32 [C, H]: Σ_j e^{z_j−m}·z_j·dz_j·W_j (when asked)
 
 
+OVERLAP = True  # CUDA: each block's softmax on a side stream beside the next block's GEMM (False: one stream)
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device, kept for the process (a stream from torch's pool, default priority)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=torch.device("cuda", key))
+    return _SIDE_STREAMS[key]
+
+
 def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor | None,
                 ignore_index: int, softcap: float, logit_scale: float, plan: BlockPlan,
-                with_gz: bool = False) -> Iterator[ChunkSums]:
-    """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows."""
+                with_gz: bool = False, overlap: bool | None = None) -> Iterator[ChunkSums]:
+    """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows.
+
+    Schedule per chunk (bench/NOTES.md, "Third step"): the logits GEMM of block j+1 is issued before block j's
+    rescale + accumulation, into the other of two block buffers; with ``overlap`` (default: CUDA and ``OVERLAP``)
+    the softmax kernels run in block order on a side stream, so block j's softmax runs beside the GEMMs. Every buffer
+    sees the same sequence of ops as in one stream (the stats: softmax j in order; G: scale by r_j, add block j, in
+    order), so the results do not depend on ``overlap``.
+    """
     n, hdim = h2.shape
     vocab, dev = weight.shape[0], h2.device
-    for s in range(0, n, plan.rows):
-        e = min(s + plan.rows, n)
-        hc, yc = h2[s:e], None if labels is None else labels[s:e]
-        stats = new_stats(e - s, dev)
-        g = torch.zeros(e - s, hdim, dtype=torch.float32, device=dev)
-        gz = torch.zeros_like(g) if with_gz else None
-        for v0 in range(0, vocab, plan.cols):
-            v1 = min(v0 + plan.cols, vocab)
-            wb = weight[v0:v1]
-            block = torch.mm(hc, wb.t()) if bias is None else torch.addmm(bias[v0:v1], hc, wb.t())
-            pz = torch.empty_like(block) if with_gz else None
-            r = _lib.online_softmax_block_(block, stats, yc, pz, v0, ignore_index, softcap, logit_scale)
-            if v0:
-                _lib.scale_rows_(g, r)
-                if with_gz:
-                    _lib.scale_rows_(gz, r)
-            addmm_fp32_(g, block, wb)
-            if with_gz:
-                addmm_fp32_(gz, pz, wb)
-            del block, pz  # before the next block is allocated: one block alive at a time
-        yield ChunkSums(s, e, stats, g, gz)
+    side = _side_stream(dev) if (OVERLAP if overlap is None else overlap) and h2.is_cuda else None
+    main = torch.cuda.current_stream(dev) if side is not None else None
+    nbuf = 1 if plan.cols >= vocab else 2
+    rows = min(plan.rows, n)
+    # allocated once and reused by every chunk (the caller is done with a chunk before asking for the next)
+    stats = torch.empty(rows, 6, dtype=torch.float32, device=dev)
+    g = torch.empty(rows, hdim, dtype=torch.float32, device=dev)
+    gz = torch.empty_like(g) if with_gz else None
+
+    def softmax(block, stats_c, yc, pz, v0):
+        """online_softmax_block_ (on the side stream when overlapping): (rescale r, event or None)."""
+        if side is None:
+            return _lib.online_softmax_block_(block, stats_c, yc, pz, v0, ignore_index, softcap, logit_scale), None
+        side.wait_stream(main)  # the block's GEMM (and, for block 0, the stats reset) are done
+        with torch.cuda.stream(side):
+            r = _lib.online_softmax_block_(block, stats_c, yc, pz, v0, ignore_index, softcap, logit_scale)
+        r.record_stream(main)  # made on the side stream, read by scale_rows_ on the main one
+        return r, side.record_event()
+
+    def accumulate(g_c, gz_c, block, pz, wb, r, done, first):
+        """G = r·G + P @ W_b (and Gz) on the main stream, after the block's softmax."""
+        if done is not None:
+            main.wait_event(done)
+        if not first:
+            _lib.scale_rows_(g_c, r)
+            if gz_c is not None:
+                _lib.scale_rows_(gz_c, r)
+        addmm_fp32_(g_c, block, wb)
+        if gz_c is not None:
+            addmm_fp32_(gz_c, pz, wb)
+
+    try:
+        for s in range(0, n, plan.rows):
+            e = min(s + plan.rows, n)
+            c = e - s
+            hc, yc = h2[s:e], None if labels is None else labels[s:e]
+            stats_c, g_c, gz_c = stats[:c], g[:c].zero_(), None if gz is None else gz[:c].zero_()
+            stats_c.zero_()
+            stats_c[:, 0].fill_(-torch.inf)
+            # per chunk, so that the caller's work on the chunk's sums does not coexist with them
+            # each buffer starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
+            bufs = torch.empty(nbuf, -(-c * min(plan.cols, vocab) // 128) * 128, dtype=h2.dtype, device=dev)
+            pzs = torch.empty_like(bufs) if with_gz else None
+            pending = None
+            for j, v0 in enumerate(range(0, vocab, plan.cols)):
+                v1 = min(v0 + plan.cols, vocab)
+                wb = weight[v0:v1]
+                block = bufs[j % nbuf, :c * (v1 - v0)].view(c, v1 - v0)
+                if bias is None:
+                    torch.mm(hc, wb.t(), out=block)
+                else:
+                    torch.addmm(bias[v0:v1], hc, wb.t(), out=block)
+                pz = None if pzs is None else pzs[j % nbuf, :c * (v1 - v0)].view(c, v1 - v0)
+                r, done = softmax(block, stats_c, yc, pz, v0)
+                if pending is not None:  # the previous block, while this block's softmax runs
+                    accumulate(g_c, gz_c, *pending)
+                pending = (block, pz, wb, r, done, j == 0)
+            accumulate(g_c, gz_c, *pending)
+            del bufs, pzs, block, pz, pending
+            yield ChunkSums(s, e, stats_c, g_c, gz_c)
+    finally:
+        if side is not None:  # an abandoned iterator: no side-stream work may outlive the buffers
+            main.wait_stream(side)
 
 
 def label_rows(weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """float32 ``W[label]`` per row (row 0 of W where there is no valid label; callers zero its coefficient)."""
-    return weight.index_select(0, torch.where(valid, labels.long(), 0)).to(torch.float32)
+    """``W[label]`` per row in W's dtype (row 0 of W where there is no valid label; callers zero its coefficient).
+    Callers add it into float32 sums with ``addcmul_``, which upcasts exactly, without a float32 copy (float64 is
+    narrowed to float32, the sums' dtype)."""
+    rows = weight.index_select(0, torch.where(valid, labels.long(), 0))
+    return rows if rows.dtype.itemsize <= 4 else rows.to(torch.float32)
 
 
 @torch.library.register_fake("swiftlora::online_softmax_block_")
