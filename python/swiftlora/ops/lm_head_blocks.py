@@ -121,34 +121,44 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     vocab, dev = weight.shape[0], h2.device
     side = _side_stream(dev) if (OVERLAP if overlap is None else overlap) and h2.is_cuda else None
     main = torch.cuda.current_stream(dev) if side is not None else None
-    nbuf = 1 if plan.cols >= vocab else 2
+    # one event for "block j's GEMM is done" (the side stream waits on it at once, so one is enough) and two for
+    # "block j's softmax is done" (the main stream waits on block j's before block j + 2 records it again)
+    gemm_done, sm_done = (torch.cuda.Event(), (torch.cuda.Event(), torch.cuda.Event())) if side else (None, None)
+    spans = [(v0, min(v0 + plan.cols, vocab)) for v0 in range(0, vocab, plan.cols)]
+    nbuf = min(len(spans), 2)
+    # W's blocks (and their transposes) once per call, not per chunk: the loop below is the host's hot path
+    wbs = [weight[v0:v1] for v0, v1 in spans]
+    wbts = [wb.t() for wb in wbs]
+    bbs = [None if bias is None else bias[v0:v1] for v0, v1 in spans]
     rows = min(plan.rows, n)
     # allocated once and reused by every chunk (the caller is done with a chunk before asking for the next)
     stats = torch.empty(rows, 6, dtype=torch.float32, device=dev)
     g = torch.empty(rows, hdim, dtype=torch.float32, device=dev)
     gz = torch.empty_like(g) if with_gz else None
 
-    def softmax(block, stats_c, yc, pz, v0):
+    def softmax(j, block, stats_c, yc, pz):
         """online_softmax_block_ (on the side stream when overlapping): (rescale r, event or None)."""
         if side is None:
-            return _lib.online_softmax_block_(block, stats_c, yc, pz, v0, ignore_index, softcap, logit_scale), None
-        side.wait_stream(main)  # the block's GEMM (and, for block 0, the stats reset) are done
+            return _lib.online_softmax_block_(block, stats_c, yc, pz, spans[j][0], ignore_index, softcap,
+                                              logit_scale), None
+        gemm_done.record(main)  # the block's GEMM (and, for block 0, the stats reset) are issued before
+        side.wait_event(gemm_done)
         with torch.cuda.stream(side):
-            r = _lib.online_softmax_block_(block, stats_c, yc, pz, v0, ignore_index, softcap, logit_scale)
+            r = _lib.online_softmax_block_(block, stats_c, yc, pz, spans[j][0], ignore_index, softcap, logit_scale)
         r.record_stream(main)  # made on the side stream, read by scale_rows_ on the main one
-        return r, side.record_event()
+        done = sm_done[j % 2]
+        done.record(side)
+        return r, done
 
-    def accumulate(g_c, gz_c, block, pz, wb, r, done, first):
+    def accumulate(g_c, gz_c, j, block, pz, r, done):
         """G = r·G + P @ W_b (and Gz) on the main stream, after the block's softmax."""
         if done is not None:
             main.wait_event(done)
-        if not first:
-            _lib.scale_rows_(g_c, r)
-            if gz_c is not None:
-                _lib.scale_rows_(gz_c, r)
-        addmm_fp32_(g_c, block, wb)
-        if gz_c is not None:
-            addmm_fp32_(gz_c, pz, wb)
+        for acc, p in ((g_c, block), (gz_c, pz)):
+            if acc is not None:
+                if j:
+                    _lib.scale_rows_(acc, r)
+                addmm_fp32_(acc, p, wbs[j])
 
     try:
         for s in range(0, n, plan.rows):
@@ -158,24 +168,22 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             stats_c, g_c, gz_c = stats[:c], g[:c].zero_(), None if gz is None else gz[:c].zero_()
             stats_c.zero_()
             stats_c[:, 0].fill_(-torch.inf)
-            # per chunk, so that the caller's work on the chunk's sums does not coexist with them
-            # each buffer starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
-            bufs = torch.empty(nbuf, -(-c * min(plan.cols, vocab) // 128) * 128, dtype=h2.dtype, device=dev)
+            # per chunk, so that the caller's work on the chunk's sums does not coexist with them; each buffer
+            # starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
+            bufs = torch.empty(nbuf, -(-c * (spans[0][1] - spans[0][0]) // 128) * 128, dtype=h2.dtype, device=dev)
             pzs = torch.empty_like(bufs) if with_gz else None
             pending = None
-            for j, v0 in enumerate(range(0, vocab, plan.cols)):
-                v1 = min(v0 + plan.cols, vocab)
-                wb = weight[v0:v1]
-                block = bufs[j % nbuf, :c * (v1 - v0)].view(c, v1 - v0)
+            for j, (v0, v1) in enumerate(spans):
+                block = bufs[j % 2, :c * (v1 - v0)].view(c, v1 - v0)
                 if bias is None:
-                    torch.mm(hc, wb.t(), out=block)
+                    torch.mm(hc, wbts[j], out=block)
                 else:
-                    torch.addmm(bias[v0:v1], hc, wb.t(), out=block)
-                pz = None if pzs is None else pzs[j % nbuf, :c * (v1 - v0)].view(c, v1 - v0)
-                r, done = softmax(block, stats_c, yc, pz, v0)
+                    torch.addmm(bbs[j], hc, wbts[j], out=block)
+                pz = None if pzs is None else pzs[j % 2, :c * (v1 - v0)].view(c, v1 - v0)
+                r, done = softmax(j, block, stats_c, yc, pz)
                 if pending is not None:  # the previous block, while this block's softmax runs
                     accumulate(g_c, gz_c, *pending)
-                pending = (block, pz, wb, r, done, j == 0)
+                pending = (j, block, pz, r, done)
             accumulate(g_c, gz_c, *pending)
             del bufs, pzs, block, pz, pending
             yield ChunkSums(s, e, stats_c, g_c, gz_c)
