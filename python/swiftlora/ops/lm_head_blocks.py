@@ -119,7 +119,8 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     n, hdim = h2.shape
     vocab, dev = weight.shape[0], h2.device
-    side = _side_stream(dev) if (OVERLAP if overlap is None else overlap) and h2.is_cuda else None
+    overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
+    side = _side_stream(dev) if overlap else None
     main = torch.cuda.current_stream(dev) if side is not None else None
     # one event for "block j's GEMM is done" (the side stream waits on it at once, so one is enough) and two for
     # "block j's softmax is done" (the main stream waits on block j's before block j + 2 records it again)
