@@ -1,8 +1,8 @@
-"""Sweep of the frozen LM head's vocabulary-block path: block size (memory_budget_mb, capped at 32 MiB by
-lm_head_blocks.L2_BLOCK_BYTES) x softmax/GEMM overlap on or off, for fused_linear_cross_entropy and token_logprobs at
+"""Sweep of the frozen LM head's vocabulary-block path: block size (memory_budget_mb, shared by the two block
+buffers, each capped at 32 MiB by lm_head_blocks.L2_BLOCK_BYTES) x softmax/GEMM overlap on or off, for fused_linear_cross_entropy and token_logprobs at
 the issue-3 benchmark shapes, beside the two-GEMM yardstick measured in the same process.
 
-    python -m bench.lm_head_sweep [--budgets 8,16,32] [--reps 50] [--quick]
+    python -m bench.lm_head_sweep [--budgets 16,32,64] [--reps 50] [--quick]
 
 Prints one line per setting: wall ms (median, L2 flushed before each call, as bench.kernels), the ratio to the
 GEMMs, kernel ms (summed kernel durations: with overlap on, kernels that run at once are counted twice, so it can
@@ -35,7 +35,7 @@ def _op_call(name, hidden, weight, ids, budget):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.lm_head_sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--budgets", default="8,16,32", help="memory_budget_mb values (MiB of logits block)")
+    p.add_argument("--budgets", default="16,32,64", help="memory_budget_mb values (MiB, both block buffers)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test; CPU works)")
     args = p.parse_args(argv)

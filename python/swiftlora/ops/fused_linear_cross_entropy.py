@@ -2,7 +2,7 @@
 
 A frozen head (LoRA / QLoRA: only grad_hidden needed) goes through vocabulary blocks of 2048-token chunks,
 accumulating the softmax-weighted rows of W flash-attention style (:mod:`.lm_head_blocks`); ``memory_budget_mb``
-bounds the transient logits block. Otherwise (trainable weight or bias, an explicit ``chunk_size``, or softcap
+bounds the transient logits blocks (two in flight). Otherwise (trainable weight or bias, an explicit ``chunk_size``, or softcap
 together with label smoothing) tokens are processed in chunks of ``C`` rows: ``logits_c = hidden_c @ weightᵀ (+ bias)`` (a GEMM in the input
 dtype), then ``cross_entropy_fused_`` turns that buffer into the loss and, in place, the logits' gradient, from
 which ``grad_hidden_c = grad_c @ weight`` and ``grad_weight += grad_cᵀ @ hidden_c`` (float32 accumulation for
@@ -111,7 +111,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             :func:`swiftlora.ops.cross_entropy` (softcap and logit_scale apply to the logits ``hidden @ weightᵀ +
             bias``).
         chunk_size: rows per chunk, overriding the budget.
-        memory_budget_mb: size of the transient logits chunk (see :func:`chunk_rows`).
+        memory_budget_mb: size of the transient logits chunk (see :func:`chunk_rows`); for a frozen head, of the
+            two vocabulary-block buffers together (see :func:`.lm_head_blocks.block_plan`).
     Returns:
         float32 loss: a scalar, or ``[...]`` for reduction "none".
     """

@@ -8,7 +8,7 @@ large chunks (2048 rows) and the vocabulary in blocks: per block, ``logits = h_c
 ``online_softmax_block_`` updates each row's running (max m, Σe^{z−m}, ...) and turns the block into
 ``P = e^{z−m}·dz/dx``, and ``G = r·G + P @ W_b`` (float32) accumulates, ``r`` rescaling earlier blocks when m
 grows. At the end of a chunk ``lse = m + log s`` and ``Σ_j p_j dz_j W_j = G / s``. Both GEMMs keep well-shaped
-tiles (M = 2048) and the transient block (``memory_budget_mb``) mostly stays in L2 between them.
+tiles (M = 2048) and the transient block (two in flight within ``memory_budget_mb``) mostly stays in L2 between them.
 
 Used by fused_linear_cross_entropy and token_logprobs when neither the head nor its bias needs a gradient.
 Combinations it does not cover (softcap with label smoothing, whose Σ_j dz_j·W_j term varies per row) take the
@@ -37,11 +37,16 @@ class BlockPlan(NamedTuple):
 
 
 def block_plan(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> BlockPlan:
-    """Chunk and block sizes, a deterministic function of the shapes, dtype and budget (the ``[rows, cols]`` logits
-    block is the buffer the budget bounds, and at most L2_BLOCK_BYTES)."""
+    """Chunk and block sizes, a deterministic function of the shapes, dtype and budget. The budget bounds the
+    ``[rows, cols]`` logits buffers: one when the vocabulary fits one block, else the two that head_chunks keeps in
+    flight (half the budget each; with_gz's pz buffers come on top). A block is at most L2_BLOCK_BYTES."""
     rows = max(1, min(n, ROW_CHUNK))
-    cols = int(min(memory_budget_mb * 2**20, L2_BLOCK_BYTES)) // (rows * dtype.itemsize)
-    cols = min(cols, CUDA_MAX_COLS.get(dtype.itemsize, 8192), vocab)
+    per_col, cap = rows * dtype.itemsize, CUDA_MAX_COLS.get(dtype.itemsize, 8192)
+    budget = memory_budget_mb * 2**20
+    cols = min(int(min(budget, L2_BLOCK_BYTES)) // per_col, cap)
+    if cols < vocab:  # several blocks: two buffers share the budget
+        cols = min(int(min(budget / 2, L2_BLOCK_BYTES)) // per_col, cap)
+    cols = min(cols, vocab)
     if cols >= COL_ALIGN and cols < vocab:
         cols -= cols % COL_ALIGN
     return BlockPlan(rows, max(cols, 1))
