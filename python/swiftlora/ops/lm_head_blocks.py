@@ -82,11 +82,16 @@ def online_softmax_block_reference(block, stats, labels, pz, col0, ignore_index,
     return r
 
 
-def new_stats(rows: int, device) -> torch.Tensor:
-    """The starting statistics: m = −inf, everything else 0."""
-    stats = torch.zeros(rows, 6, dtype=torch.float32, device=device)
-    stats[:, 0] = -torch.inf
+def reset_stats_(stats: torch.Tensor) -> torch.Tensor:
+    """The starting statistics, in place: m = −inf, everything else 0."""
+    stats.zero_()
+    stats[:, 0].fill_(-torch.inf)
     return stats
+
+
+def new_stats(rows: int, device) -> torch.Tensor:
+    """Fresh starting statistics [rows, 6] float32 (see reset_stats_)."""
+    return reset_stats_(torch.empty(rows, 6, dtype=torch.float32, device=device))
 
 
 class ChunkSums(NamedTuple):
@@ -171,9 +176,7 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             e = min(s + plan.rows, n)
             c = e - s
             hc, yc = h2[s:e], None if labels is None else labels[s:e]
-            stats_c, g_c, gz_c = stats[:c], g[:c].zero_(), None if gz is None else gz[:c].zero_()
-            stats_c.zero_()
-            stats_c[:, 0].fill_(-torch.inf)
+            stats_c, g_c, gz_c = reset_stats_(stats[:c]), g[:c].zero_(), None if gz is None else gz[:c].zero_()
             # per chunk, so that the caller's work on the chunk's sums does not coexist with them; each buffer
             # starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
             bufs = torch.empty(nbuf, -(-c * (spans[0][1] - spans[0][0]) // 128) * 128, dtype=h2.dtype, device=dev)
