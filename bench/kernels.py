@@ -29,8 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2) / swiftlora_v1 and swiftlora_a64
 # (the QLoRA ops' plans: one-pass version 1, LoRA columns padded to 64); "gemm" is the yardstick of the fused LM-head
 # and QLoRA ops (their matmuls alone).
-LOCAL_PROVIDERS = ("swiftlora", "swiftlora_v1", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused", "torch",
-                   "gemm")
+# swiftlora_serial: the frozen LM head's vocabulary blocks in one stream (the overlap's baseline, same run).
+LOCAL_PROVIDERS = ("swiftlora", "swiftlora_v1", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused",
+                   "swiftlora_serial", "torch", "gemm")
 PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS

@@ -100,6 +100,24 @@ def loss_bench(
     return Bench(fwd=fn, fwd_bwd=fwd_bwd, output=output, restore=restore, notes=list(notes))
 
 
+def one_stream(bench: Bench) -> Bench:
+    """The same provider with the frozen head's vocabulary blocks in one CUDA stream (lm_head_blocks.OVERLAP off):
+    the order the overlapped schedule is compared with, in the same run."""
+    import swiftlora.ops.lm_head_blocks as blocks
+
+    def serial(fn):
+        def run():
+            blocks.OVERLAP = False
+            try:
+                return fn()
+            finally:
+                blocks.OVERLAP = True
+        return run
+
+    return Bench(fwd=serial(bench.fwd), fwd_bwd=serial(bench.fwd_bwd), output=serial(bench.output),
+                 restore=bench.restore, notes=bench.notes + ["one stream (no softmax/GEMM overlap)"])
+
+
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._lm_head import gemm_bench, matmul_flops
-from .common import Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, require_cuda
+from .common import Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, one_stream, require_cuda
 
 OP = "fused_linear_cross_entropy"
 
@@ -94,4 +94,9 @@ def unsloth(case: Case, inp: dict):
     return loss_bench(fn, [h, w], notes=["shift_labels=False, default target_gb"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}
+def swiftlora_serial(case: Case, inp: dict):
+    """swiftlora with the vocabulary blocks in one stream (the order before the softmax/GEMM overlap)."""
+    return one_stream(swiftlora(case, inp))
+
+
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_serial": swiftlora_serial, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}

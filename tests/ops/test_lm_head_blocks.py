@@ -76,11 +76,13 @@ def test_block_plan_rule():
     bf16, f32 = torch.bfloat16, torch.float32
     assert block_plan(8192, 128256, bf16, 64) == (2048, 8192)  # 32 MiB blocks: they stay in L2
     assert block_plan(1000, 128256, bf16, 64) == (1000, 8192)  # CUDA's register-resident limit for 16-bit
-    assert block_plan(8192, 128256, bf16, 16) == (2048, 4096)
+    assert block_plan(8192, 128256, bf16, 16) == (2048, 2048)  # two 8 MiB buffers
     assert block_plan(8192, 151936, f32, 64) == (2048, 4096)
     assert block_plan(100, 151936, f32, 64) == (100, 4096)
     assert block_plan(100, 1000, f32, 64) == (100, 1000)  # one block
-    assert block_plan(300, 1000, f32, 0.5) == (300, 256)  # 436 columns, rounded down to 256
+    assert block_plan(300, 1000, f32, 0.5) == (300, 218)  # two buffers of 218 columns (not rounded below 256)
+    assert block_plan(300, 1000, f32, 1.0) == (300, 256)  # two of 436 columns, rounded down to 256
+    assert block_plan(300, 1000, f32, 1.2) == (300, 1000)  # one buffer holds the whole vocabulary
     assert block_plan(5, 10, f32, 1e-9) == (5, 1)
 
 
@@ -90,7 +92,7 @@ def test_block_plan_rule():
 def test_fused_linear_cross_entropy_frozen_blocks(device, dtype, reduction):
     n, h, v = 29, 48, 203
     hidden, weight, bias = flce_inputs(n, h, v, dtype, device, bias=False, train_w=False)
-    budget = 90 * n * dtype.itemsize / 2**20  # 90 columns a block: 3 blocks, the last ragged
+    budget = 2 * 90 * n * dtype.itemsize / 2**20  # two 90-column buffers: 3 blocks, the last ragged
     for opts in OPTIONS + [{"label_smoothing": 0.2, "softcap": 5.0}]:  # the last: token-chunk fallback
         if reduction != "mean" and "num_items_in_batch" in opts:
             continue
@@ -117,7 +119,7 @@ def test_fused_linear_cross_entropy_frozen_blocks_with_bias_and_bad_label(device
 def test_token_logprobs_frozen_blocks(device, dtype, use):
     hidden, weight, ids = logprob_inputs((8, 16), 64, 301, dtype, device, train_w=False)
     ids[0, 2] = IGNORE
-    budget = 100 * 128 * dtype.itemsize / 2**20  # 100 columns a block: 4 blocks
+    budget = 2 * 100 * 128 * dtype.itemsize / 2**20  # two 100-column buffers: 4 blocks
     check_logprobs(hidden, weight, ids, use, what=f"blocks {use}", temperature=0.7,
                    with_entropy="ent" in use or dtype == torch.float32, memory_budget_mb=budget)
 

@@ -8,7 +8,7 @@ large chunks (2048 rows) and the vocabulary in blocks: per block, ``logits = h_c
 ``online_softmax_block_`` updates each row's running (max m, Σe^{z−m}, ...) and turns the block into
 ``P = e^{z−m}·dz/dx``, and ``G = r·G + P @ W_b`` (float32) accumulates, ``r`` rescaling earlier blocks when m
 grows. At the end of a chunk ``lse = m + log s`` and ``Σ_j p_j dz_j W_j = G / s``. Both GEMMs keep well-shaped
-tiles (M = 2048) and the transient block (``memory_budget_mb``) mostly stays in L2 between them.
+tiles (M = 2048) and the transient block (two in flight within ``memory_budget_mb``) mostly stays in L2 between them.
 
 Used by fused_linear_cross_entropy and token_logprobs when neither the head nor its bias needs a gradient.
 Combinations it does not cover (softcap with label smoothing, whose Σ_j dz_j·W_j term varies per row) take the
@@ -37,11 +37,16 @@ class BlockPlan(NamedTuple):
 
 
 def block_plan(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> BlockPlan:
-    """Chunk and block sizes, a deterministic function of the shapes, dtype and budget (the ``[rows, cols]`` logits
-    block is the buffer the budget bounds, and at most L2_BLOCK_BYTES)."""
+    """Chunk and block sizes, a deterministic function of the shapes, dtype and budget. The budget bounds the
+    ``[rows, cols]`` logits buffers: one when the vocabulary fits one block, else the two that head_chunks keeps in
+    flight (half the budget each; with_gz's pz buffers come on top). A block is at most L2_BLOCK_BYTES."""
     rows = max(1, min(n, ROW_CHUNK))
-    cols = int(min(memory_budget_mb * 2**20, L2_BLOCK_BYTES)) // (rows * dtype.itemsize)
-    cols = min(cols, CUDA_MAX_COLS.get(dtype.itemsize, 8192), vocab)
+    per_col, cap = rows * dtype.itemsize, CUDA_MAX_COLS.get(dtype.itemsize, 8192)
+    budget = memory_budget_mb * 2**20
+    cols = min(int(min(budget, L2_BLOCK_BYTES)) // per_col, cap)
+    if cols < vocab:  # several blocks: two buffers share the budget
+        cols = min(int(min(budget / 2, L2_BLOCK_BYTES)) // per_col, cap)
+    cols = min(cols, vocab)
     if cols >= COL_ALIGN and cols < vocab:
         cols -= cols % COL_ALIGN
     return BlockPlan(rows, max(cols, 1))
@@ -77,14 +82,21 @@ def online_softmax_block_reference(block, stats, labels, pz, col0, ignore_index,
     return r
 
 
-def new_stats(rows: int, device) -> torch.Tensor:
-    """The starting statistics: m = −inf, everything else 0."""
-    stats = torch.zeros(rows, 6, dtype=torch.float32, device=device)
-    stats[:, 0] = -torch.inf
+def reset_stats_(stats: torch.Tensor) -> torch.Tensor:
+    """The starting statistics, in place: m = −inf, everything else 0."""
+    stats.zero_()
+    stats[:, 0].fill_(-torch.inf)
     return stats
 
 
+def new_stats(rows: int, device) -> torch.Tensor:
+    """Fresh starting statistics [rows, 6] float32 (see reset_stats_)."""
+    return reset_stats_(torch.empty(rows, 6, dtype=torch.float32, device=device))
+
+
 class ChunkSums(NamedTuple):
+    """One token chunk's sums. ``stats``, ``g`` and ``gz`` are buffers that the next chunk reuses: consume them
+    (they may be modified in place) before advancing the iterator."""
     start: int
     end: int
     stats: torch.Tensor  # float32 [C, 6]: m, s, Σz, Σe^{z−m}z, z_label, dz_label
@@ -92,38 +104,109 @@ class ChunkSums(NamedTuple):
     gz: torch.Tensor | None  # float32 [C, H]: Σ_j e^{z_j−m}·z_j·dz_j·W_j (when asked)
 
 
+OVERLAP = True  # CUDA: each block's softmax on a side stream beside the next block's GEMM (False: one stream)
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device, kept for the process (a stream from torch's pool, default priority)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=torch.device("cuda", key))
+    return _SIDE_STREAMS[key]
+
+
 def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor | None,
                 ignore_index: int, softcap: float, logit_scale: float, plan: BlockPlan,
-                with_gz: bool = False) -> Iterator[ChunkSums]:
-    """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows."""
+                with_gz: bool = False, overlap: bool | None = None) -> Iterator[ChunkSums]:
+    """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows.
+
+    Schedule per chunk (bench/NOTES.md, "Third step"): the logits GEMM of block j+1 is issued before block j's
+    rescale + accumulation, into the other of two block buffers; with ``overlap`` (default: CUDA and ``OVERLAP``)
+    the softmax kernels run in block order on a side stream, so block j's softmax runs beside the GEMMs. Every buffer
+    sees the same sequence of ops as in one stream (the stats: softmax j in order; G: scale by r_j, add block j, in
+    order), so the results do not depend on ``overlap``.
+    """
     n, hdim = h2.shape
     vocab, dev = weight.shape[0], h2.device
-    for s in range(0, n, plan.rows):
-        e = min(s + plan.rows, n)
-        hc, yc = h2[s:e], None if labels is None else labels[s:e]
-        stats = new_stats(e - s, dev)
-        g = torch.zeros(e - s, hdim, dtype=torch.float32, device=dev)
-        gz = torch.zeros_like(g) if with_gz else None
-        for v0 in range(0, vocab, plan.cols):
-            v1 = min(v0 + plan.cols, vocab)
-            wb = weight[v0:v1]
-            block = torch.mm(hc, wb.t()) if bias is None else torch.addmm(bias[v0:v1], hc, wb.t())
-            pz = torch.empty_like(block) if with_gz else None
-            r = _lib.online_softmax_block_(block, stats, yc, pz, v0, ignore_index, softcap, logit_scale)
-            if v0:
-                _lib.scale_rows_(g, r)
-                if with_gz:
-                    _lib.scale_rows_(gz, r)
-            addmm_fp32_(g, block, wb)
-            if with_gz:
-                addmm_fp32_(gz, pz, wb)
-            del block, pz  # before the next block is allocated: one block alive at a time
-        yield ChunkSums(s, e, stats, g, gz)
+    overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
+    side = _side_stream(dev) if overlap else None
+    main = torch.cuda.current_stream(dev) if side is not None else None
+    # one event for "block j's GEMM is done" (the side stream waits on it at once, so one is enough) and two for
+    # "block j's softmax is done" (the main stream waits on block j's before block j + 2 records it again)
+    gemm_done, sm_done = (torch.cuda.Event(), (torch.cuda.Event(), torch.cuda.Event())) if side else (None, None)
+    spans = [(v0, min(v0 + plan.cols, vocab)) for v0 in range(0, vocab, plan.cols)]
+    nbuf = min(len(spans), 2)
+    # W's blocks (and their transposes) once per call, not per chunk: the loop below is the host's hot path
+    wbs = [weight[v0:v1] for v0, v1 in spans]
+    wbts = [wb.t() for wb in wbs]
+    bbs = [None if bias is None else bias[v0:v1] for v0, v1 in spans]
+    rows = min(plan.rows, n)
+    # allocated once and reused by every chunk (the caller is done with a chunk before asking for the next)
+    stats = torch.empty(rows, 6, dtype=torch.float32, device=dev)
+    g = torch.empty(rows, hdim, dtype=torch.float32, device=dev)
+    gz = torch.empty_like(g) if with_gz else None
+
+    def softmax(j, block, stats_c, yc, pz):
+        """online_softmax_block_ (on the side stream when overlapping): (rescale r, event or None)."""
+        if side is None:
+            return _lib.online_softmax_block_(block, stats_c, yc, pz, spans[j][0], ignore_index, softcap,
+                                              logit_scale), None
+        gemm_done.record(main)  # the block's GEMM (and, for block 0, the stats reset) are issued before
+        side.wait_event(gemm_done)
+        with torch.cuda.stream(side):
+            r = _lib.online_softmax_block_(block, stats_c, yc, pz, spans[j][0], ignore_index, softcap, logit_scale)
+        r.record_stream(main)  # made on the side stream, read by scale_rows_ on the main one
+        done = sm_done[j % 2]
+        done.record(side)
+        return r, done
+
+    def accumulate(g_c, gz_c, j, block, pz, r, done):
+        """G = r·G + P @ W_b (and Gz) on the main stream, after the block's softmax."""
+        if done is not None:
+            main.wait_event(done)
+        for acc, p in ((g_c, block), (gz_c, pz)):
+            if acc is not None:
+                if j:
+                    _lib.scale_rows_(acc, r)
+                addmm_fp32_(acc, p, wbs[j])
+
+    try:
+        for s in range(0, n, plan.rows):
+            e = min(s + plan.rows, n)
+            c = e - s
+            hc, yc = h2[s:e], None if labels is None else labels[s:e]
+            stats_c, g_c, gz_c = reset_stats_(stats[:c]), g[:c].zero_(), None if gz is None else gz[:c].zero_()
+            # per chunk, so that the caller's work on the chunk's sums does not coexist with them; each buffer
+            # starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
+            bufs = torch.empty(nbuf, -(-c * (spans[0][1] - spans[0][0]) // 128) * 128, dtype=h2.dtype, device=dev)
+            pzs = torch.empty_like(bufs) if with_gz else None
+            pending = None
+            for j, (v0, v1) in enumerate(spans):
+                block = bufs[j % 2, :c * (v1 - v0)].view(c, v1 - v0)
+                if bias is None:
+                    torch.mm(hc, wbts[j], out=block)
+                else:
+                    torch.addmm(bbs[j], hc, wbts[j], out=block)
+                pz = None if pzs is None else pzs[j % 2, :c * (v1 - v0)].view(c, v1 - v0)
+                r, done = softmax(j, block, stats_c, yc, pz)
+                if pending is not None:  # the previous block, while this block's softmax runs
+                    accumulate(g_c, gz_c, *pending)
+                pending = (j, block, pz, r, done)
+            accumulate(g_c, gz_c, *pending)
+            del bufs, pzs, block, pz, pending
+            yield ChunkSums(s, e, stats_c, g_c, gz_c)
+    finally:
+        if side is not None:  # an abandoned iterator: no side-stream work may outlive the buffers
+            main.wait_stream(side)
 
 
 def label_rows(weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """float32 ``W[label]`` per row (row 0 of W where there is no valid label; callers zero its coefficient)."""
-    return weight.index_select(0, torch.where(valid, labels.long(), 0)).to(torch.float32)
+    """``W[label]`` per row in W's dtype (row 0 of W where there is no valid label; callers zero its coefficient).
+    Callers add it into float32 sums with ``addcmul_``, which upcasts exactly, without a float32 copy (float64 is
+    narrowed to float32, the sums' dtype)."""
+    rows = weight.index_select(0, torch.where(valid, labels.long(), 0))
+    return rows if rows.dtype.itemsize <= 4 else rows.to(torch.float32)
 
 
 @torch.library.register_fake("swiftlora::online_softmax_block_")
