@@ -26,11 +26,11 @@ from . import harness, ops
 from .ops.common import Unavailable, rel_err
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2) / swiftlora_v1 and swiftlora_a64
-# (the QLoRA ops' plans: one-pass version 1, LoRA columns padded to 64); "gemm" is the yardstick of the fused LM-head
+# An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2) / swiftlora_chunked and swiftlora_a64
+# (the QLoRA ops' plans: 4 pipelined chunks, LoRA columns padded to 64); "gemm" is the yardstick of the fused LM-head
 # and QLoRA ops (their matmuls alone).
 # swiftlora_serial: the frozen LM head's vocabulary blocks in one stream (the overlap's baseline, same run).
-LOCAL_PROVIDERS = ("swiftlora", "swiftlora_v1", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused",
+LOCAL_PROVIDERS = ("swiftlora", "swiftlora_chunked", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused",
                    "swiftlora_serial", "torch", "gemm")
 PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
@@ -388,7 +388,7 @@ def qlora_targets(get, add, device: str) -> None:
         found = [r for r in (row(op, pass_, p)[0] for p in providers) if r]
         return (min(found, key=lambda r: r["wall_ms"]), "") if found else row(op, pass_, "swiftlora")
 
-    plans = ("swiftlora", "swiftlora_v1", "swiftlora_a64")
+    plans = ("swiftlora", "swiftlora_chunked", "swiftlora_a64")
     mine, why = best("qlora_linear", "fwd", plans + ("swiftlora_fused",))
     g, gwhy = row("qlora_linear", "fwd", "gemm")
     ok = None if mine is None or g is None else mine["wall_ms"] / g["wall_ms"] <= 1.10

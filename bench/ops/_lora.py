@@ -54,12 +54,12 @@ def dequantized(inp: dict, name: str, dtype=torch.bfloat16) -> torch.Tensor:
     return projection(inp, name).base.dequantize(dtype)
 
 
-# The qlora plans the specs compare in one run (swiftlora.ops.qlora_plan: chunks, panel_align): the default
-# (automatic: 4 dequantize/GEMM chunks on two streams at these shapes), version 1 (one dequantization, one GEMM), and
-# the default with the folded LoRA columns padded to a multiple of 64 (K + r = 4112 -> 4160: whole GEMM k-tiles).
-PLANS = {"swiftlora": ((-1, 8), "pipelined: dequantize chunk i+1 on a side stream under chunk i's GEMM"),
-         "swiftlora_v1": ((1, 8), "v1: one dequantization into [W | s·B], one cuBLAS GEMM"),
-         "swiftlora_a64": ((-1, 64), "pipelined, LoRA columns padded to K + r' = 4160")}
+# The qlora plans the specs compare in one run (swiftlora.ops.qlora_plan: chunks, panel_align): the default (one
+# dequantization into [W | s·B], one cuBLAS GEMM), 4 dequantize/GEMM chunks pipelined on two streams (the
+# memory-saving plan), and the default with the folded LoRA columns padded to a multiple of 64 (K + r = 4112 -> 4160).
+PLANS = {"swiftlora": ((-1, 8), "one dequantization into [W | s·B], one cuBLAS GEMM"),
+         "swiftlora_chunked": ((4, 8), "4 chunks: dequantize chunk i+1 on a side stream under chunk i's GEMM"),
+         "swiftlora_a64": ((-1, 64), "one pass, LoRA columns padded to K + r' = 4160")}
 
 
 def planned(provider: str, fn):

@@ -8,8 +8,8 @@ Unsloth measured 5.26 ms and PEFT + bitsandbytes 6.19 ms on the H100).
   FLOPs    fwd 3 · 2 M K F + LoRA 3 · 2 M r (K + F); fwd+bwd twice the GEMMs + LoRA (grad_xa, grad_A, grad_B, dx)
   bytes    weights 3 (K F / 2 + K F / 64) per pass; activations x, gate, up, h, y in the forward (M (2K + 3F) E),
            grad_y, dh, d gate/up, grad_x in the backward
-Providers: swiftlora (lora_mlp, default plan: each NF4 weight dequantized in 4 chunks pipelined under the GEMMs),
-swiftlora_v1 (plan chunks=1: one dequantization then one GEMM per op), swiftlora_a64 (default plan, the gate/up
+Providers: swiftlora (lora_mlp, default plan: one dequantization then one GEMM per op), swiftlora_chunked (plan
+chunks=4: each NF4 weight dequantized in 4 chunks pipelined under the GEMMs), swiftlora_a64 (default plan, the gate/up
 panel's LoRA columns padded to a multiple of 64), torch (the plain-PyTorch reference: dequantize in PyTorch ops, three LoRA linears,
 swiglu_reference), gemm (the six bf16 GEMMs on pre-dequantized weights, nothing else: the yardstick), peft (PEFT
 LoRA over bitsandbytes Linear4bit, HF LlamaMLP's forward), unsloth (its LoRA_MLP with SwiGLU kernels, in place).
@@ -129,5 +129,5 @@ def unsloth(case: Case, inp: dict):
                           notes=["unsloth.kernels.fast_lora.apply_lora_mlp_swiglu (LoRA_MLP, inplace); x restored"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_v1": lambda c, i: swiftlora(c, i, "swiftlora_v1"),
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_chunked": lambda c, i: swiftlora(c, i, "swiftlora_chunked"),
              "swiftlora_a64": lambda c, i: swiftlora(c, i, "swiftlora_a64"), "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}

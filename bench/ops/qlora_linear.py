@@ -7,8 +7,8 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            fwd+bwd adds grad_x 2 M N K + 2 M r (N + K), grad_A 2 M r K, grad_B 2 M r N
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
-Providers: swiftlora (qlora_linear, default plan: the dequantization pipelined under the GEMM in 4 chunks),
-swiftlora_v1 (plan chunks=1: one dequantization, then one GEMM), swiftlora_a64 (default plan, the LoRA columns
+Providers: swiftlora (qlora_linear, default plan: one dequantization, then one GEMM), swiftlora_chunked (plan
+chunks=4: the dequantization pipelined under the GEMM in 4 chunks), swiftlora_a64 (default plan, the LoRA columns
 padded to a multiple of 64: K + r' = 4160 instead of 4112), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
 dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch
 ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
@@ -131,6 +131,6 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_v1": lambda c, i: swiftlora(c, i, "swiftlora_v1"),
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_chunked": lambda c, i: swiftlora(c, i, "swiftlora_chunked"),
              "swiftlora_a64": lambda c, i: swiftlora(c, i, "swiftlora_a64"), "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
              "peft": peft, "unsloth": unsloth}

@@ -166,12 +166,12 @@ def test_qlora_targets_on_synthetic_rows():
         "lora_mlp fwd+bwd faster than peft": None,  # not run
     }
     assert all(t["passed"] is None for t in kernels.targets(rows, "cpu", ["qlora_linear", "lora_mlp"]))
-    # The targets take the fastest plan of the same run (here version 1, and the padded pipelined plan).
-    rows = [row("qlora_linear", "fwd", "swiftlora", 0.80), row("qlora_linear", "fwd", "swiftlora_v1", 0.76),
+    # The targets take the fastest plan of the same run (here the chunked plan, and the padded plan).
+    rows = [row("qlora_linear", "fwd", "swiftlora", 0.80), row("qlora_linear", "fwd", "swiftlora_chunked", 0.76),
             row("qlora_linear", "fwd", "gemm", 0.70), row("lora_mlp", "fwd+bwd", "swiftlora", 4.4),
             row("lora_mlp", "fwd+bwd", "swiftlora_a64", 4.25)]
     kernels.derive(rows, 3000.0)
     checks = {t["target"]: t for t in kernels.targets(rows, "cuda", ["qlora_linear", "lora_mlp"])}
     assert checks["qlora_linear fwd <= 1.10x bf16 GEMM (same run)"]["passed"] is True  # 0.76 / 0.70 = 1.086
-    assert "swiftlora_v1" in checks["qlora_linear fwd <= 1.10x bf16 GEMM (same run)"]["detail"]
+    assert "swiftlora_chunked" in checks["qlora_linear fwd <= 1.10x bf16 GEMM (same run)"]["detail"]
     assert checks["lora_mlp fwd+bwd wall <= 4.3 ms"]["passed"] is True

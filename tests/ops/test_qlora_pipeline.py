@@ -134,16 +134,16 @@ def test_plan_arguments_are_checked(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("m", "k", "n"), [(1024, 4096, 4096), (1024, 2048, 8200)], ids=str)
-def test_cuda_automatic_plan_overlaps(dtype, m, k, n):
-    # Model-sized: the automatic plan takes 4 chunks on two streams (M >= 1024, N·K >= 2^24); N = 8200 is not a
-    # multiple of 64·4. Checked against the reference, and against the one-pass plan.
+def test_cuda_four_chunks_at_model_size(dtype, m, k, n):
+    # Model-sized, 4 chunks on two streams; N = 8200 is not a multiple of 64·4. Checked against the reference, and
+    # against the one-pass plan (the automatic one).
     proj = random_projection(n, k, 16, "nf4", dtype, torch.float32, "cuda")
     x = randn(m, k, dtype=dtype, device="cuda", requires_grad=True)
     grad = randn(m, n, dtype=dtype, device="cuda")
     runs = reference_runs(_single, x, [proj], [grad])
-    y = _run(x, proj, grad, qlora_plan())
-    check_against_reference([y], x, [proj], runs, f"cuda auto {dtype} {(m, k, n)}")
-    with torch.no_grad(), qlora_plan(1):
+    y = _run(x, proj, grad, qlora_plan(4))
+    check_against_reference([y], x, [proj], runs, f"cuda 4 chunks {dtype} {(m, k, n)}")
+    with torch.no_grad(), qlora_plan():
         one = qlora_linear(x, proj.base, proj.lora_a, proj.lora_b, proj.scale)
     assert (y.detach().float() - one.float()).norm() <= 1e-2 * one.float().norm()
 

@@ -43,8 +43,9 @@ def test_user_script_on_two_gpus(job, bits, parallel):  # noqa: F811
     """TRL's SFTTrainer under DDP and under accelerate's FSDP2, QLoRA and 16-bit LoRA, vs one GPU."""
     root, model_dir, data = job
     script = str(REPO / "tests" / "train" / "ddp_user_script.py")
-    one, two = root / f"u1-{bits}-{parallel}", root / f"u2-{bits}-{parallel}"
-    _torchrun(1, [script, str(model_dir), str(data), str(one), "4", "1", str(bits)], root, gpus=True)
+    one, two = root / f"u1-{bits}", root / f"u2-{bits}-{parallel}"
+    if not (one / "rank0.json").is_file():  # the one-GPU run, shared by DDP and FSDP2
+        _torchrun(1, [script, str(model_dir), str(data), str(one), "4", "1", str(bits)], root, gpus=True)
     _torchrun(2, [script, str(model_dir), str(data), str(two), "2", "1", str(bits), parallel], root, gpus=True)
     ref = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -32,9 +32,9 @@ _lib = torch.ops.swiftlora
 
 
 class QLoRAPlan(NamedTuple):
-    """How the qlora ops run their NF4 GEMMs. ``chunks``: <= 0 automatic (on the GPU 4 for big weights and inputs,
-    else 1), 1 one dequantization then one GEMM (version 1), n up to n dequantize/GEMM chunks overlapped on two
-    streams (fewer when the weight is small; sequential on the CPU). ``panel_align``: the folded LoRA columns pad
+    """How the qlora ops run their NF4 GEMMs. ``chunks``: <= 0 automatic (one pass: measured fastest on the H100),
+    1 one dequantization then one GEMM, n up to n dequantize/GEMM chunks overlapped on two streams (fewer when the
+    weight is small; sequential on the CPU): less scratch memory, two chunk buffers instead of the whole weight. ``panel_align``: the folded LoRA columns pad
     ``K + r`` to a multiple of it (8: 16-byte rows; 64: whole 64-wide GEMM k-tiles)."""
 
     chunks: int = -1
