@@ -288,3 +288,12 @@ def mm_fp32(a, b):
     if a.is_cuda and a.dtype == b.dtype and _addmm_out_dtype_ok(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+def unsharded(t):
+    """``t`` whole when it is an FSDP2/DTensor shard (an all-gather, differentiable: the gradient goes back to the
+    shards), else ``t``. Our fused LM head reads ``lm_head.weight`` without calling the module, so FSDP2's pre-forward
+    hook that would gather it never runs when accelerate shards the head in its own unit."""
+    if t is None or type(t).__name__ != "DTensor":
+        return t
+    return t.full_tensor()

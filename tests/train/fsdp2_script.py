@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``) over a patched model, run under torchrun by test_distributed.py: each decoder layer and
 the root are sharded, each rank takes its slice of one batch, and rank 0 compares the gathered gradients with an
-unsharded copy of the model run on the whole batch in its own process.
+unsharded copy of the model run on the whole batch in its own process. The LM head is a unit of its own, never
+called as a module (the fused head reads its weight), so its weight stays a shard until the head gathers it.
 
     python fsdp2_script.py MODEL_DIR BITS CHECKPOINTING OUT_JSON
 """
@@ -35,7 +36,9 @@ def main(model_dir, bits, checkpointing, out_json):
         full(input_ids=ids, labels=ids).loss.backward()
         reference = {n: p.grad.double().cpu() for n, p in full.named_parameters() if p.grad is not None}
         del full
-    for layer in model.get_base_model().model.layers:
+    base = model.get_base_model()
+    fully_shard(base.lm_head)  # in its own unit, as accelerate may shard it: the fused head gathers its weight
+    for layer in base.model.layers:
         fully_shard(layer)
     fully_shard(model)
     mine = ids[2 * rank:2 * rank + 2]

@@ -97,3 +97,24 @@ def test_buffer_reuse_takes_the_smallest_that_fits_among_different_sizes():
     assert off._take(800) is small
     assert off._take(2000) is large
     assert off._free == []
+
+
+@pytest.mark.parametrize("form", ["forward_partial", "bound_call_partial"])
+def test_layer_parameters_are_inputs_of_the_graph(form):
+    """The two ways transformers hands a layer to the checkpoint function: the layer's trainable parameters become
+    inputs of the checkpoint's autograd node, so the outer graph reaches them (DDP's unused-parameter search relies on
+    it) and their gradients equal a plain backward's."""
+    from functools import partial
+
+    layers = _stack("cpu", n=3)
+    x = torch.randn(5, 48, requires_grad=True)
+    expected = torch.autograd.grad(_run(layers, x), list(layers.parameters()) + [x])
+    ckpt = make_offloaded_checkpoint()
+    h = x
+    for layer in layers:
+        fn = partial(_Layer.forward, layer, scale=0.5) if form == "forward_partial" else partial(layer.__call__,
+                                                                                                 scale=0.5)
+        h = ckpt(fn, h)
+    got = torch.autograd.grad(h.square().mean(), list(layers.parameters()) + [x])  # raises if not reachable
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -47,8 +47,8 @@ def job(tmp_path_factory):
 
 def _torchrun(nproc: int, args: list[str], cwd: Path, gpus: bool = False) -> str:
     """Runs ``torchrun --nproc_per_node=nproc ARGS``; on CPU (gloo) unless ``gpus`` (one GPU per rank, NCCL)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO)]),
-           "TOKENIZERS_PARALLELISM": "false"}
+    path = [str(REPO / "python"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _compat
 from ..ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from .head_metrics import STATS, head_metrics
 from .loss import shifted_labels
@@ -35,7 +36,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _head_tensors(head: nn.Module, dtype: torch.dtype):
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = _compat.unsharded(head.weight), _compat.unsharded(getattr(head, "bias", None))
     if weight.dtype != dtype:
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

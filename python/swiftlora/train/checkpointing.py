@@ -181,10 +181,13 @@ def _input_grads(pairs, tensors, accumulate_others: bool) -> list:
 
 
 def _trainable_parameters(function) -> tuple[torch.Tensor, ...]:
-    """The trainable parameters of the layer ``function`` runs, when it is transformers' checkpointed forward
-    (``partial(forward, layer, **kwargs)``); empty for any other callable (their gradients then still reach the
-    parameters through the recompute, but outside the graph autograd sees)."""
-    layer = function.args[0] if isinstance(function, partial) and function.args else None
+    """The trainable parameters of the layer ``function`` runs, when it is transformers' checkpointed layer call:
+    ``partial(forward, layer, **kwargs)`` (transformers >= 5.2x) or ``partial(layer.__call__, **kwargs)`` (a bound
+    method, earlier 5.x). Empty for any other callable: their gradients then still reach the parameters through the
+    recompute, but outside the graph autograd sees, which DDP's unused-parameter search does not allow."""
+    layer = None
+    if isinstance(function, partial):
+        layer = function.args[0] if function.args else getattr(function.func, "__self__", None)
     if not isinstance(layer, torch.nn.Module):
         return ()
     return tuple(p for p in layer.parameters() if p.requires_grad)
