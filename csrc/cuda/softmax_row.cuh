@@ -95,28 +95,23 @@ __device__ __forceinline__ Online block_merge(Online o, Online* scratch) {
   return warp_merge(lane < warps ? scratch[lane] : empty_online());
 }
 
-// Visits x[0, n) as this thread's share of the block: fn(vector, first column) for VEC-element vectors (up to
-// kUnroll of them loaded before the first is used, to keep loads in flight), then fn(1-element vector, column)
-// for the tail that does not fill a vector. x must be 16-byte aligned when VEC > 1. kLastUse: evict-first loads.
-// Every round is a batch, the last one predicated: a 128256-wide bf16 row is 15-16 vectors per thread at 1024
-// threads, 4 rounds, where whole batches then single vectors made 6-7 memory round trips (the same registers: a
-// separate batched remainder spilled). fn sees this thread's vectors in column order, as before.
+// Visits x[0, n) as this thread's share of the block: fn(vector, first column) for VEC-element vectors (kUnroll of
+// them loaded before the first is used, to keep loads in flight), then fn(1-element vector, column) for the tail
+// that does not fill a vector. x must be 16-byte aligned when VEC > 1. kLastUse: evict-first loads.
 template <typename T, int VEC, bool kLastUse = false, typename Fn>
 __device__ __forceinline__ void walk_row(const T* x, int64_t n, Fn&& fn) {
   auto load = [](const T* p) { return kLastUse ? load_vec_stream<T, VEC>(p) : load_vec<T, VEC>(p); };
   const int64_t full = n / VEC * VEC;
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c + VEC <= full; c += kUnroll * step) {
+  int64_t c = static_cast<int64_t>(threadIdx.x) * VEC;
+  for (; c + (kUnroll - 1) * step + VEC <= full; c += kUnroll * step) {
     Vec<T, VEC> xv[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c + u * step + VEC <= full) xv[u] = load(x + c + u * step);
-    }
+    for (int u = 0; u < kUnroll; ++u) xv[u] = load(x + c + u * step);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c + u * step + VEC <= full) fn(xv[u], c + u * step);
-    }
+    for (int u = 0; u < kUnroll; ++u) fn(xv[u], c + u * step);
   }
+  for (; c + VEC <= full; c += step) fn(load(x + c), c);
   for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
 }
 
