@@ -83,6 +83,14 @@ def on_main_process(fn):
     return wrapper
 
 
+def check_not_sharded(model, what: str) -> None:
+    """Saving from rank 0 reads whole tensors: an FSDP2-sharded model (DTensor parameters) must be gathered first."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise RuntimeError(f"{what}: the model's parameters are FSDP2 shards (DTensor); rank 0 alone cannot read "
+                           "them. Save through the trainer (trainer.save_model(), which gathers the full state "
+                           "dict on every rank), or train with DDP to use swiftlora's saving methods")
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if _initialized() and torch.distributed.get_world_size() > 1:

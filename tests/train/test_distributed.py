@@ -161,3 +161,27 @@ def test_patched_model_pickles_and_deepcopies(job, bits, tmp_path):
         assert all(torch.equal(got[n], grads[n]) for n in grads), how
         clone.save_pretrained_merged(tmp_path / how, tok, save_method="lora")  # methods survive the copy
         assert (tmp_path / how / "adapter_model.safetensors").is_file()
+
+
+def test_saving_a_sharded_model_names_the_way_out(job, tmp_path):
+    """Rank 0 cannot read FSDP2 shards alone: the saving methods say so (instead of a storage error)."""
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    from swiftlora import FastLanguageModel
+
+    _, model_dir, _ = job
+    model, tok = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.float32, max_seq_length=96,
+                                                   load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        name, p = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        owner.weight = torch.nn.Parameter(DTensor.from_local(p.detach(), mesh, [Replicate()]))
+        with pytest.raises(RuntimeError, match="FSDP2 shards.*trainer.save_model"):
+            model.save_pretrained_merged(tmp_path / "out", tok, save_method="lora")
+        assert not (tmp_path / "out").exists()
+    finally:
+        torch.distributed.destroy_process_group()

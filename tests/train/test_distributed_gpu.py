@@ -24,10 +24,6 @@ _TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 QLORA_FSDP2 = pytest.mark.skipif(_TORCH < (2, 13), reason="QLoRA under FSDP2 needs torch >= 2.13")
 
 
-def _fsdp2_cases(pairs):
-    return [pytest.param(*p, marks=QLORA_FSDP2) if p[0] == 4 and "fsdp2" in p else pytest.param(*p) for p in pairs]
-
-
 def test_cli_on_two_gpus_matches_one_gpu(job):  # noqa: F811
     root, model_dir, data = job
     common = ["-m", "swiftlora", "train", "--model", str(model_dir), "--dataset", str(data), "--max-steps", "3",
@@ -46,7 +42,18 @@ def test_cli_on_two_gpus_matches_one_gpu(job):  # noqa: F811
     assert max(_rel(a[k], b[k]) for k in a) < 0.25  # Adam's ±lr first steps on bf16 rounding: a coarse check
 
 
-@pytest.mark.parametrize("bits,parallel", _fsdp2_cases([(4, "ddp"), (16, "ddp"), (4, "fsdp2"), (16, "fsdp2")]))
+# Known bug (issue 7, 2xH100 run of 2026-11-26): under accelerate's FSDP2 the Trainer's steps report grad_norm 0
+# (the LoRA gradients do not reach the sharded parameters) and rank 0's save meets DTensor shards. The direct
+# fully_shard test below passes; strict, so the fix shows up as an XPASS.
+ACCELERATE_FSDP2_BUG = pytest.mark.xfail(strict=True, reason="accelerate FSDP2 + Trainer: zero LoRA gradients")
+
+
+def _cases(pairs):
+    return [pytest.param(*p, marks=[m for m in (QLORA_FSDP2 if p[0] == 4 else None, ACCELERATE_FSDP2_BUG)
+                                    if m is not None]) if p[1] == "fsdp2" else pytest.param(*p) for p in pairs]
+
+
+@pytest.mark.parametrize("bits,parallel", _cases([(4, "ddp"), (16, "ddp"), (4, "fsdp2"), (16, "fsdp2")]))
 def test_user_script_on_two_gpus(job, bits, parallel):  # noqa: F811
     """TRL's SFTTrainer under DDP and under accelerate's FSDP2, QLoRA and 16-bit LoRA, vs one GPU."""
     root, model_dir, data = job

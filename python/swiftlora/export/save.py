@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import on_main_process
+from ..distributed import check_not_sharded, on_main_process
 from .atomic import atomic_dir
 from .merge import base_model_of, merged_tensors
 from .writer import write_safetensors
@@ -48,6 +48,7 @@ def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: st
     method = SAVE_METHODS.get(save_method)
     if method is None:
         raise ValueError(f"save_method must be one of {sorted(SAVE_METHODS)}, got {save_method!r}")
+    check_not_sharded(self, "save_pretrained_merged")
     if push_to_hub:
         return push_to_hub_merged(self, str(save_directory), tokenizer, save_method, token=token,
                                   max_shard_size=max_shard_size, **kwargs)

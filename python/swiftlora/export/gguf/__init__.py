@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...distributed import on_main_process
+from ...distributed import check_not_sharded, on_main_process
 from .merge import merged_for_export
 from .arch import ARCHS, arch_spec, text_config
 from .methods import ALIASES, METHODS, resolve_methods
@@ -53,6 +53,7 @@ def save_pretrained_gguf(model: Any, save_directory: str | os.PathLike, tokenize
         the GGUF paths, in method order.
     """
     methods = resolve_methods(quantization_method)
+    check_not_sharded(model, "save_pretrained_gguf")
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf: pass the model's tokenizer (tokenizer=...): its vocabulary and chat "
                          "template are part of the GGUF file")
