@@ -91,9 +91,9 @@ def unsloth(case: Case, inp: dict):
     return loss_bench(lambda: unsloth_chunked_logprobs(h, w, ids), [h], inp["grads"])
 
 
-def swiftlora_serial(case: Case, inp: dict):
+def swiftlora_overlap(case: Case, inp: dict):
     """swiftlora with the vocabulary blocks in one stream (the order before the softmax/GEMM overlap)."""
-    return one_stream(swiftlora(case, inp))
+    return two_streams(swiftlora(case, inp))
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_serial": swiftlora_serial, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_overlap": swiftlora_overlap, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}

@@ -90,7 +90,7 @@ def test_schedule_equals_one_block_at_a_time(device, dtype, bias, with_gz, monke
     assert moved  # the rescale path (scale_rows_ with r != 1) runs
     sequential = _schedule(hidden, weight, b, y, plan, with_gz, softcap, 0.8, overlap=False)
     _assert_same(sequential, ref, exact=device == "cpu")
-    _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, softcap, 0.8), sequential)  # CUDA: overlapped
+    _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, softcap, 0.8, overlap=True), sequential)  # CUDA: overlapped
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,7 +169,7 @@ def test_overlap_is_bit_identical_at_size(dtype, monkeypatch):
     plan = block_plan(n, v, dtype, budget)
     assert plan == (512, 4096)
     for with_gz in (False, True):
-        _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0),
+        _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=True),
                      _schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=False))
     hidden.requires_grad_(True)
     results = []
@@ -193,7 +193,7 @@ def test_abandoned_iterator_then_full_run():
     y = labels(3000, 9001, "cuda")
     plan = block_plan(3000, 9001, torch.bfloat16, 8)
     ref = _schedule(hidden, weight, None, y, plan, True, 0.0, 1.0, overlap=False)
-    it = head_chunks(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan, True)
+    it = head_chunks(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan, True, True)  # overlapped
     first = next(it)
     it.close()
     assert first.start == 0

@@ -104,7 +104,10 @@ class ChunkSums(NamedTuple):
     gz: torch.Tensor | None  # float32 [C, H]: Σ_j e^{z_j−m}·z_j·dz_j·W_j (when asked)
 
 
-OVERLAP = True  # CUDA: each block's softmax on a side stream beside the next block's GEMM (False: one stream)
+# CUDA: each block's softmax on a side stream beside the next block's GEMM. Off by default: measured on the H100
+# (bench/results/h100-20261126-xent2-partial.log) it gained 1.3% on fused_linear_cross_entropy (15.35 vs 15.55 ms) and
+# lost 16% on token_logprobs fwd+bwd (21.2 vs 18.3 ms): cuBLAS's GEMMs leave the side stream no SM to run on.
+OVERLAP = False
 _SIDE_STREAMS: dict = {}
 
 
@@ -122,7 +125,7 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows.
 
     Schedule per chunk (bench/NOTES.md, "Third step"): the logits GEMM of block j+1 is issued before block j's
-    rescale + accumulation, into the other of two block buffers; with ``overlap`` (default: CUDA and ``OVERLAP``)
+    rescale + accumulation, into the other of two block buffers; with ``overlap`` (default: CUDA and ``OVERLAP``, off)
     the softmax kernels run in block order on a side stream, so block j's softmax runs beside the GEMMs. Every buffer
     sees the same sequence of ops as in one stream (the stats: softmax j in order; G: scale by r_j, add block j, in
     order), so the results do not depend on ``overlap``.
