@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._lm_head import gemm_bench, matmul_flops
-from .common import Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, one_stream, require_cuda
+from .common import Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, two_streams, require_cuda
 
 OP = "fused_linear_cross_entropy"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._lm_head import gemm_bench, matmul_flops
-from .common import (Case, Unavailable, import_swiftlora_ops, import_unsloth, leaf, loss_bench, one_stream,
+from .common import (Case, Unavailable, import_swiftlora_ops, import_unsloth, leaf, loss_bench, two_streams,
                      require_cuda)
 
 OP = "token_logprobs"
