@@ -195,19 +195,24 @@ def run_subprocess(provider: str, shape: str, args, work: Path) -> dict:
     path += [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     print(f"== {provider} {shape}: log {log}", flush=True)
-    reason = None
+    row, why = run_worker(cmd, env, out, log, args.timeout)
+    return row or {"provider": provider, "shape": shape, "batch": args.batch, "seq": args.seq,
+                   "status": f"unavailable: {why}"[:300]}
+
+
+def run_worker(cmd: list[str], env: dict, out: Path, log: Path, timeout: float) -> tuple[dict | None, str]:
+    """Runs a worker command (output to ``log``) that writes its JSON row to ``out``: (row, "") or (None, why)."""
     try:
         with open(log, "w") as f:
             rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=args.timeout).returncode
+                                timeout=timeout).returncode
         reason = None if rc == 0 else f"exited with {rc}"
     except subprocess.TimeoutExpired:
-        reason = f"timed out after {args.timeout:.0f} s"
+        reason = f"timed out after {timeout:.0f} s"
     if reason is None and out.exists():
-        return json.loads(out.read_text())
+        return json.loads(out.read_text()), ""
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-    return {"provider": provider, "shape": shape, "batch": args.batch, "seq": args.seq,
-            "status": f"unavailable: {reason or 'no result'}: {tail[0] if tail else ''}"[:300]}
+    return None, f"{reason or 'no result'}: {tail[0] if tail else ''}"
 
 
 # ------------------------------------------------------------------------------------------------ report

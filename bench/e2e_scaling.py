@@ -18,7 +18,6 @@ import datetime as _dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,17 +91,8 @@ def run_count(n: int, args, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "python"),
                                                          os.environ.get("PYTHONPATH", "")])}
     print(f"== {n} GPU(s): log {log}", flush=True)
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=args.timeout).returncode
-        reason = None if rc == 0 else f"exited with {rc}"
-    except subprocess.TimeoutExpired:
-        reason = f"timed out after {args.timeout:.0f} s"
-    if reason is None and out.exists():
-        return json.loads(out.read_text())
-    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-    return {"gpus": n, "shape": args.shape, "status": f"failed: {reason or 'no result'}: {tail[0] if tail else ''}"}
+    row, why = e2e.run_worker(cmd, env, out, log, args.timeout)
+    return row or {"gpus": n, "shape": args.shape, "status": f"failed: {why}"}
 
 
 def report(header: dict, rows: list[dict]) -> str:
