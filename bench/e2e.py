@@ -157,13 +157,28 @@ def measure(provider: str, shape: str, args) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
     batches = [torch.randint(4, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
-    times, losses = [], []
     cuda = device.type == "cuda"
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and cuda:
+    times, losses = timed_steps(model, opt, batches, args.warmup, args.steps, cuda)
+    median = statistics.median(times)
+    return {"provider": provider, "shape": shape, "batch": args.batch, "seq": args.seq, "status": "ok",
+            "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
+            "tokens_per_s": args.batch * args.seq / median,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            "trainable_params": sum(p.numel() for p in params), "losses": losses}
+
+
+def timed_steps(model, opt, batches, warmup: int, steps: int, cuda: bool, before=None, slowest=None):
+    """``warmup + steps`` training steps (forward, backward, optimizer); returns the timed steps' seconds and every
+    step's loss. ``before()`` runs ahead of each step's clock (e.g. a barrier), ``slowest(seconds)`` turns a rank's
+    time into the step's (e.g. the max over ranks). Peak memory counts from the first timed step."""
+    times, losses = [], []
+    for step in range(warmup + steps):
+        if step == warmup and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         ids = batches[step % len(batches)]
+        if before is not None:
+            before()
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -173,14 +188,9 @@ def measure(provider: str, shape: str, args) -> dict:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         losses.append(float(loss.detach()))
-        if step >= args.warmup:
-            times.append(elapsed)
-    median = statistics.median(times)
-    return {"provider": provider, "shape": shape, "batch": args.batch, "seq": args.seq, "status": "ok",
-            "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
-            "tokens_per_s": args.batch * args.seq / median,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-            "trainable_params": sum(p.numel() for p in params), "losses": losses}
+        if step >= warmup:
+            times.append(slowest(elapsed) if slowest is not None else elapsed)
+    return times, losses
 
 
 def run_subprocess(provider: str, shape: str, args, work: Path) -> dict:

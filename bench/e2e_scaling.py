@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,25 +49,13 @@ def worker(args) -> None:
     g = torch.Generator(device="cpu").manual_seed(1 + rank)  # each rank its own data
     vocab = e2e.SHAPES[args.shape]["vocab_size"]
     batches = [torch.randint(4, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        ids = batches[step % len(batches)]
-        dist.barrier()
-        start = time.perf_counter()
-        loss = ddp(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-        losses.append(float(loss.detach()))
-        if step >= args.warmup:
-            times.append(float(elapsed))
+    def slowest(seconds: float) -> float:  # the step ends when the slowest rank ends
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    times, losses = e2e.timed_steps(ddp, opt, batches, args.warmup, args.steps, cuda, before=dist.barrier,
+                                    slowest=slowest)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
