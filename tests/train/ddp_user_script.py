@@ -35,7 +35,10 @@ def main(model_dir, data_path, out_dir, batch, accum, bits, parallel="ddp"):
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    model.save_pretrained_merged(f"{out_dir}/lora", tok, save_method="lora")  # every rank calls; rank 0 writes
+    if parallel == "fsdp2":  # sharded parameters: the trainer gathers the full state dict on every rank
+        trainer.save_model(f"{out_dir}/lora")
+    else:
+        model.save_pretrained_merged(f"{out_dir}/lora", tok, save_method="lora")  # every rank calls; rank 0 writes
     barrier()
     p = placement()
     with open(f"{out_dir}/rank{p.rank}.json", "w") as f:

@@ -118,3 +118,41 @@ def test_layer_parameters_are_inputs_of_the_graph(form):
     got = torch.autograd.grad(h.square().mean(), list(layers.parameters()) + [x])  # raises if not reachable
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["forward_partial", "bound_call_partial"])
+def test_fsdp2_sharded_layers_get_their_gradients(form, monkeypatch):
+    """FSDP2 (one gloo rank here): with transformers' older form, ``partial(layer.__call__)``, FSDP2's hooks run inside
+    the checkpoint, so the layer's parameters seen before the call are DTensor shards that the recompute never uses:
+    the gradients must then reach the gathered parameters the recompute does use (as a plain backward does)."""
+    import os
+    from functools import partial
+
+    from torch.distributed.fsdp import fully_shard
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29600 + os.getpid() % 1000))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        layers = _stack("cpu", n=3)
+        x = torch.randn(5, 48, requires_grad=True)
+        expected = torch.autograd.grad(_run(layers, x), list(layers.parameters()))
+        for layer in layers:
+            fully_shard(layer)
+        ckpt = make_offloaded_checkpoint()
+        h = x
+        for layer in layers:
+            if form == "forward_partial":  # the checkpoint inside forward, FSDP2's hooks around it (transformers 5.2x)
+                layer.forward = partial(lambda lay, h, scale: ckpt(partial(_Layer.forward, lay, scale=scale), h),
+                                        layer)
+                h = layer(h, scale=0.5)
+            else:  # the checkpoint around __call__, FSDP2's hooks inside it (earlier transformers 5.x)
+                h = ckpt(partial(layer.__call__, scale=0.5), h)
+        h.square().mean().backward()
+        for p, e in zip(layers.parameters(), expected):
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad.full_tensor(), e, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()

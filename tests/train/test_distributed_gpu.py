@@ -42,15 +42,8 @@ def test_cli_on_two_gpus_matches_one_gpu(job):  # noqa: F811
     assert max(_rel(a[k], b[k]) for k in a) < 0.25  # Adam's ±lr first steps on bf16 rounding: a coarse check
 
 
-# Known bug (issue 7, 2xH100 run of 2026-11-26): under accelerate's FSDP2 the Trainer's steps report grad_norm 0
-# (the LoRA gradients do not reach the sharded parameters) and rank 0's save meets DTensor shards. The direct
-# fully_shard test below passes; strict, so the fix shows up as an XPASS.
-ACCELERATE_FSDP2_BUG = pytest.mark.xfail(strict=True, reason="accelerate FSDP2 + Trainer: zero LoRA gradients")
-
-
 def _cases(pairs):
-    return [pytest.param(*p, marks=[m for m in (QLORA_FSDP2 if p[0] == 4 else None, ACCELERATE_FSDP2_BUG)
-                                    if m is not None]) if p[1] == "fsdp2" else pytest.param(*p) for p in pairs]
+    return [pytest.param(*p, marks=QLORA_FSDP2) if p == (4, "fsdp2") else pytest.param(*p) for p in pairs]
 
 
 @pytest.mark.parametrize("bits,parallel", _cases([(4, "ddp"), (16, "ddp"), (4, "fsdp2"), (16, "fsdp2")]))

@@ -190,7 +190,10 @@ def _trainable_parameters(function) -> tuple[torch.Tensor, ...]:
         layer = function.args[0] if function.args else getattr(function.func, "__self__", None)
     if not isinstance(layer, torch.nn.Module):
         return ()
-    return tuple(p for p in layer.parameters() if p.requires_grad)
+    params = tuple(p for p in layer.parameters() if p.requires_grad)
+    # FSDP2 shards (DTensor) here mean its hooks run inside the checkpointed call (the bound-__call__ form): the
+    # recompute computes with the gathered parameters, not these, so gradients must accumulate where it puts them
+    return () if any(type(p).__name__ == "DTensor" for p in params) else params
 
 
 def offloaded_checkpoint(offloader: HostOffloader, function, *args, **kwargs):
