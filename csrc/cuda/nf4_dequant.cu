@@ -10,9 +10,10 @@
 //   - a word's scale inputs (qabsmax, absmax2, or absmax) depend only on its position, so they are loaded together
 //     with the words: one memory latency per tile, not three dependent ones;
 //   - the grid covers the work once with short CTAs (one kThreads·kWords-word tile each: 7,168 at the shape
-//     above; 40 registers, 6 CTAs per SM), as the flat kernel this one replaced: a persistent grid with a tile loop and prefetch of tile t+1
-//     measured 9% slower (bench/NOTES.md). Each thread issues all its loads before the shared-memory tables are
-//     loaded, so the table fill hides behind them; CTAs that finish make room for new ones with no tail imbalance.
+//     above; 40 registers, 6 CTAs per SM), as the flat kernel this one replaced: a persistent grid with a tile
+//     loop and prefetch of tile t+1 measured 9% slower (bench/NOTES.md). Each thread issues all its loads before
+//     the shared-memory tables are loaded, so the table fill hides behind them; CTAs that finish make room for
+//     new ones with no tail imbalance.
 // Outputs use plain stores: the qlora GEMM reads a chunk right after, ideally from L2.
 // The rectangle (Nf4Rect) is walked word by word with an incremental (row, word-in-row) position: no division per
 // word. Elements a word path cannot take (packed data not 4-byte aligned, rows not multiples of 8 elements, output
