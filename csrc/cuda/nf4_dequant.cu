@@ -9,9 +9,11 @@
 //     (A 16-byte load per thread would make the thread's 4 stores 64 bytes apart: 4× the L2 store requests.)
 //   - a word's scale inputs (qabsmax, absmax2, or absmax) depend only on its position, so they are loaded together
 //     with the words: one memory latency per tile, not three dependent ones;
-//   - the grid is persistent (as many CTAs as fit on the SMs, the work split evenly over them) and each thread
-//     loads tile t+1 before decoding and storing tile t: the shared-memory tables are loaded once per CTA (behind
-//     the first tile's loads), and two tiles' loads are in flight per thread.
+//   - the grid covers the work once with short CTAs (one kThreads·kWords-word tile each: 7,168 at the shape
+//     above; 40 registers, 6 CTAs per SM), as the flat kernel this one replaced: a persistent grid with a tile
+//     loop and prefetch of tile t+1 measured 9% slower (bench/NOTES.md). Each thread issues all its loads before
+//     the shared-memory tables are loaded, so the table fill hides behind them; CTAs that finish make room for
+//     new ones with no tail imbalance.
 // Outputs use plain stores: the qlora GEMM reads a chunk right after, ideally from L2.
 // The rectangle (Nf4Rect) is walked word by word with an incremental (row, word-in-row) position: no division per
 // word. Elements a word path cannot take (packed data not 4-byte aligned, rows not multiples of 8 elements, output
@@ -33,8 +35,7 @@ using nf4::ScaleParts;
 
 constexpr int kThreads = 256;
 constexpr int kWords = 4;
-constexpr int64_t kTile = int64_t{kThreads} * kWords;  // words per CTA per step
-constexpr int kMinCtasPerSm = 4;  // <= 64 registers: 1024 threads per SM (71 unbounded: 768)
+constexpr int64_t kTile = int64_t{kThreads} * kWords;  // words per CTA
 
 // A word's place in the rectangle, and a step of s words as (s / words_per_row rows, s % words_per_row words).
 struct Pos {
@@ -56,7 +57,7 @@ __device__ __forceinline__ Pos advance(Pos p, Step s, int64_t wpr) {
 
 struct WalkArgs {
   int64_t wpr = 0, nwords = 0;  // words per row, words in the rectangle
-  Step in_tile{}, across{};     // kThreads words; gridDim.x · kTile words
+  Step in_tile{};               // kThreads words
 };
 
 struct Stage {
@@ -102,25 +103,16 @@ __device__ __forceinline__ void store_stage(const Stage& st, const Nf4Args& a, c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-    nf4_dequant_words(Nf4Args a, Nf4Rect r, WalkArgs wa, T* __restrict__ out) {
-  int64_t g = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  Pos p{g / wa.wpr, g % wa.wpr};
-  Stage cur;
-  load_stage(cur, a, r, wa, g, p);  // in flight while the tables load
+__global__ void __launch_bounds__(kThreads) nf4_dequant_words(Nf4Args a, Nf4Rect r, WalkArgs wa, T* __restrict__ out) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+  const Pos p{g / wa.wpr, g % wa.wpr};
+  Stage st;
+  load_stage(st, a, r, wa, g, p);  // in flight while the tables load
   __shared__ Nf4Tables tables;
   nf4::load_tables(tables, a);
   __syncthreads();
   const float offset = a.nested ? __ldg(a.offset) : 0.f;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTile;
-  for (; g < wa.nwords; g += stride) {
-    const Pos next = advance(p, wa.across, wa.wpr);
-    Stage nxt;
-    load_stage(nxt, a, r, wa, g + stride, next);
-    store_stage<T>(cur, a, tables, offset, r, wa, out, g, p);
-    cur = nxt;
-    p = next;
-  }
+  store_stage<T>(st, a, tables, offset, r, wa, out, g, p);
 }
 
 // Every element of the rectangle, one per thread (the rare layouts the word kernel cannot take).
@@ -139,27 +131,12 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_elements(Nf4Args a, Nf4R
 }
 
 template <typename T>
-int words_ctas_per_sm() {
-  static const int n = [] {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nf4_dequant_words<T>, kThreads, 0));
-    return std::max(blocks, 1);
-  }();
-  return n;
-}
-
-Step step_of(int64_t s, int64_t wpr) { return {s / wpr, s % wpr}; }
-
-template <typename T>
 void launch_words(const Nf4Args& a, const Nf4Rect& r, T* out, cudaStream_t stream) {
   WalkArgs wa;
   wa.wpr = r.cols / 8;
   wa.nwords = r.rows * wa.wpr;
-  const int64_t tiles = ceil_div(wa.nwords, kTile);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * words_ctas_per_sm<T>();
-  const int64_t grid = ceil_div(tiles, ceil_div(tiles, resident));  // every CTA gets the same number of tiles (±1)
-  wa.in_tile = step_of(kThreads, wa.wpr);
-  wa.across = step_of(grid * kTile, wa.wpr);
+  const int64_t grid = ceil_div(wa.nwords, kTile);  // one tile per CTA (< 2^31 CTAs for any tensor that fits)
+  wa.in_tile = {kThreads / wa.wpr, kThreads % wa.wpr};
   nf4_dequant_words<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, r, wa, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
