@@ -67,8 +67,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+def _accelerate(nproc: int, args: list[str], cwd: Path) -> str:
+    """``accelerate launch --multi_gpu --num_processes nproc ARGS`` with no GPU visible: gloo ranks on CPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", *args]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout
+
+
 def test_cli_under_torchrun_matches_one_process_with_accumulation(job):
-    """``swiftlora train`` (16-bit LoRA, float32): 2 ranks x batch 2 x accumulation 2 = 1 process x batch 8."""
+    """``swiftlora train`` (16-bit LoRA, float32): 2 ranks x batch 2 x accumulation 2 = 1 process x batch 8, under
+    torchrun and under accelerate launch."""
     root, model_dir, data = job
     common = ["-m", "swiftlora", "train", "--model", str(model_dir), "--dataset", str(data), "--max-steps", "3",
               "--max-seq-length", "96", "--lora-r", "4", "--dtype", "float32", "--no-4bit", "--learning-rate",
@@ -89,6 +102,12 @@ def test_cli_under_torchrun_matches_one_process_with_accumulation(job):
     worst = max(_rel(a[k], b[k]) for k in a)
     assert worst < 1e-4, worst
     assert sorted(p.name for p in (root / "two").iterdir()) == ["lora", "loss_curve.png", "summary.json", "trainer"]
+    launched = _accelerate(2, common + ["--batch-size", "2", "--grad-accum", "2", "--output-dir", str(root / "acc")],
+                           root)
+    assert launched.count("Before training:") == 2
+    acc = json.loads((root / "acc" / "summary.json").read_text())
+    assert acc["world_size"] == 2
+    assert torch.allclose(torch.tensor(acc["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
 
 
 def test_user_script_qlora_under_torchrun_matches_one_process(job):
