@@ -75,8 +75,9 @@ def run_count(n: int, args, work: Path) -> dict:
            "bench.e2e_scaling", "--worker", "--shape", args.shape, "--json-out", str(out), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
            "--ckpt-dir", args.ckpt_dir]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "python"),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    # the repository root for bench.*; swiftlora as this interpreter imports it (installed, or on PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     print(f"== {n} GPU(s): log {log}", flush=True)
     row, why = e2e.run_worker(cmd, env, out, log, args.timeout)
     return row or {"gpus": n, "shape": args.shape, "status": f"failed: {why}"}

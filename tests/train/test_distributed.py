@@ -47,7 +47,8 @@ def job(tmp_path_factory):
 
 def _torchrun(nproc: int, args: list[str], cwd: Path, gpus: bool = False) -> str:
     """Runs ``torchrun --nproc_per_node=nproc ARGS``; on CPU (gloo) unless ``gpus`` (one GPU per rank, NCCL)."""
-    path = [str(REPO / "python"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # the repository root for tests.*; swiftlora itself as this interpreter imports it (installed, or on PYTHONPATH)
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -69,7 +70,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _accelerate(nproc: int, args: list[str], cwd: Path) -> str:
     """``accelerate launch --multi_gpu --num_processes nproc ARGS`` with no GPU visible: gloo ranks on CPU."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), str(REPO)] + [
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "CUDA_VISIBLE_DEVICES": "",
         "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
