@@ -290,10 +290,15 @@ def mm_fp32(a, b):
     return a.float() @ b.float()
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard), without importing torch.distributed where it is absent."""
+    return type(t).__name__ == "DTensor"
+
+
 def unsharded(t):
     """``t`` whole when it is an FSDP2/DTensor shard (an all-gather, differentiable: the gradient goes back to the
     shards), else ``t``. Our fused LM head reads ``lm_head.weight`` without calling the module, so FSDP2's pre-forward
     hook that would gather it never runs when accelerate shards the head in its own unit."""
-    if t is None or type(t).__name__ != "DTensor":
+    if t is None or not is_dtensor(t):
         return t
     return t.full_tensor()

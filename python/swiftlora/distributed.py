@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _compat
+
 log = logging.getLogger("swiftlora")
 
 
@@ -85,7 +87,7 @@ def on_main_process(fn):
 
 def check_not_sharded(model, what: str) -> None:
     """Saving from rank 0 reads whole tensors: an FSDP2-sharded model (DTensor parameters) must be gathered first."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(map(_compat.is_dtensor, model.parameters())):
         raise RuntimeError(f"{what}: the model's parameters are FSDP2 shards (DTensor); rank 0 alone cannot read "
                            "them. Save through the trainer (trainer.save_model(), which gathers the full state "
                            "dict on every rank), or train with DDP to use swiftlora's saving methods")

@@ -45,17 +45,23 @@ def job(tmp_path_factory):
     return root, model_dir, data
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path, gpus: bool = False) -> str:
-    """Runs ``torchrun --nproc_per_node=nproc ARGS``; on CPU (gloo) unless ``gpus`` (one GPU per rank, NCCL)."""
+def _launch(launcher: list[str], args: list[str], cwd: Path, gpus: bool) -> str:
+    """Runs ``python -m LAUNCHER ARGS``; on CPU (gloo, no GPU visible) unless ``gpus`` (one GPU per rank, NCCL)."""
     # the repository root for tests.*; swiftlora itself as this interpreter imports it (installed, or on PYTHONPATH)
-    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # (made absolute: the launch runs in another directory)
+    path = [str(REPO)] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", *launcher, *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout
+
+
+def _torchrun(nproc: int, args: list[str], cwd: Path, gpus: bool = False) -> str:
+    """``torchrun --nproc_per_node=nproc ARGS``."""
+    return _launch(["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"], args, cwd, gpus)
 
 
 def _adapters(directory: Path) -> dict[str, torch.Tensor]:
@@ -70,14 +76,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _accelerate(nproc: int, args: list[str], cwd: Path) -> str:
     """``accelerate launch --multi_gpu --num_processes nproc ARGS`` with no GPU visible: gloo ranks on CPU."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + [
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "CUDA_VISIBLE_DEVICES": "",
-        "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
-           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result.stdout
+    return _launch(["accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}", "--num_machines=1",
+                    "--mixed_precision=no", "--dynamo_backend=no"], args, cwd, gpus=False)
 
 
 def test_cli_under_torchrun_matches_one_process_with_accumulation(job):

@@ -18,6 +18,8 @@ from functools import partial
 
 import torch
 
+from .. import _compat
+
 MIN_OFFLOAD_BYTES = 1 << 20
 
 
@@ -193,7 +195,7 @@ def _trainable_parameters(function) -> tuple[torch.Tensor, ...]:
     params = tuple(p for p in layer.parameters() if p.requires_grad)
     # FSDP2 shards (DTensor) here mean its hooks run inside the checkpointed call (the bound-__call__ form): the
     # recompute computes with the gathered parameters, not these, so gradients must accumulate where it puts them
-    return () if any(type(p).__name__ == "DTensor" for p in params) else params
+    return () if any(map(_compat.is_dtensor, params)) else params
 
 
 def offloaded_checkpoint(offloader: HostOffloader, function, *args, **kwargs):
