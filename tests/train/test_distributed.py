@@ -205,3 +205,21 @@ def test_saving_a_sharded_model_names_the_way_out(job, tmp_path):
         assert not (tmp_path / "out").exists()
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_launcher_environment_errors_and_placement(monkeypatch):
+    """The launcher's variables: read before the process group exists; a malformed one is a clear error."""
+    from swiftlora import distributed
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    p = distributed.placement()
+    assert (p.rank, p.local_rank, p.world_size, p.is_main) == (3, 1, 4, False)
+    saved = distributed.on_main_process(lambda: "written")
+    assert saved() is None  # rank 3 does not write
+    monkeypatch.setenv("RANK", "0")
+    assert saved() == "written"
+    monkeypatch.setenv("LOCAL_RANK", "gpu1")
+    with pytest.raises(ValueError, match="LOCAL_RANK must be an integer"):
+        distributed.placement()
