@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's check, in one go: build for the GPU's arch, run the whole test suite (gpu tests included),
-# run compute-sanitizer (memcheck, racecheck) over the ops' gpu tests, check that a CPU-only build rejects CUDA
-# tensors clearly, and run the kernel benchmark (with peers when PEERS names a folder holding them).
+# run compute-sanitizer (memcheck, racecheck, synccheck) over every kernel (scripts/sanitize_ops.py), check that
+# a CPU-only build rejects CUDA tensors clearly, and run the kernel benchmark (with peers when PEERS names a
+# folder holding them).
 #   bash scripts/gpu_check.sh [OUT_DIR]      env: PYTHON (default python3), SWIFTLORA_CUDA_ARCHS (default 90a),
 #                                            PEERS (site folder with liger_kernel / unsloth),
 #                                            STEPS (default "build tests sanitizer bench cpu-only"),
@@ -38,14 +39,19 @@ want tests && step tests 900 env PYTHONPATH=python:. "$PY" -m pytest tests -q -p
   --junitxml="$out/tests.xml"
 
 if want sanitizer; then
-  # Each tensor gets its own allocation (no caching allocator) so an out-of-bounds access cannot land silently in
-  # a neighbouring tensor; only swiftlora's kernels are instrumented.
-  for tool in memcheck racecheck; do
+  # Every kernel once or twice at small shapes (scripts/sanitize_ops.py: the test suite under racecheck takes
+  # hours). Each tensor gets its own allocation (no caching allocator) so an out-of-bounds access cannot land
+  # silently in a neighbouring tensor; only swiftlora's kernels are instrumented.
+  for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 900 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=python:. \
       compute-sanitizer --tool "$tool" --error-exitcode 17 --kernel-name kns=swiftlora --print-limit 20 \
-      "$PY" -m pytest tests/ops -m gpu -q -x -p no:cacheprovider
+      "$PY" scripts/sanitize_ops.py
   done
 fi
+# Opt-in (STEPS="sanitizer-tests"): memcheck over the ops' whole gpu test suite (slow).
+want sanitizer-tests && step sanitizer-tests-memcheck 3600 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=python:. \
+  compute-sanitizer --tool memcheck --error-exitcode 17 --kernel-name kns=swiftlora --print-limit 20 \
+  "$PY" -m pytest tests/ops -m gpu -q -x -p no:cacheprovider
 
 BENCH_OPS=${BENCH_OPS:-rms_norm,rope,swiglu,geglu,cross_entropy,fused_linear_cross_entropy,token_logprobs}
 want bench && step bench 900 env PYTHONPATH=python:. "$PY" -m bench.kernels --ops "$BENCH_OPS" \

@@ -1,0 +1,148 @@
+"""Every swiftlora CUDA kernel once or twice, at small shapes that still take each launch path (vector and scalar
+rows, several tiles and a ragged last one, nested and plain NF4 scales, M = 1 and 16 for the gemv, the sm_90a
+QLoRA GEMM), forward and backward. A driver for compute-sanitizer, which makes the full test suite far too slow:
+
+    compute-sanitizer --tool racecheck --kernel-name kns=swiftlora --error-exitcode 17 python scripts/sanitize_ops.py
+    (also memcheck, synccheck, initcheck; PYTORCH_NO_CUDA_MEMORY_CACHING=1 for memcheck)
+    python scripts/sanitize_ops.py --device cpu      (the same steps on the C++ kernels: a check of the script)
+
+Each step checks its result against the plain-PyTorch reference loosely (a race or a stray write shows up as a
+wrong value too), prints one line, and the script exits non-zero if any step failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+import swiftlora.ops as ops
+from swiftlora.ops import LoRAProjection, NF4Weight
+
+DEV = torch.device("cuda")  # main() may change it
+BF16 = torch.bfloat16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = rel(got, want)
+    if not torch.isfinite(got).all() or err > tol:
+        raise AssertionError(f"{name}: relative error {err:.2e} > {tol:g} (or non-finite values)")
+
+
+def grads(fn, *inputs):
+    """fn(*inputs) and the gradients of its sum weighted by a fixed random tensor."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.randn_like(out, generator=torch.Generator(DEV).manual_seed(1)))
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+def compare(name, fn, ref, *inputs, tol=2e-2):
+    for i, (a, b) in enumerate(zip(grads(fn, *inputs), grads(ref, *inputs))):
+        check(f"{name}[{i}]", a, b, tol)
+
+
+def norms_and_activations():
+    for rows, h in ((37, 256), (5, 1000)):  # vector rows; odd width (scalar path)
+        x, w = torch.randn(rows, h, device=DEV, dtype=BF16), torch.rand(h, device=DEV, dtype=BF16) + 0.5
+        compare(f"rms_norm {rows}x{h}", ops.rms_norm, ops.rms_norm_reference, x, w)
+        g, u = torch.randn(rows, h, device=DEV, dtype=BF16), torch.randn(rows, h, device=DEV, dtype=BF16)
+        compare(f"swiglu {rows}x{h}", ops.swiglu, ops.swiglu_reference, g, u)
+        compare(f"geglu {rows}x{h}", ops.geglu, ops.geglu_reference, g, u)
+    q, k = torch.randn(2, 33, 8, 64, device=DEV, dtype=BF16), torch.randn(2, 33, 2, 64, device=DEV, dtype=BF16)
+    ang = torch.randn(64, 32, device=DEV)
+    compare("rope", lambda a, b: torch.cat([t.flatten() for t in ops.rope(a, b, ang.cos(), ang.sin())]),
+            lambda a, b: torch.cat([t.flatten() for t in ops.rope_reference(a, b, ang.cos(), ang.sin())]), q, k)
+
+
+def cross_entropy_family():
+    for n, v in ((19, 32000), (8, 1003)):
+        x, y = torch.randn(n, v, device=DEV, dtype=BF16) * 4, torch.randint(0, v, (n,), device=DEV)
+        y[3] = -100
+        compare(f"cross_entropy {n}x{v}", lambda t: ops.cross_entropy(t, y, label_smoothing=0.1, softcap=30.0),
+                lambda t: ops.cross_entropy_reference(t, y, label_smoothing=0.1, softcap=30.0), x)
+        compare(f"cross_entropy in place {n}x{v}", lambda t: ops.cross_entropy(t.clone(), y, inplace_backward=True),
+                lambda t: ops.cross_entropy_reference(t, y), x)
+    h, w = torch.randn(300, 128, device=DEV, dtype=BF16), torch.randn(5000, 128, device=DEV, dtype=BF16) * 0.1
+    y = torch.randint(0, 5000, (300,), device=DEV)
+    compare("fused_linear_cross_entropy", lambda a, b: ops.fused_linear_cross_entropy(a, b, y, chunk_size=128),
+            lambda a, b: ops.fused_linear_cross_entropy_reference(a, b, y), h, w)
+    for entropy in (False, True):
+        def tl(a, fn=ops.token_logprobs):
+            out = fn(a, w, y, with_entropy=entropy)
+            return torch.cat([t.flatten() for t in out]) if entropy else out
+        compare(f"token_logprobs entropy={entropy}", tl, lambda a: tl(a, ops.token_logprobs_reference), h)
+
+
+def nf4_family():
+    for n, k, nested in ((384, 512, True), (96, 320, False)):
+        w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.02
+        nf = NF4Weight.quantize(w, 64, compress_statistics=nested)
+        ref = nf.dequantize()
+        check(f"nf4 round trip {n}x{k}", ref, w, 0.12)
+        check(f"nf4_dequantize {n}x{k}", ops.nf4_dequantize(*nf.tensors(), blocksize=64, shape=(n, k)),
+              ops.nf4_dequantize_reference(*nf.tensors(), blocksize=64, shape=(n, k)), 0)
+        for m in (1, 16):
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            check(f"nf4_gemv M={m} {n}x{k}", ops.nf4_gemv(x, *nf.tensors(), blocksize=64, out_features=n),
+                  x.float() @ ref.float().t(), 2e-2)
+        a = torch.randn(8, k, device=DEV, dtype=BF16) * 0.05
+        b = torch.randn(n, 8, device=DEV, dtype=BF16) * 0.05
+        x = torch.randn(3, 70, k, device=DEV, dtype=BF16)
+        for fused in (False, True):
+            compare(f"qlora_linear fused={fused} {n}x{k}",
+                    lambda t, la, lb: ops.qlora_linear(t, nf, la, lb, 2.0, fused=fused),
+                    lambda t, la, lb: ops.qlora_linear_reference(t, nf, la, lb, 2.0), x, a, b)
+    k, n = 256, 704
+    x = torch.randn(2, 50, k, device=DEV, dtype=BF16)
+    proj = [LoRAProjection(NF4Weight.quantize(torch.randn(o, i, device=DEV, dtype=BF16) * 0.02, 64),
+                           torch.randn(8, i, device=DEV, dtype=BF16) * 0.05,
+                           torch.randn(o, 8, device=DEV, dtype=BF16) * 0.05, 2.0)
+            for o, i in ((n, k), (n, k), (k, n))]
+    compare("lora_mlp", lambda t: ops.lora_mlp(t, *proj), lambda t: ops.lora_mlp_reference(t, *proj), x)
+    compare("lora_qkv", lambda t: torch.cat([o.flatten() for o in ops.lora_qkv(t, proj[0], proj[1], proj[1])]),
+            lambda t: torch.cat([o.flatten() for o in ops.lora_qkv_reference(t, proj[0], proj[1], proj[1])]), x)
+
+
+def gguf_family():
+    x = torch.randn(64, 512, device=DEV, dtype=BF16)
+    for qtype in ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"):
+        data = ops.gguf_quantize(x, qtype)
+        if not torch.equal(data.cpu(), ops.gguf_quantize(x.cpu(), qtype)):  # the kernels are byte-identical
+            raise AssertionError(f"gguf {qtype}: device bytes differ from the CPU kernel's")
+        check(f"gguf {qtype}", ops.gguf_dequantize_reference(data.cpu(), qtype).view(x.shape), x.float().cpu(), 0.6)
+
+
+STEPS = [norms_and_activations, cross_entropy_family, nf4_family, gguf_family]
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEV
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    DEV = torch.device(parser.parse_args(argv).device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        print("sanitize_ops: no CUDA device")
+        return 2
+    torch.manual_seed(0)
+    failed = 0
+    for step in STEPS:
+        try:
+            step()
+            if DEV.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"ok   {step.__name__}", flush=True)
+        except Exception:  # noqa: BLE001  (report every step, then fail)
+            failed += 1
+            print(f"FAIL {step.__name__}\n{traceback.format_exc()}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""scripts/sanitize_ops.py, the compute-sanitizer driver, runs every step on the CPU kernels and fails loudly when
+a kernel's result is wrong (it is what makes a race visible as a wrong value, not only as a sanitizer report)."""
+import importlib.util
+from pathlib import Path
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sanitize_ops.py"
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sanitize_ops", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+def test_every_step_passes_on_cpu(capsys):
+    assert _load().main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   ") == 4 and "FAIL" not in out
+
+def test_a_wrong_kernel_result_fails_its_step(monkeypatch, capsys):
+    mod = _load()
+    real = mod.ops.rms_norm
+    monkeypatch.setattr(mod.ops, "rms_norm", lambda x, w, *a, **k: real(x, w, *a, **k) * 1.05)
+    monkeypatch.setattr(mod, "STEPS", [mod.norms_and_activations])
+    assert mod.main(["--device", "cpu"]) == 1
+    assert "FAIL norms_and_activations" in capsys.readouterr().out
