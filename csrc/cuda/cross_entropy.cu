@@ -14,13 +14,16 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "ops.h"
+#include "cross_entropy_plain.cuh"
 #include "softmax_row.cuh"
 
 namespace swiftlora::cuda {
@@ -112,6 +115,12 @@ __global__ void __launch_bounds__(kThreads)
 Transform make_transform(double softcap, double logit_scale) {
   const float cap = static_cast<float>(softcap);
   return Transform{static_cast<float>(logit_scale), cap, cap > 0.f ? 1.f / cap : 0.f};
+}
+
+// A benchmarking knob from the environment: set and not "0".
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' && std::string_view(value) != "0";
 }
 
 // Rows of `t` that start 16-byte aligned take vectors.
@@ -229,12 +238,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({rows}, opts), lse = at::empty({rows}, opts);
   const Transform f = make_transform(softcap, logit_scale);
+  // The common case takes the lean kernel (cross_entropy_plain.cuh); SWIFTLORA_CE_GENERAL=1 forces the general one
+  // (a benchmarking knob, read per call).
+  const bool plain = softcap == 0.0 && label_smoothing == 0.0 && z_loss == 0.0 && logit_scale > 0.0 &&
+                     !env_flag("SWIFTLORA_CE_GENERAL");
   dispatch_rows(x2, labels, vector_rows(x2), [&](auto t_tag, auto l_tag, auto vec) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
     constexpr int VEC = decltype(vec)::value;
     const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
-    // One block per SM: the rows in flight stay in L2 for the gradient pass.
+    // One block per SM: the rows in flight stay in L1/L2 for the gradient pass.
+    if constexpr (sizeof(T) == 2 && VEC * sizeof(T) == 16) {
+      if (plain) {
+        cross_entropy_plain_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
+            x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
+            static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
+            loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
         x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
         static_cast<float>(label_smoothing), static_cast<float>(z_loss), grad_scale.const_data_ptr<float>(),
