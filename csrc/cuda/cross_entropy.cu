@@ -6,9 +6,10 @@
 //
 // Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused
 // cross-entropy reads and writes N·V·E when a persistent grid of one block per SM re-reads each row for its
-// gradient from L2 (132 rows of 256 KB in flight: 33 MB). Holding rows on chip instead (a thread-block cluster per
-// row, the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100: latency-bound, since
-// registers or shared memory cannot hold enough rows in flight (bench/NOTES.md).
+// gradient from L2 (132 rows of 256 KB in flight: 33 MB). A cluster per row with one non-persistent launch per row
+// (the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100 (bench/NOTES.md).
+// cross_entropy_fused_ has variants (persistent clusters splitting each row, the slice in L2 or in registers with
+// the next row prefetched), chosen by the benchmarking knob SWIFTLORA_CE_VARIANT: cross_entropy_variants.cuh.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "ops.h"
+#include "cross_entropy_variants.cuh"
 #include "softmax_row.cuh"
 
 namespace swiftlora::cuda {
@@ -234,11 +236,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
     using L = decltype(l_tag);
     constexpr int VEC = decltype(vec)::value;
     const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
-    // One block per SM: the rows in flight stay in L2 for the gradient pass.
+    const FusedArgs a{v,
+                      f,
+                      static_cast<float>(label_smoothing),
+                      static_cast<float>(z_loss),
+                      grad_scale.const_data_ptr<float>(),
+                      scale_stride,
+                      loss.mutable_data_ptr<float>(),
+                      lse.mutable_data_ptr<float>()};
+    if constexpr (VEC > 1) {
+      const RowLabels rl{labels->const_data_ptr(), labels->scalar_type() == at::kInt, ignore_index};
+      if (launch_split_variant<T, VEC>(ce_variant(), x2.mutable_data_ptr<T>(), x2.stride(0), rl, rows, a)) return;
+    }
+    // Variant 0 (and unaligned rows): one block per SM, the rows in flight stay in L2 for the gradient pass.
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
-        static_cast<float>(label_smoothing), static_cast<float>(z_loss), grad_scale.const_data_ptr<float>(),
-        scale_stride, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f, a.smoothing, a.z_loss,
+        a.grad_scale, a.scale_stride, a.loss, a.lse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};

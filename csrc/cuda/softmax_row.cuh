@@ -1,4 +1,4 @@
-// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_cluster.cuh): the logit
+// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_split.cuh): the logit
 // transform, online (max, Σexp) statistics and their block-wide merge, the walk over one row in 16-byte vectors,
 // and the gradient of one element.
 #pragma once
@@ -115,9 +115,9 @@ __device__ __forceinline__ void walk_row(const T* x, int64_t n, Fn&& fn) {
   for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
 }
 
-// This thread's statistics of x[0, n) (merge them with block_merge).
-template <typename T, int VEC, bool kEntropy>
-__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const Transform& f) {
+// This thread's statistics of x[0, n) (merge them with block_merge). F: Transform, or any type with z(x).
+template <typename T, int VEC, bool kEntropy, typename F>
+__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const F& f) {
   Online o = empty_online();
   walk_row<T, VEC>(x, n, [&](const auto& xv, int64_t) {
     constexpr int kN = sizeof(xv.v) / sizeof(T);

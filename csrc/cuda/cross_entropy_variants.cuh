@@ -1,0 +1,171 @@
+// Host side of the fused cross-entropy's kernel variants (cross_entropy_split.cuh), for benchmarking.
+//
+// SWIFTLORA_CE_VARIANT (private benchmarking knob, read on every call; unset = kCeDefaultVariant) picks a row of
+// kCeVariants: 0 is the original kernel (cross_entropy_fused_kernel: one 1024-thread CTA per SM, two passes, the
+// second from L2). Rows with ranks > 1 need sm_90 clusters and fall back to variant 0 elsewhere; unaligned rows
+// always take variant 0; a hold variant whose row does not fit its registers, or with a soft-cap, takes the split
+// kernel of the same shape. bench/ce_sweep.py times them all; bench/NOTES.md has the predictions.
+#pragma once
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "cross_entropy_split.cuh"
+
+namespace swiftlora::cuda {
+
+enum class CeKernel { kBase, kSplit, kHold };
+
+struct CeVariant {
+  CeKernel kernel;
+  int threads;  // per CTA; 1024 / threads CTAs an SM
+  int ranks;    // CTAs per row (the cluster size)
+  int hold;     // kHold: 16-byte vectors a thread holds (hold kernel)
+};
+
+inline constexpr CeVariant kCeVariants[] = {
+    {CeKernel::kBase, 1024, 1, 0},   // 0: original
+    {CeKernel::kSplit, 1024, 1, 0},  // 1: fast path + label fix-up only
+    {CeKernel::kSplit, 512, 1, 0},   // 2: + two CTAs an SM
+    {CeKernel::kSplit, 1024, 2, 0},  // 3: row over a 2-CTA cluster
+    {CeKernel::kSplit, 512, 2, 0},   // 4: 2-CTA cluster, two CTAs an SM
+    {CeKernel::kSplit, 1024, 4, 0},  // 5: 4-CTA cluster
+    {CeKernel::kSplit, 512, 4, 0},   // 6: 4-CTA cluster, two CTAs an SM
+    {CeKernel::kHold, 1024, 8, 2},   // 7: slice in registers, 8-CTA cluster (V ≤ 131072 for 16-bit logits)
+    {CeKernel::kHold, 512, 8, 4},    // 8: slice in registers, 8-CTA cluster, two CTAs an SM
+    {CeKernel::kHold, 1024, 4, 4},   // 9: slice in registers, 4-CTA cluster
+};
+inline constexpr int kCeVariantCount = static_cast<int>(sizeof(kCeVariants) / sizeof(kCeVariants[0]));
+inline constexpr int kCeDefaultVariant = 7;
+
+inline int ce_variant() {
+  const char* s = std::getenv("SWIFTLORA_CE_VARIANT");
+  if (s == nullptr || *s == '\0') return kCeDefaultVariant;
+  char* end = nullptr;
+  const long n = std::strtol(s, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariantCount, "SWIFTLORA_CE_VARIANT must be an integer in [0, ",
+              kCeVariantCount, "), got '", s, "'");
+  return static_cast<int>(n);
+}
+
+// Everything of cross_entropy_fused_ but the logits and labels.
+struct FusedArgs {
+  int64_t v;
+  Transform f;
+  float smoothing, z_loss;
+  const float* grad_scale;
+  int64_t scale_stride;
+  float* loss;
+  float* lse;
+};
+
+// Persistent groups (CTAs for ranks = 1, clusters otherwise) of `kernel` that fit the current GPU at once; 0 when
+// clusters are unavailable (pre-sm_90 GPU, or a build without sm_90 code for the kernel). Cached per kernel and device.
+template <typename Kernel>
+int64_t resident_groups(Kernel kernel, int threads, int ranks) {
+  if (ranks == 1) return int64_t{sm_count()} * (1024 / threads);
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const int device = c10::cuda::current_device();
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int major = 0, clusters = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (major >= 9 && attr.binaryVersion >= 90) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(ranks));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(ranks);
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache[key] = clusters;
+  return clusters;
+}
+
+// Launches kernel(args...) on a persistent grid of min(rows, resident groups) groups; false (nothing launched) when
+// no group fits.
+template <typename... KArgs, typename... Args>
+bool launch_persistent(void (*kernel)(KArgs...), int threads, int ranks, int64_t rows, Args... args) {
+  const int64_t groups = std::min(rows, resident_groups(kernel, threads, ranks));
+  if (groups <= 0) return false;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(groups * ranks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.stream = current_stream();
+  cudaLaunchAttribute cluster{};
+  if (ranks > 1) {
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(ranks);
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  return true;
+}
+
+// Whether a row of v fits the hold kernel: each rank's slice at most `hold` vectors a thread.
+inline bool hold_fits(int64_t v, int vec, const CeVariant& cv) {
+  return ceil_div(v / vec, cv.ranks) <= int64_t{cv.hold} * cv.threads;
+}
+
+template <int I, typename T, int VEC>
+bool launch_ce_variant(T* x, int64_t stride, const RowLabels& labels, int64_t rows, const FusedArgs& a) {
+  constexpr CeVariant cv = kCeVariants[I];
+  if constexpr (cv.kernel == CeKernel::kBase) {
+    return false;
+  } else {
+    const bool fast = a.f.cap <= 0.f;
+    if constexpr (cv.kernel == CeKernel::kHold) {
+      if (fast && hold_fits(a.v, VEC, cv)) {
+        return launch_persistent(cross_entropy_hold_kernel<T, VEC, cv.threads, cv.hold>, cv.threads, cv.ranks, rows,
+                                 x, stride, labels, rows, a.v, a.f.scale, a.smoothing, a.z_loss, a.grad_scale,
+                                 a.scale_stride, a.loss, a.lse);
+      }
+    }
+    auto split = [&](auto kernel) {
+      return launch_persistent(kernel, cv.threads, cv.ranks, rows, x, stride, labels, rows, a.v, a.f, a.smoothing,
+                               a.z_loss, a.grad_scale, a.scale_stride, a.loss, a.lse);
+    };
+    return fast ? split(cross_entropy_split_kernel<T, VEC, cv.threads, true>)
+                : split(cross_entropy_split_kernel<T, VEC, cv.threads, false>);
+  }
+}
+
+template <typename T, int VEC, std::size_t... I>
+bool launch_ce_variant_of(int variant, T* x, int64_t stride, const RowLabels& labels, int64_t rows,
+                          const FusedArgs& a, std::index_sequence<I...>) {
+  bool launched = false;
+  ((variant == static_cast<int>(I) ? (launched = launch_ce_variant<I, T, VEC>(x, stride, labels, rows, a)) : false),
+   ...);
+  return launched;
+}
+
+// Runs `variant` of the fused cross-entropy on 16-byte aligned rows; false (nothing launched): the caller runs the
+// original kernel (variant 0, or a variant this GPU or build cannot run).
+template <typename T, int VEC>
+bool launch_split_variant(int variant, T* x, int64_t stride, const RowLabels& labels, int64_t rows,
+                          const FusedArgs& a) {
+  return launch_ce_variant_of<T, VEC>(variant, x, stride, labels, rows, a,
+                                      std::make_index_sequence<kCeVariantCount>{});
+}
+
+}  // namespace swiftlora::cuda
