@@ -196,13 +196,13 @@ template <typename T, int VEC, int kHold>
 struct HeldSlice {
   Vec<T, VEC> xv[kHold];
   T tail;
-  int64_t label;
+  int label;  // checked: -1 none, -2 out of range
   float label_x;
 };
 
 template <typename T, int VEC, int kThreads, int kHold>
 __device__ __forceinline__ void load_slice(HeldSlice<T, VEC, kHold>& h, const T* xr, const Slice& s, int nv, int tail,
-                                           int64_t label, bool reporter) {
+                                           int label, bool reporter) {
   const T* xs = xr + s.begin;
 #pragma unroll
   for (int u = 0; u < kHold; ++u) {
@@ -216,7 +216,7 @@ __device__ __forceinline__ void load_slice(HeldSlice<T, VEC, kHold>& h, const T*
 
 template <typename T, int VEC, int kThreads, int kHold>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    cross_entropy_hold_kernel(T* x, int64_t x_stride, RowLabels labels, int64_t rows, int64_t v, float scale,
+    cross_entropy_hold_kernel(T* x, int64_t x_stride, RowLabels labels, int rows, int v, float scale,
                               float smoothing, float z_loss, const float* __restrict__ grad_scale,
                               int64_t scale_stride, float* __restrict__ loss, float* __restrict__ lse_out) {
   constexpr bool kKeepE = kHold * VEC <= 16;  // registers for the exponentials beside the next row's slice
@@ -227,18 +227,19 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   const int nv = static_cast<int>(s.n / VEC), tail = static_cast<int>(s.n - static_cast<int64_t>(nv) * VEC);
   const int tid = static_cast<int>(threadIdx.x);
   const bool reporter = rank == 0 && tid == 0;
-  const int64_t step = gridDim.x / ranks;
-  int64_t row = blockIdx.x / ranks;
+  const int step = static_cast<int>(gridDim.x / ranks);
+  int row = static_cast<int>(blockIdx.x / ranks);
+  auto label_of = [&](int r) { return static_cast<int>(labels.checked(labels.raw(r), v)); };
   HeldSlice<T, VEC, kHold> cur;
   // Labels run one row ahead of the slices, so the label logit's address is known when the slice load is issued.
-  int64_t label_ahead = row + step < rows ? labels.checked(labels.raw(row + step), v) : -1;
-  if (row < rows) load_slice<T, VEC, kThreads>(cur, x + row * x_stride, s, nv, tail, labels.checked(labels.raw(row), v), reporter);
+  int label_ahead = row + step < rows ? label_of(row + step) : -1;
+  if (row < rows) load_slice<T, VEC, kThreads>(cur, x + row * x_stride, s, nv, tail, label_of(row), reporter);
   int parity = 0;
   for (; row < rows; row += step, parity ^= 1) {
     HeldSlice<T, VEC, kHold> next;
     if (row + step < rows) {
-      load_slice<T, VEC, kThreads>(next, x + (row + step) * x_stride, s, nv, tail, label_ahead, reporter);
-      label_ahead = row + 2 * step < rows ? labels.checked(labels.raw(row + 2 * step), v) : -1;
+      load_slice<T, VEC, kThreads>(next, x + int64_t{row + step} * x_stride, s, nv, tail, label_ahead, reporter);
+      label_ahead = row + 2 * step < rows ? label_of(row + 2 * step) : -1;
     }
     // Statistics: this thread's max, then Σexp(z − max) and Σz in one sweep.
     float m = kNegInf;
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       o.s += e_tail;
     }
     o = cluster_merge(o, scratch, slots, parity, ranks);
-    const int64_t label = cur.label;
+    const int label = cur.label;
     const CrossEntropyRow r =
         cross_entropy_row(o, cur.label_x * scale, label, v, grad_scale[row * scale_stride], smoothing, z_loss);
     if (reporter) {
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       }
     }
     const float a_e = g.a * exp2_approx((mm - g.lse) * kLog2e);  // p = e·exp(max − lse)
-    T* xs = x + row * x_stride + s.begin;
+    T* xs = x + int64_t{row} * x_stride + s.begin;
 #pragma unroll
     for (int u = 0; u < kHold; ++u) {
       const int i = tid + u * kThreads;
