@@ -32,6 +32,8 @@ VARIANTS = {
     7: "hold 1024 thr, C=8, 2 vec/thr (exps kept)",
     8: "hold 512 thr x2/SM, C=8, 4 vec/thr",
     9: "hold 1024 thr, C=4, 4 vec/thr",
+    10: "bulk copy to smem 3 rows ahead, 1024 thr, C=8",
+    11: "bulk copy to smem 2 rows ahead, 1024 thr, C=4",
 }
 # (rows, V, dtype, cross_entropy options): V odd (a ragged tail), V = 131072 (the hold variants' exact fit), a V too
 # wide for them (their split fallback), and the options that change the coefficients.

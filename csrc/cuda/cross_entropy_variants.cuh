@@ -4,27 +4,30 @@
 // kCeVariants: 0 is the original kernel (cross_entropy_fused_kernel: one 1024-thread CTA per SM, two passes, the
 // second from L2). Rows with ranks > 1 need sm_90 clusters and fall back to variant 0 elsewhere; unaligned rows
 // always take variant 0; a hold variant whose row does not fit its registers, or with a soft-cap, takes the split
-// kernel of the same shape. bench/ce_sweep.py times them all; bench/NOTES.md has the predictions.
+// kernel of the same shape; a bulk variant needs V a multiple of the vector width, else it takes the hold kernel. bench/ce_sweep.py times them all; bench/NOTES.md has the predictions.
 #pragma once
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
-#include "cross_entropy_split.cuh"
+#include "cross_entropy_bulk.cuh"
 
 namespace swiftlora::cuda {
 
-enum class CeKernel { kBase, kSplit, kHold };
+enum class CeKernel { kBase, kSplit, kHold, kBulk };
 
 struct CeVariant {
   CeKernel kernel;
   int threads;  // per CTA; 1024 / threads CTAs an SM
   int ranks;    // CTAs per row (the cluster size)
-  int hold;     // kHold: 16-byte vectors a thread holds (hold kernel)
+  int hold;     // kHold: 16-byte vectors a thread holds (hold and bulk kernels)
+  int stages;   // bulk kernel: slices in shared memory (stages − 1 rows loading ahead)
 };
 
 inline constexpr CeVariant kCeVariants[] = {
@@ -38,6 +41,8 @@ inline constexpr CeVariant kCeVariants[] = {
     {CeKernel::kHold, 1024, 8, 2},   // 7: slice in registers, 8-CTA cluster (V ≤ 131072 for 16-bit logits)
     {CeKernel::kHold, 512, 8, 4},    // 8: slice in registers, 8-CTA cluster, two CTAs an SM
     {CeKernel::kHold, 1024, 4, 4},   // 9: slice in registers, 4-CTA cluster
+    {CeKernel::kBulk, 1024, 8, 2, 4},  // 10: bulk copies 3 rows ahead into shared memory, 8-CTA cluster (128 KB)
+    {CeKernel::kBulk, 1024, 4, 4, 3},  // 11: bulk copies 2 rows ahead, 4-CTA cluster (192 KB)
 };
 inline constexpr int kCeVariantCount = static_cast<int>(sizeof(kCeVariants) / sizeof(kCeVariants[0]));
 inline constexpr int kCeDefaultVariant = 7;
@@ -64,14 +69,15 @@ struct FusedArgs {
 };
 
 // Persistent groups (CTAs for ranks = 1, clusters otherwise) of `kernel` that fit the current GPU at once; 0 when
-// clusters are unavailable (pre-sm_90 GPU, or a build without sm_90 code for the kernel). Cached per kernel and device.
+// clusters or bulk copies are unavailable (pre-sm_90 GPU, or a build without sm_90 code for the kernel). Cached per
+// kernel, device and shared memory size.
 template <typename Kernel>
-int64_t resident_groups(Kernel kernel, int threads, int ranks) {
-  if (ranks == 1) return int64_t{sm_count()} * (1024 / threads);
+int64_t resident_groups(Kernel kernel, int threads, int ranks, int smem, bool sm90) {
+  if (!sm90) return int64_t{sm_count()} * (1024 / threads);
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> cache;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
   const int device = c10::cuda::current_device();
-  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  const std::tuple<const void*, int, int> key{reinterpret_cast<const void*>(kernel), device, smem};
   {
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = cache.find(key);
@@ -82,7 +88,9 @@ int64_t resident_groups(Kernel kernel, int threads, int ranks) {
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   if (major >= 9 && attr.binaryVersion >= 90) {
+    if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     cudaLaunchConfig_t config{};
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
     config.gridDim = dim3(static_cast<unsigned>(ranks));
     config.blockDim = dim3(static_cast<unsigned>(threads));
     cudaLaunchAttribute cluster{};
@@ -99,13 +107,14 @@ int64_t resident_groups(Kernel kernel, int threads, int ranks) {
   return clusters;
 }
 
-// Launches kernel(args...) on a persistent grid of min(rows, resident groups) groups; false (nothing launched) when
-// no group fits.
+// Launches kernel(args...) on a persistent grid of min(rows, resident groups) groups, `smem` bytes of dynamic shared
+// memory each; false (nothing launched) when no group fits.
 template <typename... KArgs, typename... Args>
-bool launch_persistent(void (*kernel)(KArgs...), int threads, int ranks, int64_t rows, Args... args) {
-  const int64_t groups = std::min(rows, resident_groups(kernel, threads, ranks));
+bool launch_persistent(void (*kernel)(KArgs...), int threads, int ranks, int smem, int64_t rows, Args... args) {
+  const int64_t groups = std::min(rows, resident_groups(kernel, threads, ranks, smem, ranks > 1 || smem > 0));
   if (groups <= 0) return false;
   cudaLaunchConfig_t config{};
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.gridDim = dim3(static_cast<unsigned>(groups * ranks));
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.stream = current_stream();
@@ -134,15 +143,25 @@ bool launch_ce_variant(T* x, int64_t stride, const RowLabels& labels, int64_t ro
     return false;
   } else {
     const bool fast = a.f.cap <= 0.f;
-    if constexpr (cv.kernel == CeKernel::kHold) {
+    if constexpr (cv.kernel == CeKernel::kBulk) {
+      if (fast && hold_fits(a.v, VEC, cv) && a.v % VEC == 0) {
+        const int smem = static_cast<int>(ceil_div(a.v / VEC, cv.ranks) * 16 * cv.stages);
+        if (launch_persistent(cross_entropy_bulk_kernel<T, VEC, cv.threads, cv.hold, cv.stages>, cv.threads, cv.ranks,
+                              smem, rows, x, stride, labels, rows, a.v, a.f.scale, a.smoothing, a.z_loss,
+                              a.grad_scale, a.scale_stride, a.loss, a.lse)) {
+          return true;
+        }
+      }
+    }
+    if constexpr (cv.kernel == CeKernel::kHold || cv.kernel == CeKernel::kBulk) {
       if (fast && hold_fits(a.v, VEC, cv)) {
-        return launch_persistent(cross_entropy_hold_kernel<T, VEC, cv.threads, cv.hold>, cv.threads, cv.ranks, rows,
+        return launch_persistent(cross_entropy_hold_kernel<T, VEC, cv.threads, cv.hold>, cv.threads, cv.ranks, 0, rows,
                                  x, stride, labels, rows, a.v, a.f.scale, a.smoothing, a.z_loss, a.grad_scale,
                                  a.scale_stride, a.loss, a.lse);
       }
     }
     auto split = [&](auto kernel) {
-      return launch_persistent(kernel, cv.threads, cv.ranks, rows, x, stride, labels, rows, a.v, a.f, a.smoothing,
+      return launch_persistent(kernel, cv.threads, cv.ranks, 0, rows, x, stride, labels, rows, a.v, a.f, a.smoothing,
                                a.z_loss, a.grad_scale, a.scale_stride, a.loss, a.lse);
     };
     return fast ? split(cross_entropy_split_kernel<T, VEC, cv.threads, true>)
@@ -164,6 +183,7 @@ bool launch_ce_variant_of(int variant, T* x, int64_t stride, const RowLabels& la
 template <typename T, int VEC>
 bool launch_split_variant(int variant, T* x, int64_t stride, const RowLabels& labels, int64_t rows,
                           const FusedArgs& a) {
+  if (rows > std::numeric_limits<int>::max() || a.v > std::numeric_limits<int>::max()) return false;  // 32-bit indices
   return launch_ce_variant_of<T, VEC>(variant, x, stride, labels, rows, a,
                                       std::make_index_sequence<kCeVariantCount>{});
 }

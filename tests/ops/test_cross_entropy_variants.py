@@ -15,10 +15,10 @@ from tests.ops.ce_helpers import IGNORE, labels
 ops = torch.ops.swiftlora
 pytestmark = pytest.mark.gpu
 ENV = "SWIFTLORA_CE_VARIANT"
-VARIANTS = range(10)  # kCeVariants
+VARIANTS = range(12)  # kCeVariants
 
-# (rows, V): 300 rows > every variant's resident CTAs or clusters; 131072 = 8 ranks x 1024 threads x 2 vectors
-# (bf16) exactly; 131075 and 50257 leave a ragged tail; 262147 is too wide for the hold kernels (split fallback);
+# (rows, V): 300 rows > every variant's resident CTAs or clusters (and > 3 bulk stages a cluster); 131072 = 8 ranks
+# x 1024 threads x 2 vectors (bf16) exactly; 131075 and 50257 leave a ragged tail; 262147 is too wide for the hold kernels (split fallback);
 # 100 leaves some of 8 ranks an empty slice.
 SHAPES = [(300, 50257), (20, 131072), (9, 131075), (5, 262147), (7, 100)]
 # (label_smoothing, z_loss, softcap, logit_scale)
@@ -126,7 +126,7 @@ def test_bad_variant_is_a_clear_error(monkeypatch):
     x = randn(4, 64, dtype=torch.bfloat16, device="cuda")
     y = labels(4, 64, "cuda")
     gs = torch.tensor(1.0, device="cuda")
-    for bad in ("10", "-1", "fast"):
+    for bad in ("12", "-1", "fast"):
         monkeypatch.setenv(ENV, bad)
         with pytest.raises(RuntimeError, match=ENV):
             ops.cross_entropy_fused_(x.clone(), y, IGNORE, 0.0, 0.0, 0.0, 1.0, gs)
