@@ -45,7 +45,7 @@ inline constexpr CeVariant kCeVariants[] = {
     {CeKernel::kBulk, 1024, 4, 4, 3},  // 11: bulk copies 2 rows ahead, 4-CTA cluster (192 KB)
 };
 inline constexpr int kCeVariantCount = static_cast<int>(sizeof(kCeVariants) / sizeof(kCeVariants[0]));
-inline constexpr int kCeDefaultVariant = 7;
+inline constexpr int kCeDefaultVariant = 10;  // the predicted best (bench/NOTES.md)
 
 inline int ce_variant() {
   const char* s = std::getenv("SWIFTLORA_CE_VARIANT");
@@ -74,6 +74,10 @@ struct FusedArgs {
 template <typename Kernel>
 int64_t resident_groups(Kernel kernel, int threads, int ranks, int smem, bool sm90) {
   if (!sm90) return int64_t{sm_count()} * (1024 / threads);
+  // Set on every call: the attribute is per kernel, and another V may have changed it since the count was cached.
+  auto allow_smem = [&] {
+    if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  };
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int>, int> cache;
   const int device = c10::cuda::current_device();
@@ -81,14 +85,17 @@ int64_t resident_groups(Kernel kernel, int threads, int ranks, int smem, bool sm
   {
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    if (it != cache.end()) {
+      if (it->second > 0) allow_smem();
+      return it->second;
+    }
   }
   int major = 0, clusters = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   if (major >= 9 && attr.binaryVersion >= 90) {
-    if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    allow_smem();
     cudaLaunchConfig_t config{};
     config.dynamicSmemBytes = static_cast<size_t>(smem);
     config.gridDim = dim3(static_cast<unsigned>(ranks));

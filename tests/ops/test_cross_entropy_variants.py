@@ -45,12 +45,6 @@ def _references(x, y, opts, gs):
     return refs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
