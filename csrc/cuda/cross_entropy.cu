@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
     }
     // Variant 0 (and unaligned rows): one block per SM, the rows in flight stay in L2 for the gradient pass.
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f, a.smoothing, a.z_loss,
-        a.grad_scale, a.scale_stride, a.loss, a.lse);
+        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f, a.smoothing,
+        a.z_loss, a.grad_scale, a.scale_stride, a.loss, a.lse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};

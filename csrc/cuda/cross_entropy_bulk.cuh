@@ -89,30 +89,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int u = 0; u < kHold; ++u) {
       if (tid + u * kThreads < nv) xv[u] = data[tid + u * kThreads];
     }
-    float m = kNegInf;
-#pragma unroll
-    for (int u = 0; u < kHold; ++u) {
-      if (tid + u * kThreads < nv) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) m = fmaxf(m, static_cast<float>(xv[u].v[j]) * scale);
-      }
-    }
-    const float mm = m == kNegInf ? 0.f : m;
-    float e[kKeepE ? kHold : 1][VEC];
-    Online o{m, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int u = 0; u < kHold; ++u) {
-      if (tid + u * kThreads < nv) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float z = static_cast<float>(xv[u].v[j]) * scale;
-          const float ez = exp2_approx((z - mm) * kLog2e);
-          o.sz += z;
-          o.s += ez;
-          if constexpr (kKeepE) e[u][j] = ez;
-        }
-      }
-    }
+    HeldExp<T, VEC, kThreads, kHold, kKeepE> held;
+    Online o = held.stats(xv, nv, scale, false, 0.f);
     // The label's column, if in this slice: vector vl (held as ul by thread vl % kThreads), element jl.
     const int64_t local = static_cast<int64_t>(label) - s.begin;
     const bool here = label >= 0 && local >= 0 && local < s.n;
@@ -135,26 +113,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       loss[row] = r.loss;
     }
     const FastGrad g(r.k, scale);
-    const float a_e = g.a * exp2_approx((mm - g.lse) * kLog2e);
+    const float ae = held.a_e(g);
     T* xs = x + int64_t{row} * x_stride + s.begin;
 #pragma unroll
     for (int u = 0; u < kHold; ++u) {
       const int idx = tid + u * kThreads;
+      // kKeepE: from the kept exponentials; else re-read from shared memory (registers are short)
       if (idx < nv) {
-        const Vec<T, VEC> xu = kKeepE ? xv[u] : data[idx];  // re-read from shared memory: registers are short
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          out.v[j] = static_cast<T>(kKeepE ? fmaf(a_e, e[kKeepE ? u : 0][j], g.c) : g.at(static_cast<float>(xu.v[j]), false));
-        }
-        if (ul == u) {  // the label's element: + b
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            if (j == jl) {
-              out.v[j] = static_cast<T>(kKeepE ? fmaf(a_e, e[kKeepE ? u : 0][j], g.cb) : g.at(static_cast<float>(xu.v[j]), true));
-            }
-          }
-        }
+        const Vec<T, VEC> out = held.grad(kKeepE ? xv[u] : data[idx], u, ae, g, ul, jl);
         store_vec_stream<T, VEC>(xs + static_cast<int64_t>(idx) * VEC, out);
       }
     }

@@ -50,7 +50,7 @@ struct LinearZ {
   __device__ __forceinline__ float z(float x) const { return x * scale; }
 };
 
-// The gradient without soft-cap, dz = scale folded in: g = a·p + c (+ (c + b) at the label), p = exp(scale·x − lse).
+// The gradient without soft-cap, dz = scale folded in: g = a·p + c (+ b at the label), p = exp(scale·x − lse).
 struct FastGrad {
   float scale, lse, a, c, cb;
   __device__ __forceinline__ FastGrad(const GradCoef& k, float s)
@@ -214,6 +214,75 @@ __device__ __forceinline__ void load_slice(HeldSlice<T, VEC, kHold>& h, const T*
   h.label_x = reporter && label >= 0 ? static_cast<float>(xr[label]) : 0.f;
 }
 
+// Exponentials of a thread's held vectors (vector u valid when threadIdx.x + u·kThreads < nv, plus one optional tail
+// element). stats(): the max first, then Σexp(z − max) and Σz in one sweep; with kKeepE the exponentials stay here
+// and grad() is one FMA per element: p = e·exp(max − lse), folded into a_e.
+template <typename T, int VEC, int kThreads, int kHold, bool kKeepE>
+struct HeldExp {
+  float e[kKeepE ? kHold : 1][VEC];
+  float e_tail = 0.f;
+  float mm = 0.f;  // the max used (0 when all −inf: every exponential 0, none NaN)
+
+  __device__ __forceinline__ Online stats(const Vec<T, VEC> (&xv)[kHold], int nv, float scale, bool has_tail,
+                                          float tail_x) {
+    const int tid = static_cast<int>(threadIdx.x);
+    float m = has_tail ? tail_x * scale : kNegInf;
+#pragma unroll
+    for (int u = 0; u < kHold; ++u) {
+      if (tid + u * kThreads < nv) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) m = fmaxf(m, static_cast<float>(xv[u].v[j]) * scale);
+      }
+    }
+    mm = m == kNegInf ? 0.f : m;
+    Online o{m, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int u = 0; u < kHold; ++u) {
+      if (tid + u * kThreads < nv) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float z = static_cast<float>(xv[u].v[j]) * scale;
+          const float ez = exp2_approx((z - mm) * kLog2e);
+          o.sz += z;
+          o.s += ez;
+          if constexpr (kKeepE) e[u][j] = ez;
+        }
+      }
+    }
+    if (has_tail) {
+      const float z = tail_x * scale;
+      e_tail = exp2_approx((z - mm) * kLog2e);
+      o.sz += z;
+      o.s += e_tail;
+    }
+    return o;
+  }
+
+  // a_e: g.a·exp(mm − lse), the factor of a kept exponential.
+  __device__ __forceinline__ float a_e(const FastGrad& g) const { return g.a * exp2_approx((mm - g.lse) * kLog2e); }
+
+  // The gradient of held vector u (its raw values xu), with the label's +b at element jl when u == ul.
+  __device__ __forceinline__ Vec<T, VEC> grad(const Vec<T, VEC>& xu, int u, float ae, const FastGrad& g, int ul,
+                                              int jl) const {
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float xj = static_cast<float>(xu.v[j]);
+      out.v[j] = static_cast<T>(kKeepE ? fmaf(ae, e[kKeepE ? u : 0][j], g.c) : g.at(xj, false));
+    }
+    if (ul == u) {  // rare: one thread of the cluster, one vector
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (j == jl) {
+          const float xj = static_cast<float>(xu.v[j]);
+          out.v[j] = static_cast<T>(kKeepE ? fmaf(ae, e[kKeepE ? u : 0][j], g.cb) : g.at(xj, true));
+        }
+      }
+    }
+    return out;
+  }
+};
+
 template <typename T, int VEC, int kThreads, int kHold>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     cross_entropy_hold_kernel(T* x, int64_t x_stride, RowLabels labels, int rows, int v, float scale,
@@ -241,38 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       load_slice<T, VEC, kThreads>(next, x + int64_t{row + step} * x_stride, s, nv, tail, label_ahead, reporter);
       label_ahead = row + 2 * step < rows ? label_of(row + 2 * step) : -1;
     }
-    // Statistics: this thread's max, then Σexp(z − max) and Σz in one sweep.
-    float m = kNegInf;
-#pragma unroll
-    for (int u = 0; u < kHold; ++u) {
-      if (tid + u * kThreads < nv) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) m = fmaxf(m, static_cast<float>(cur.xv[u].v[j]) * scale);
-      }
-    }
-    if (tid < tail) m = fmaxf(m, static_cast<float>(cur.tail) * scale);
-    const float mm = m == kNegInf ? 0.f : m;  // all −inf: every exponential 0, none NaN
-    float e[kKeepE ? kHold : 1][VEC], e_tail = 0.f;
-    Online o{m, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int u = 0; u < kHold; ++u) {
-      if (tid + u * kThreads < nv) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float z = static_cast<float>(cur.xv[u].v[j]) * scale;
-          const float ez = exp2_approx((z - mm) * kLog2e);
-          o.sz += z;
-          o.s += ez;
-          if constexpr (kKeepE) e[u][j] = ez;
-        }
-      }
-    }
-    if (tid < tail) {
-      const float z = static_cast<float>(cur.tail) * scale;
-      e_tail = exp2_approx((z - mm) * kLog2e);
-      o.sz += z;
-      o.s += e_tail;
-    }
+    HeldExp<T, VEC, kThreads, kHold, kKeepE> held;
+    Online o = held.stats(cur.xv, nv, scale, tid < tail, static_cast<float>(cur.tail));
     o = cluster_merge(o, scratch, slots, parity, ranks);
     const int label = cur.label;
     const CrossEntropyRow r =
@@ -294,30 +333,18 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         ul = kHold;
       }
     }
-    const float a_e = g.a * exp2_approx((mm - g.lse) * kLog2e);  // p = e·exp(max − lse)
+    const float ae = held.a_e(g);
     T* xs = x + int64_t{row} * x_stride + s.begin;
 #pragma unroll
     for (int u = 0; u < kHold; ++u) {
       const int i = tid + u * kThreads;
       if (i < nv) {
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float xj = static_cast<float>(cur.xv[u].v[j]);
-          out.v[j] = static_cast<T>(kKeepE ? fmaf(a_e, e[kKeepE ? u : 0][j], g.c) : g.at(xj, false));
-        }
-        if (ul == u) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float xj = static_cast<float>(cur.xv[u].v[j]);
-            if (j == jl) out.v[j] = static_cast<T>(kKeepE ? fmaf(a_e, e[kKeepE ? u : 0][j], g.cb) : g.at(xj, true));
-          }
-        }
+        const Vec<T, VEC> out = held.grad(cur.xv[u], u, ae, g, ul, jl);
         store_vec_stream<T, VEC>(xs + static_cast<int64_t>(i) * VEC, out);
       }
     }
     if (tid < tail) {
-      xs[static_cast<int64_t>(nv) * VEC + tid] = static_cast<T>(fmaf(a_e, e_tail, ul == kHold ? g.cb : g.c));
+      xs[static_cast<int64_t>(nv) * VEC + tid] = static_cast<T>(fmaf(ae, held.e_tail, ul == kHold ? g.cb : g.c));
     }
     cur = next;
   }

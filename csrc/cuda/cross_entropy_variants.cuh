@@ -4,7 +4,8 @@
 // kCeVariants: 0 is the original kernel (cross_entropy_fused_kernel: one 1024-thread CTA per SM, two passes, the
 // second from L2). Rows with ranks > 1 need sm_90 clusters and fall back to variant 0 elsewhere; unaligned rows
 // always take variant 0; a hold variant whose row does not fit its registers, or with a soft-cap, takes the split
-// kernel of the same shape; a bulk variant needs V a multiple of the vector width, else it takes the hold kernel. bench/ce_sweep.py times them all; bench/NOTES.md has the predictions.
+// kernel of the same shape; a bulk variant needs V a multiple of the vector width, else it takes the hold kernel.
+// bench/ce_sweep.py times them all; bench/NOTES.md has the predictions.
 #pragma once
 #include <c10/util/Exception.h>
 
