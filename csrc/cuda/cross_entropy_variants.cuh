@@ -1,4 +1,4 @@
-// Host side of the fused cross-entropy's kernel variants (cross_entropy_split.cuh, cross_entropy_bulk.cuh), for benchmarking.
+// Host side of the fused cross-entropy's kernel variants (cross_entropy_split.cuh, cross_entropy_bulk.cuh).
 //
 // SWIFTLORA_CE_VARIANT (private benchmarking knob, read on every call; unset = kCeDefaultVariant) picks a row of
 // kCeVariants: 0 is the original kernel (cross_entropy_fused_kernel: one 1024-thread CTA per SM, two passes, the
