@@ -6,9 +6,10 @@
 //
 // Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused
 // cross-entropy reads and writes N·V·E when a persistent grid of one block per SM re-reads each row for its
-// gradient from L2 (132 rows of 256 KB in flight: 33 MB). Holding rows on chip instead (a thread-block cluster per
-// row, the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100: latency-bound, since
-// registers or shared memory cannot hold enough rows in flight (bench/NOTES.md).
+// gradient from L2 (132 rows of 256 KB in flight: 33 MB). A cluster per row with one non-persistent launch per row
+// (the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100 (bench/NOTES.md).
+// cross_entropy_fused_ has variants (persistent clusters splitting each row, the slice in L2 or in registers with
+// the next row prefetched), chosen by the benchmarking knob SWIFTLORA_CE_VARIANT: cross_entropy_variants.cuh.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -16,7 +17,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <string_view>
 #include <vector>
 
 #include "common/checks.h"
@@ -24,6 +24,7 @@
 #include "common/dispatch.h"
 #include "ops.h"
 #include "cross_entropy_plain.cuh"
+#include "cross_entropy_variants.cuh"
 #include "softmax_row.cuh"
 
 namespace swiftlora::cuda {
@@ -115,12 +116,6 @@ __global__ void __launch_bounds__(kThreads)
 Transform make_transform(double softcap, double logit_scale) {
   const float cap = static_cast<float>(softcap);
   return Transform{static_cast<float>(logit_scale), cap, cap > 0.f ? 1.f / cap : 0.f};
-}
-
-// A benchmarking knob from the environment: set and not "0".
-bool env_flag(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' && std::string_view(value) != "0";
 }
 
 // Rows of `t` that start 16-byte aligned take vectors.
@@ -238,18 +233,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({rows}, opts), lse = at::empty({rows}, opts);
   const Transform f = make_transform(softcap, logit_scale);
-  // The common case takes the lean kernel (cross_entropy_plain.cuh); SWIFTLORA_CE_GENERAL=1 forces the general one
-  // (a benchmarking knob, read per call).
-  const bool plain = softcap == 0.0 && label_smoothing == 0.0 && z_loss == 0.0 && logit_scale > 0.0 &&
-                     !env_flag("SWIFTLORA_CE_GENERAL");
+  // The lean kernel's case: no soft-cap, smoothing or z-loss, a positive logit scale.
+  const bool plain = softcap == 0.0 && label_smoothing == 0.0 && z_loss == 0.0 && logit_scale > 0.0;
   dispatch_rows(x2, labels, vector_rows(x2), [&](auto t_tag, auto l_tag, auto vec) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
     constexpr int VEC = decltype(vec)::value;
     const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
-    // One block per SM: the rows in flight stay in L1/L2 for the gradient pass.
+    const int variant = ce_variant();
     if constexpr (sizeof(T) == 2 && VEC * sizeof(T) == 16) {
-      if (plain) {
+      if (variant == kCePlainVariant && plain) {  // the lean kernel (cross_entropy_plain.cuh)
         cross_entropy_plain_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
             x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
             static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
@@ -258,10 +251,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
         return;
       }
     }
+    const FusedArgs a{v,
+                      f,
+                      static_cast<float>(label_smoothing),
+                      static_cast<float>(z_loss),
+                      grad_scale.const_data_ptr<float>(),
+                      scale_stride,
+                      loss.mutable_data_ptr<float>(),
+                      lse.mutable_data_ptr<float>()};
+    if constexpr (VEC > 1) {
+      const RowLabels rl{labels->const_data_ptr(), labels->scalar_type() == at::kInt, ignore_index};
+      if (launch_split_variant<T, VEC>(variant, x2.mutable_data_ptr<T>(), x2.stride(0), rl, rows, a)) return;
+    }
+    // Variant 0 (and unaligned rows, and whatever a variant cannot take): one block per SM, the rows in flight stay
+    // in L1/L2 for the gradient pass.
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
-        static_cast<float>(label_smoothing), static_cast<float>(z_loss), grad_scale.const_data_ptr<float>(),
-        scale_stride, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f, a.smoothing,
+        a.z_loss, a.grad_scale, a.scale_stride, a.loss, a.lse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};

@@ -21,14 +21,6 @@
 
 namespace swiftlora::cuda {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Two 16-bit values packed in a word, widened exactly.
 template <typename T>
 __device__ __forceinline__ float2 widen2(uint32_t u) {
@@ -78,13 +70,13 @@ __device__ __forceinline__ Online plain_stats(const T* x, int64_t n, float scale
     for (int j = 1; j < kN; ++j) bm = fmaxf(bm, f[j]);
     if (bm > m) {  // rare after the first vectors
       const float bmz = bm * scale;
-      s *= fast_exp2((mz - bmz) * kLog2e);
+      s *= exp2_approx((mz - bmz) * kLog2e);
       m = bm;
       mz = bmz;
     }
     if (mz == kNegInf) return;  // nothing but −inf so far: 2^(−inf + inf) would be NaN
 #pragma unroll
-    for (int j = 0; j < kN; ++j) s += fast_exp2(fmaf(f[j], scale, -mz) * kLog2e);
+    for (int j = 0; j < kN; ++j) s += exp2_approx(fmaf(f[j], scale, -mz) * kLog2e);
   });
   Online o = empty_online();
   o.m = mz;
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(1024)
     }
     // p = exp(z − M − ln S) = 2^((x·scale − M)·log2 e − log2 S)
     const float a = r.k.a * scale, big = -o.m, small = -__log2f(o.s);
-    auto p_of = [&](float xv) { return fast_exp2(fmaf(fmaf(xv, scale, big), kLog2e, small)); };
+    auto p_of = [&](float xv) { return exp2_approx(fmaf(fmaf(xv, scale, big), kLog2e, small)); };
     walk_row<T, VEC, true>(xr, v, [&](const auto& xv, int64_t col) {
       constexpr int kN = sizeof(xv.v) / sizeof(T);
       if constexpr (kN == VEC) {

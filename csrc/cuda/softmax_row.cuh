@@ -1,4 +1,4 @@
-// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_cluster.cuh): the logit
+// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_split.cuh): the logit
 // transform, online (max, Σexp) statistics and their block-wide merge, the walk over one row in 16-byte vectors,
 // and the gradient of one element.
 #pragma once
@@ -13,6 +13,14 @@ namespace swiftlora::cuda {
 constexpr int kUnroll = 4;  // vectors a thread loads before using them
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x by the hardware's approximation (ex2.approx.ftz: what __expf uses after its multiply by log2 e).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // z = cap·tanh(scale·x/cap) (cap > 0) or scale·x, and dz/dx.
 struct Transform {
@@ -115,9 +123,9 @@ __device__ __forceinline__ void walk_row(const T* x, int64_t n, Fn&& fn) {
   for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
 }
 
-// This thread's statistics of x[0, n) (merge them with block_merge).
-template <typename T, int VEC, bool kEntropy>
-__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const Transform& f) {
+// This thread's statistics of x[0, n) (merge them with block_merge). F: Transform, or any type with z(x).
+template <typename T, int VEC, bool kEntropy, typename F>
+__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const F& f) {
   Online o = empty_online();
   walk_row<T, VEC>(x, n, [&](const auto& xv, int64_t) {
     constexpr int kN = sizeof(xv.v) / sizeof(T);
