@@ -47,7 +47,8 @@ constexpr uint32_t kTableBytes = 256 * 256;
 // Dynamic shared memory: the small arrays first, then the table at the next 64 KiB-aligned shared address (the
 // byte_perm addressing needs its low 16 bits free), so the allocation reserves 64 KiB of alignment slack.
 // Table row e (256 bytes): [4l, 4l + 4) the T pair of byte e for lane l; [128 + 4l, ...) code2[e] (fp32) for lane l.
-constexpr int kCodeOffset = 0;                                 // float[16]
+constexpr int kCode2Offset = 0;                                // float[256], staged for the table fill
+constexpr int kCodeOffset = kCode2Offset + 256 * 4;            // float[16]
 constexpr int kRedOffset = kCodeOffset + 16 * 4;               // float[2][kMaxWarps][64]: split partial sums
 constexpr int kXOffset = kRedOffset + 2 * kMaxWarps * 64 * 4;  // T[m][k]
 
@@ -181,9 +182,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
     }
     if (round == 0) {  // tables and x, staged while the first chunks are in flight
       float* code = reinterpret_cast<float*>(smem + kCodeOffset);
+      float* code2 = reinterpret_cast<float*>(smem + kCode2Offset);
       if (threadIdx.x == 0) nf4::fill_code_table(code);
-      if constexpr (Nested) offset = __ldg(a.offset);
+      if constexpr (Nested) {
+        offset = __ldg(a.offset);
+        for (int i = threadIdx.x; i < nf4::kCode2Size; i += blockDim.x) code2[i] = __ldg(a.code2 + i);
+      }
       const int xchunks = m * k / 8;
+#pragma unroll 4
       for (int i = threadIdx.x; i < xchunks; i += blockDim.x) {
         reinterpret_cast<uint4*>(smem + kXOffset)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
       }
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
         if (piece < 8) {
           v = pack_pair<T>(code[e >> 4], code[e & 15]);  // element 2j (high nibble) in the low half
         } else {
-          v = Nested ? __float_as_uint(__ldg(a.code2 + e)) : 0u;
+          v = Nested ? __float_as_uint(code2[e]) : 0u;
         }
         *reinterpret_cast<uint4*>(tab + e * 256 + piece * 16) = make_uint4(v, v, v, v);
       }
