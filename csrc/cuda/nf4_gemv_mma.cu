@@ -75,6 +75,9 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {  // lo -> bi
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 MMAs need sm_80; the host launches this kernel only there
+#else
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
@@ -86,6 +89,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // Shared-memory loads by 32-bit shared address (volatile: they stay after the barrier that publishes the data).
@@ -325,8 +329,10 @@ bool launch_nf4_gemv_mma(const T* x, int m, int64_t k, int64_t n, const Nf4Args&
                          int max_smem, cudaStream_t stream) {
   const bool scales_aligned = a.nested ? aligned_to(a.qabsmax, 2) : aligned_to(a.absmax, 8);  // pair loads
   const bool small = k < (int64_t{1} << 24) && n * (k / kChunkCodes) < (int64_t{1} << 31);  // 32-bit indices
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
   if (m < 1 || m > kMaxM || k % kChunkCodes != 0 || a.log2_blocksize != 6 || !aligned_to(a.packed, 16) ||
-      !aligned_to(x, 16) || !scales_aligned || !small) {
+      !aligned_to(x, 16) || !scales_aligned || !small || major < 8) {
     return false;
   }
   return a.nested ? launch_variant<T, true>(x, m, k, n, a, y, v, max_smem, stream)

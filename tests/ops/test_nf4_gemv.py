@@ -62,10 +62,10 @@ def test_cuda_decode_shapes(dtype, m):
 def test_cuda_kernel_variants(monkeypatch, variant, dtype, compress):
     """Every value of the SWIFTLORA_NF4_GEMV_VARIANT benchmarking knob on shapes the tensor-core kernel takes
     (M = 1..4, K % 128 == 0, blocksize 64): N not a multiple of 16, fewer tiles than warps, K = 128 (one chunk: a
-    split warp with no work), more tiles than one round of CTAs (40000 rows); M = 5 and blocksize 128 fall back."""
+    split warp with no work), more tiles than one round of CTAs (30000 rows); M = 5 and blocksize 128 fall back."""
     monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", variant)
-    for m, n, k, bs in ((1, 4099, 4096, 64), (2, 40, 256, 64), (3, 1000, 1152, 64), (4, 4099, 4096, 64),
-                        (1, 33, 128, 64), (1, 40000, 128, 64), (5, 300, 512, 64), (1, 300, 512, 128)):
+    for m, n, k, bs in ((1, 1043, 2048, 64), (2, 40, 256, 64), (3, 300, 1152, 64), (4, 1043, 1024, 64),
+                        (1, 33, 128, 64), (1, 30000, 128, 64), (5, 300, 512, 64), (1, 300, 512, 128)):
         _check(randn(m, k, dtype=dtype, device="cuda"), n, k, bs, compress, f"{variant} m={m} n={n} k={k} bs={bs}")
 
 
