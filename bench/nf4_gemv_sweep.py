@@ -23,7 +23,7 @@ import torch
 from . import harness
 from .ops._nf4 import BLOCKSIZE, K, N, QUICK_K, QUICK_N, quantized_weight, weight_bytes
 
-VARIANTS = "simt,mma-s1-d5,mma-s2-d3,mma-s2-d5"
+VARIANTS = "simt,mma-s1-d5,mma-s2-d3,mma-s2-d5,mma-s2-d6"
 DEQUANT_VARIANTS = "words,table,table-cs"
 ENV = "SWIFTLORA_NF4_GEMV_VARIANT"
 DEQUANT_ENV = "SWIFTLORA_NF4_DEQUANT_VARIANT"

@@ -14,8 +14,9 @@
 // Decode shapes the tensor-core kernel takes (nf4_gemv_mma.cu: M <= 4, K % 128 == 0, blocksize 64) go there.
 //
 // Benchmarking knob: SWIFTLORA_NF4_GEMV_VARIANT, read on every call (bench/nf4_gemv_sweep.py times each value):
-//   unset or "mma-s2-d5": the tensor-core kernel, 2 warps per 16-row tile, a 5-chunk prefetch ring (default);
-//   "mma-s1-d5", "mma-s2-d3": other (splits, depth) of it;
+//   unset or "mma-s2-d6": the tensor-core kernel, 2 warps per 16-row tile, a 6-chunk prefetch ring refilled two
+//   chunks at a time (each row's 128-byte line requested at once) (default);
+//   "mma-s2-d5", "mma-s2-d3", "mma-s1-d5": other (splits, depth) of it, refilled one 64-byte chunk at a time;
 //   "simt": the SIMT kernels of this file for every shape (the kernel before the tensor-core one).
 // Shapes the tensor-core kernel does not take run the SIMT kernels whatever the knob says.
 #include <ATen/ops/empty.h>
@@ -274,8 +275,9 @@ GemvVariant gemv_variant() {
   int splits = 0, depth = 0;
   char tail = 0;
   const bool known = std::sscanf(env, "mma-s%d-d%d%c", &splits, &depth, &tail) == 2 &&
-                     ((splits == 1 && depth == 5) || (splits == 2 && (depth == 3 || depth == 5)));
-  TORCH_CHECK(known, "SWIFTLORA_NF4_GEMV_VARIANT must be simt, mma-s1-d5, mma-s2-d3 or mma-s2-d5, got '", env, "'");
+                     ((splits == 1 && depth == 5) || (splits == 2 && (depth == 3 || depth == 5 || depth == 6)));
+  TORCH_CHECK(known, "SWIFTLORA_NF4_GEMV_VARIANT must be simt, mma-s1-d5, mma-s2-d3, mma-s2-d5 or mma-s2-d6, got '",
+              env, "'");
   v.mma = {splits, depth};
   return v;
 }

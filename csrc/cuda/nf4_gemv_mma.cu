@@ -251,8 +251,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
             }
             acc[0] = fmaf(dacc[1], s[0][1], fmaf(dacc[0], s[0][0], acc[0]));
             acc[1] = fmaf(dacc[3], s[1][1], fmaf(dacc[2], s[1][0], acc[1]));
-            // The slot is free again: chunk cc + D goes in flight behind the D - 1 already there.
-            if (cc + D < c_end) load_chunk<Nested>(ring[d], a, lp);
+            // The slot is free again: chunk cc + D goes in flight behind the D - 1 already there. Even D: slots
+            // refill in pairs, so the two 64-byte halves of each row's 128-byte line are requested together.
+            if constexpr (D % 2 == 0) {
+              if (d % 2 == 1) {
+                if (cc - 1 + D < c_end) load_chunk<Nested>(ring[d - 1], a, lp);
+                if (cc + D < c_end) load_chunk<Nested>(ring[d], a, lp);
+              }
+            } else if (cc + D < c_end) {
+              load_chunk<Nested>(ring[d], a, lp);
+            }
           }
         }
       }
@@ -319,6 +327,7 @@ bool launch_variant(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T
   if (v.splits == 1 && v.depth == 5) return launch<T, Nested, 1, 5>(x, m, k, n, a, y, max_smem, stream);
   if (v.splits == 2 && v.depth == 3) return launch<T, Nested, 2, 3>(x, m, k, n, a, y, max_smem, stream);
   if (v.splits == 2 && v.depth == 5) return launch<T, Nested, 2, 5>(x, m, k, n, a, y, max_smem, stream);
+  if (v.splits == 2 && v.depth == 6) return launch<T, Nested, 2, 6>(x, m, k, n, a, y, max_smem, stream);
   return false;
 }
 

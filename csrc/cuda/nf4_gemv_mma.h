@@ -10,10 +10,11 @@
 namespace swiftlora::cuda {
 
 // splits: warps sharing one 16-row tile (each takes 1/splits of K; partial sums meet in shared memory).
-// depth: 16-byte loads per row each lane keeps in its prefetch ring (depth - 1 in flight while one is decoded).
+// depth: 16-byte loads per row each lane keeps in its prefetch ring (depth - 1 in flight while one is decoded);
+// an even depth refills the ring two chunks at a time (a row's whole 128-byte line per request pair).
 struct MmaVariant {
   int splits = 2;
-  int depth = 5;
+  int depth = 6;
 };
 
 // Launches y [m, n] = x [m, k] @ dequant(W)ᵀ on `stream` and returns true, or returns false (nothing launched)

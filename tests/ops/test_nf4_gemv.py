@@ -56,7 +56,7 @@ def test_cuda_decode_shapes(dtype, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["mma-s1-d5", "mma-s2-d3", "mma-s2-d5", "simt"])
+@pytest.mark.parametrize("variant", ["mma-s1-d5", "mma-s2-d3", "mma-s2-d5", "mma-s2-d6", "simt"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
 def test_cuda_kernel_variants(monkeypatch, variant, dtype, compress):
