@@ -3,7 +3,7 @@
 // 10.1 µs at 3.0 TB/s, in which the GPU issues ~10 M warp instructions; the SIMT kernel (nf4_gemv.cu) needed
 // ~7 thread-instructions per weight element and sat at 26 µs. Here, per lane and 64 weight elements (two 64-byte
 // row chunks of a 16-row tile): 2 LDG.128, 32 PRMT + 32 LDS (one per packed byte), 8 HMMA, 4 scale decodes,
-// 4 FFMA: ~1.7 instructions per element, and half the shared-memory bytes of an fp32 table lookup.
+// 4 FFMA (SASS: ~127 per chunk of 64 elements, 2.0 per element), half the shared-memory bytes of an fp32 lookup.
 //
 // Mapping. A warp owns a 16-row tile of W (rows g and g + 8 in lane 4g + t) and walks its K range in 128-code
 // chunks; lane t of each quad loads 16 bytes (32 codes) of each of its two rows. One chunk is 8 MMAs: in MMA u a
