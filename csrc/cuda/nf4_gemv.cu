@@ -11,14 +11,25 @@
 // per 32 codes: one scale decode, Σ x·table[code] in fp32, then one multiply by the scale. A warp reduces its
 // R·M sums with shuffles at the end of each row group.
 // Other shapes (K % 32 != 0, x too large for shared memory, unaligned packed) take a one-warp-per-row loop kernel.
+// Decode shapes the tensor-core kernel takes (nf4_gemv_mma.cu: M <= 4, K % 128 == 0, blocksize 64) go there.
+//
+// Benchmarking knob: SWIFTLORA_NF4_GEMV_VARIANT, read on every call (bench/nf4_gemv_sweep.py times each value):
+//   unset or "mma-s2-d6": the tensor-core kernel, 2 warps per 16-row tile, a 6-chunk prefetch ring refilled two
+//   chunks at a time (each row's 128-byte line requested at once) (default);
+//   "mma-s2-d5", "mma-s2-d3", "mma-s1-d5": other (splits, depth) of it, refilled one 64-byte chunk at a time;
+//   "simt": the SIMT kernels of this file for every shape (the kernel before the tensor-core one).
+// Shapes the tensor-core kernel does not take run the SIMT kernels whatever the knob says.
 #include <ATen/ops/empty.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -26,6 +37,8 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/nf4_cuda.cuh"
+#include "common/smem_optin.cuh"
+#include "cuda/nf4_gemv_mma.h"
 #include "ops.h"
 
 namespace swiftlora::cuda {
@@ -213,22 +226,8 @@ __global__ void __launch_bounds__(kThreads) nf4_gemv_loop_kernel(const T* __rest
   }
 }
 
-// Host-side launch facts, looked up once per device (and per kernel and shared-memory size): a decode step is
+// Host-side launch facts (max_optin_smem, the occupancy below) are looked up once per device: a decode step is
 // ~10 µs, so per-call driver queries would show in its wall time.
-int max_optin_smem() {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  const int dev = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it == cache.end()) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    it = cache.emplace(dev, v).first;
-  }
-  return it->second;
-}
-
 template <typename T, int MAXM, int R>
 void launch_tiled(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, std::size_t smem) {
   auto kernel = nf4_gemv_kernel<T, MAXM, R>;
@@ -260,6 +259,29 @@ bool tiled_fits(const void* packed, const void* x, int64_t k, std::size_t smem) 
          smem + sizeof(Nf4Tables) <= static_cast<std::size_t>(max_optin_smem());
 }
 
+struct GemvVariant {
+  bool simt = false;
+  MmaVariant mma;
+};
+
+GemvVariant gemv_variant() {
+  const char* env = std::getenv("SWIFTLORA_NF4_GEMV_VARIANT");
+  GemvVariant v;
+  if (env == nullptr || *env == '\0') return v;
+  if (std::string(env) == "simt") {
+    v.simt = true;
+    return v;
+  }
+  int splits = 0, depth = 0;
+  char tail = 0;
+  const bool known = std::sscanf(env, "mma-s%d-d%d%c", &splits, &depth, &tail) == 2 &&
+                     ((splits == 1 && depth == 5) || (splits == 2 && (depth == 3 || depth == 5 || depth == 6)));
+  TORCH_CHECK(known, "SWIFTLORA_NF4_GEMV_VARIANT must be simt, mma-s1-d5, mma-s2-d3, mma-s2-d5 or mma-s2-d6, got '",
+              env, "'");
+  v.mma = {splits, depth};
+  return v;
+}
+
 at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                          const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features) {
@@ -274,9 +296,14 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const
   auto y = at::empty(out_shape, x.options());
   const Nf4Args a = nf4::nf4_args(w);
   const std::size_t smem = static_cast<std::size_t>(m) * k * x.element_size();
+  const GemvVariant variant = gemv_variant();
   SWIFTLORA_DISPATCH_HALF(x.scalar_type(), "nf4_gemv_cuda", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
+    if (!variant.simt &&
+        launch_nf4_gemv_mma<scalar_t>(xp, m, k, n, a, yp, variant.mma, max_optin_smem(), current_stream())) {
+      return;
+    }
     if (!tiled_fits(a.packed, xp, k, smem)) {
       const int64_t grid = std::min<int64_t>(ceil_div(n, kWarps), 16 * sm_count());
       nf4_gemv_loop_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, current_stream()>>>(xp, m, k, n,

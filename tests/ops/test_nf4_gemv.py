@@ -55,6 +55,28 @@ def test_cuda_decode_shapes(dtype, m):
     _check(buf[1:].view(m, 1024), 257, 1024, 64, True, "x at an odd address")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["mma-s1-d5", "mma-s2-d3", "mma-s2-d5", "mma-s2-d6", "simt"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
+def test_cuda_kernel_variants(monkeypatch, variant, dtype, compress):
+    """Every value of the SWIFTLORA_NF4_GEMV_VARIANT benchmarking knob on shapes the tensor-core kernel takes
+    (M = 1..4, K % 128 == 0, blocksize 64): N not a multiple of 16, fewer tiles than warps, K = 128 (one chunk: a
+    split warp with no work), more tiles than one round of CTAs (30000 rows); M = 5 and blocksize 128 fall back."""
+    monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", variant)
+    for m, n, k, bs in ((1, 1043, 2048, 64), (2, 40, 256, 64), (3, 300, 1152, 64), (4, 1043, 1024, 64),
+                        (1, 33, 128, 64), (1, 30000, 128, 64), (5, 300, 512, 64), (1, 300, 512, 128)):
+        _check(randn(m, k, dtype=dtype, device="cuda"), n, k, bs, compress, f"{variant} m={m} n={n} k={k} bs={bs}")
+
+
+@pytest.mark.gpu
+def test_cuda_variant_knob_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", "mma-s3-d9")
+    q = nf4_quantize(randn(40, 128, device="cuda"), 64, True)
+    with pytest.raises(RuntimeError, match="SWIFTLORA_NF4_GEMV_VARIANT must be simt, mma-s1-d5"):
+        nf4_gemv(randn(1, 128, dtype=torch.bfloat16, device="cuda"), *q, blocksize=64, out_features=40)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x = randn(3, 96, dtype=torch.bfloat16, device=device)
