@@ -1,4 +1,4 @@
-"""Sweep of cross_entropy_fused_'s kernel variants (SWIFTLORA_CE_VARIANT, csrc/cuda/cross_entropy_variants.cuh).
+"""Sweep of cross_entropy_fused_'s kernel variants (SWIFTLORA_CE_VARIANT, csrc/cuda/cross_entropy.cu).
 
 ``python -m bench.ce_sweep [--variants 0,3,7] [--reps 30] [--ncu]``: for each variant, times
 ``cross_entropy(x, y, inplace_backward=True)`` forward + backward on logits [8192, 128256] bf16 with CUDA events
@@ -20,24 +20,14 @@ import torch
 from .harness import Harness, Restore
 
 ENV = "SWIFTLORA_CE_VARIANT"
-# Must match kCeVariants in csrc/cuda/cross_entropy_variants.cuh (threads a CTA, CTAs a row, vectors held).
+# Must match kCeVariants in csrc/cuda/cross_entropy.cu.
 VARIANTS = {
-    0: "original: 1024 thr, 1 CTA/SM, L2 re-read",
-    1: "split 1024 thr, C=1 (fast path only)",
-    2: "split 512 thr x2/SM, C=1",
-    3: "split 1024 thr, C=2",
-    4: "split 512 thr x2/SM, C=2",
-    5: "split 1024 thr, C=4",
-    6: "split 512 thr x2/SM, C=4",
-    7: "hold 1024 thr, C=8, 2 vec/thr (exps kept)",
-    8: "hold 512 thr x2/SM, C=8, 4 vec/thr",
-    9: "hold 1024 thr, C=4, 4 vec/thr",
-    10: "bulk copy to smem 3 rows ahead, 1024 thr, C=8",
-    11: "bulk copy to smem 2 rows ahead, 1024 thr, C=4",
-    12: "lean one-CTA kernel (cross_entropy_plain.cuh)",
+    0: "general kernel (soft-cap, smoothing, z-loss)",
+    1: "lean kernel (cross_entropy_plain.cuh)",
+    2: "lean kernel, gradient pass backwards (L1 reuse)",
 }
-# (rows, V, dtype, cross_entropy options): V odd (a ragged tail), V = 131072 (the hold variants' exact fit), a V too
-# wide for them (their split fallback), and the options that change the coefficients.
+# (rows, V, dtype, cross_entropy options): V odd (a ragged tail), a wide V, and the options that change the
+# coefficients (the lean kernel hands those to the general one).
 CHECKS = [
     (512, 128256, torch.bfloat16, {}),
     (300, 50257, torch.bfloat16, {"label_smoothing": 0.1, "z_loss": 1e-4}),

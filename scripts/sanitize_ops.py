@@ -67,8 +67,13 @@ def cross_entropy_family():
         y[3] = -100
         compare(f"cross_entropy {n}x{v}", lambda t: ops.cross_entropy(t, y, label_smoothing=0.1, softcap=30.0),
                 lambda t: ops.cross_entropy_reference(t, y, label_smoothing=0.1, softcap=30.0), x)
-        compare(f"cross_entropy in place {n}x{v}", lambda t: ops.cross_entropy(t.clone(), y, inplace_backward=True),
-                lambda t: ops.cross_entropy_reference(t, y), x)
+        for cap in (None, 30.0):  # the lean in-place kernel, and the general one
+            compare(f"cross_entropy in place {n}x{v} softcap={cap}",
+                    lambda t: ops.cross_entropy(t.clone(), y, inplace_backward=True, softcap=cap),
+                    lambda t: ops.cross_entropy_reference(t, y, softcap=cap), x)
+
+
+def lm_head_family():
     h, w = torch.randn(300, 128, device=DEV, dtype=BF16), torch.randn(5000, 128, device=DEV, dtype=BF16) * 0.1
     y = torch.randint(0, 5000, (300,), device=DEV)
     compare("fused_linear_cross_entropy", lambda a, b: ops.fused_linear_cross_entropy(a, b, y, chunk_size=128),
@@ -119,20 +124,26 @@ def gguf_family():
         check(f"gguf {qtype}", ops.gguf_dequantize_reference(data.cpu(), qtype).view(x.shape), x.float().cpu(), 0.6)
 
 
-STEPS = [norms_and_activations, cross_entropy_family, nf4_family, gguf_family]
+STEPS = [norms_and_activations, cross_entropy_family, lm_head_family, nf4_family, gguf_family]
 
 
 def main(argv: list[str] | None = None) -> int:
     global DEV
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    DEV = torch.device(parser.parse_args(argv).device)
+    parser.add_argument("--steps", default=",".join(f.__name__ for f in STEPS), help="comma-separated step names")
+    args = parser.parse_args(argv)
+    DEV = torch.device(args.device)
+    by_name = {f.__name__: f for f in STEPS}
+    unknown = sorted(set(args.steps.split(",")) - set(by_name))
+    if unknown:
+        parser.error(f"--steps: unknown {unknown}; choose from {sorted(by_name)}")
     if DEV.type == "cuda" and not torch.cuda.is_available():
         print("sanitize_ops: no CUDA device")
         return 2
     torch.manual_seed(0)
     failed = 0
-    for step in STEPS:
+    for step in [by_name[name] for name in args.steps.split(",")]:
         try:
             step()
             if DEV.type == "cuda":

@@ -6,10 +6,10 @@
 //
 // Floors (N rows, V vocab, E bytes per logit): stats read N·V·E; grad reads and writes N·V·E; the fused
 // cross-entropy reads and writes N·V·E when a persistent grid of one block per SM re-reads each row for its
-// gradient from L2 (132 rows of 256 KB in flight: 33 MB). A cluster per row with one non-persistent launch per row
-// (the row in registers) measured 3.2 ms against 2.1 at [8192, 128256] bf16 on the H100 (bench/NOTES.md).
-// cross_entropy_fused_ has variants (persistent clusters splitting each row, the slice in L2 or in registers with
-// the next row prefetched), chosen by the benchmarking knob SWIFTLORA_CE_VARIANT: cross_entropy_variants.cuh.
+// gradient from L1/L2 (one 256 KB row per SM between the passes). The common case (no soft-cap, smoothing or
+// z-loss) takes a lean kernel with ~11 instructions a logit (cross_entropy_plain.cuh): the general one is
+// issue-bound at ~40. Splitting rows over thread-block clusters, holding slices in registers or copying them into
+// shared memory ahead (TMA) all measured slower on the H100 (bench/NOTES.md; the code is in the history).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -24,7 +24,6 @@
 #include "common/dispatch.h"
 #include "ops.h"
 #include "cross_entropy_plain.cuh"
-#include "cross_entropy_variants.cuh"
 #include "softmax_row.cuh"
 
 namespace swiftlora::cuda {
@@ -116,6 +115,20 @@ __global__ void __launch_bounds__(kThreads)
 Transform make_transform(double softcap, double logit_scale) {
   const float cap = static_cast<float>(softcap);
   return Transform{static_cast<float>(logit_scale), cap, cap > 0.f ? 1.f / cap : 0.f};
+}
+
+// SWIFTLORA_CE_VARIANT, a benchmarking knob read on every call (bench/ce_sweep.py): which kernel runs
+// cross_entropy_fused_ where the lean one can. Unset: kCeDefault.
+constexpr int kCeGeneral = 0, kCeLean = 1, kCeLeanBackward = 2, kCeVariants = 3, kCeDefault = kCeLean;
+
+int ce_variant() {
+  const char* s = std::getenv("SWIFTLORA_CE_VARIANT");
+  if (s == nullptr || *s == '\0') return kCeDefault;
+  char* end = nullptr;
+  const long n = std::strtol(s, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariants, "SWIFTLORA_CE_VARIANT must be 0 (general kernel), 1 (lean) ",
+              "or 2 (lean, gradient pass backwards), got '", s, "'");
+  return static_cast<int>(n);
 }
 
 // Rows of `t` that start 16-byte aligned take vectors.
@@ -242,32 +255,27 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
     const int64_t scale_stride = grad_scale.dim() == 0 ? 0 : 1;
     const int variant = ce_variant();
     if constexpr (sizeof(T) == 2 && VEC * sizeof(T) == 16) {
-      if (variant == kCePlainVariant && plain) {  // the lean kernel (cross_entropy_plain.cuh)
-        cross_entropy_plain_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-            x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
-            static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
-            loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (variant != kCeGeneral && plain) {  // the lean kernel (cross_entropy_plain.cuh)
+        auto launch = [&](auto kernel) {
+          kernel<<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
+              x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
+              static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
+              loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (variant == kCeLeanBackward) {
+          launch(cross_entropy_plain_kernel<T, L, VEC, true>);
+        } else {
+          launch(cross_entropy_plain_kernel<T, L, VEC, false>);
+        }
         return;
       }
     }
-    const FusedArgs a{v,
-                      f,
-                      static_cast<float>(label_smoothing),
-                      static_cast<float>(z_loss),
-                      grad_scale.const_data_ptr<float>(),
-                      scale_stride,
-                      loss.mutable_data_ptr<float>(),
-                      lse.mutable_data_ptr<float>()};
-    if constexpr (VEC > 1) {
-      const RowLabels rl{labels->const_data_ptr(), labels->scalar_type() == at::kInt, ignore_index};
-      if (launch_split_variant<T, VEC>(variant, x2.mutable_data_ptr<T>(), x2.stride(0), rl, rows, a)) return;
-    }
-    // Variant 0 (and unaligned rows, and whatever a variant cannot take): one block per SM, the rows in flight stay
-    // in L1/L2 for the gradient pass.
+    // Everything else: one block per SM, the rows in flight stay in L1/L2 for the gradient pass.
     cross_entropy_fused_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f, a.smoothing,
-        a.z_loss, a.grad_scale, a.scale_stride, a.loss, a.lse);
+        x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v, f,
+        static_cast<float>(label_smoothing), static_cast<float>(z_loss), grad_scale.const_data_ptr<float>(),
+        scale_stride, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};

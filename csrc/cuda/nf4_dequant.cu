@@ -18,22 +18,15 @@
 // The rectangle (Nf4Rect) is walked word by word with an incremental (row, word-in-row) position: no division per
 // word. Elements a word path cannot take (packed data not 4-byte aligned, rows not multiples of 8 elements, output
 // rows not 16-byte aligned, the tail of a single row) go through a one-element-per-thread loop.
-//
-// Flat rectangles (one row, or dense rows in and out: nf4_dequantize's whole tensor) can take the table kernel of
-// nf4_dequant_table.cu instead. Benchmarking knob SWIFTLORA_NF4_DEQUANT_VARIANT, read on every call:
-//   unset or "table": the table kernel for flat rectangles (default); "table-cs": the same with evict-first stores;
-//   "words": the word kernel below for everything (the kernel before the table one).
+// A flat kernel with a per-lane 256-entry byte → value-pair table (6 instructions a value instead of ~16, one
+// 1024-thread CTA per SM) measured slower on the H100: 62.6 µs against 53.7 (bench/NOTES.md; in the history).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "common/cuda_utils.cuh"
-#include "common/smem_optin.cuh"
 #include "cuda/nf4_dequant.h"
-#include "cuda/nf4_dequant_table.h"
 
 namespace swiftlora::cuda {
 namespace {
@@ -157,29 +150,11 @@ void launch_elements(const Nf4Args& a, const Nf4Rect& r, T* out, cudaStream_t st
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-enum class DequantVariant { kTable, kTableStreaming, kWords };
-
-DequantVariant dequant_variant() {
-  const char* env = std::getenv("SWIFTLORA_NF4_DEQUANT_VARIANT");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "table") == 0) return DequantVariant::kTable;
-  if (std::strcmp(env, "table-cs") == 0) return DequantVariant::kTableStreaming;
-  TORCH_CHECK(std::strcmp(env, "words") == 0, "SWIFTLORA_NF4_DEQUANT_VARIANT must be table, table-cs or words, got '",
-              env, "'");
-  return DequantVariant::kWords;
-}
-
 }  // namespace
 
 template <typename T>
 void launch_nf4_dequant(const Nf4Args& a, const Nf4Rect& rect, T* out, cudaStream_t stream) {
   if (rect.rows <= 0 || rect.cols <= 0) return;
-  const DequantVariant variant = dequant_variant();
-  const bool flat = rect.rows == 1 || (rect.cols == rect.src_ld && rect.cols == rect.ld);
-  if (flat && variant != DequantVariant::kWords &&
-      launch_nf4_dequant_table<T>(a, rect.first, rect.rows * rect.cols, out,
-                                  variant == DequantVariant::kTableStreaming, max_optin_smem(), stream)) {
-    return;
-  }
   const bool one_row = rect.rows == 1;
   const bool words = rect.cols >= 8 && aligned_to(a.packed, 4) && rect.first % 8 == 0 && aligned_to(out, 16) &&
                      (one_row || (rect.cols % 8 == 0 && rect.src_ld % 8 == 0 &&

@@ -1,4 +1,4 @@
-// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_split.cuh): the logit
+// Device pieces of the softmax-over-vocabulary kernels (cross_entropy.cu, cross_entropy_plain.cuh): the logit
 // transform, online (max, Σexp) statistics and their block-wide merge, the walk over one row in 16-byte vectors,
 // and the gradient of one element.
 #pragma once

@@ -218,26 +218,15 @@ def test_cuda_large_and_unaligned(dtype, blocksize):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["words", "table", "table-cs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
-def test_cuda_dequant_variants(monkeypatch, variant, dtype, compress):
-    """Every value of the SWIFTLORA_NF4_DEQUANT_VARIANT benchmarking knob, bit for bit: a tensor of many rounds of
-    the persistent table kernel, the adversarial blocks (NaN, inf, subnormal scales), a count not a multiple of 8
-    (the word kernel whatever the knob)."""
-    monkeypatch.setenv("SWIFTLORA_NF4_DEQUANT_VARIANT", variant)
+def test_cuda_dequant_many_tiles_and_adversarial_blocks(dtype, compress):
+    """Bit for bit: a tensor of many CTA tiles, the adversarial blocks (NaN, inf, subnormal scales), a count not a
+    multiple of 8 (the element kernel)."""
     for x in (randn(1000, 4104, dtype=dtype, device="cuda"), adversarial_input(64, dtype).cuda(),
               randn(333, 7, dtype=dtype, device="cuda")):
         q = nf4_quantize(x, 64, compress)
         y = nf4_dequantize(*q, blocksize=64, shape=x.shape, dtype=dtype)
         q_cpu = [t.cpu() if t is not None else None for t in q]
         y_ref = nf4_dequantize_reference(*q_cpu, blocksize=64, shape=x.shape, dtype=dtype)
-        assert torch.equal(_bits(y.cpu()), _bits(y_ref)), f"{variant} {tuple(x.shape)}"
-
-
-@pytest.mark.gpu
-def test_cuda_dequant_variant_knob_rejects_unknown_values(monkeypatch):
-    monkeypatch.setenv("SWIFTLORA_NF4_DEQUANT_VARIANT", "tables")
-    q = nf4_quantize(randn(64, 64, device="cuda"), 64, True)
-    with pytest.raises(RuntimeError, match="SWIFTLORA_NF4_DEQUANT_VARIANT must be table, table-cs or words"):
-        nf4_dequantize(*q, blocksize=64, shape=(64, 64), dtype=torch.bfloat16)
+        assert torch.equal(_bits(y.cpu()), _bits(y_ref)), f"{tuple(x.shape)}"
