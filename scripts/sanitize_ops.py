@@ -73,6 +73,21 @@ def cross_entropy_family():
                     lambda t: ops.cross_entropy_reference(t, y, softcap=cap), x)
 
 
+def softmax_block():
+    """online_softmax_block_ alone (lm_head_family runs it between cuBLAS GEMMs)."""
+    from swiftlora.ops.lm_head_blocks import new_stats, online_softmax_block_reference
+
+    block = torch.randn(37, 1003, device=DEV, dtype=BF16) * 3
+    y = torch.randint(0, 2000, (37,), device=DEV)
+    outs = []
+    for fn in (torch.ops.swiftlora.online_softmax_block_, online_softmax_block_reference):
+        b, stats, pz = block.clone(), new_stats(37, DEV), torch.empty_like(block)
+        r = fn(b, stats, y, pz, 500, -100, 0.0, 1.0)
+        outs.append((b, stats, pz, r))
+    for name, a, b in zip(("block", "stats", "pz", "rescale"), *outs):
+        check(f"online_softmax_block_ {name}", a, b, 2e-2)
+
+
 def lm_head_family():
     h, w = torch.randn(300, 128, device=DEV, dtype=BF16), torch.randn(5000, 128, device=DEV, dtype=BF16) * 0.1
     y = torch.randint(0, 5000, (300,), device=DEV)
@@ -85,18 +100,31 @@ def lm_head_family():
         compare(f"token_logprobs entropy={entropy}", tl, lambda a: tl(a, ops.token_logprobs_reference), h)
 
 
-def nf4_family():
+def _nf4_weights():
     for n, k, nested in ((384, 512, True), (96, 320, False)):
         w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.02
-        nf = NF4Weight.quantize(w, 64, compress_statistics=nested)
+        yield n, k, w, NF4Weight.quantize(w, 64, compress_statistics=nested)
+
+
+def nf4_kernels():
+    """Quantize, dequantize, gemv: no cuBLAS."""
+    for n, k, w, nf in _nf4_weights():
         ref = nf.dequantize()
         check(f"nf4 round trip {n}x{k}", ref, w, 0.12)
         check(f"nf4_dequantize {n}x{k}", ops.nf4_dequantize(*nf.tensors(), blocksize=64, shape=(n, k)),
               ops.nf4_dequantize_reference(*nf.tensors(), blocksize=64, shape=(n, k)), 0)
-        for m in (1, 16):
+        for m in (1, 4, 16):
             x = torch.randn(m, k, device=DEV, dtype=BF16)
             check(f"nf4_gemv M={m} {n}x{k}", ops.nf4_gemv(x, *nf.tensors(), blocksize=64, out_features=n),
                   x.float() @ ref.float().t(), 2e-2)
+        x, xa = torch.randn(70, k, device=DEV, dtype=BF16), torch.randn(70, 16, device=DEV, dtype=BF16)
+        b = torch.randn(n, 16, device=DEV, dtype=BF16) * 0.05
+        check(f"qlora_gemm {n}x{k}", ops.qlora_gemm(x, nf, xa, b), ops.qlora_gemm_reference(x, nf, xa, b), 2e-2)
+
+
+def lora_family():
+    """The LoRA linears and blocks (cuBLAS GEMMs between our kernels)."""
+    for n, k, _, nf in _nf4_weights():
         a = torch.randn(8, k, device=DEV, dtype=BF16) * 0.05
         b = torch.randn(n, 8, device=DEV, dtype=BF16) * 0.05
         x = torch.randn(3, 70, k, device=DEV, dtype=BF16)
@@ -124,7 +152,8 @@ def gguf_family():
         check(f"gguf {qtype}", ops.gguf_dequantize_reference(data.cpu(), qtype).view(x.shape), x.float().cpu(), 0.6)
 
 
-STEPS = [norms_and_activations, cross_entropy_family, lm_head_family, nf4_family, gguf_family]
+STEPS = [norms_and_activations, cross_entropy_family, softmax_block, lm_head_family, nf4_kernels, lora_family,
+         gguf_family]
 
 
 def main(argv: list[str] | None = None) -> int:

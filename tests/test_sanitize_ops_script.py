@@ -15,7 +15,7 @@ def _load():
 def test_every_step_passes_on_cpu(capsys):
     assert _load().main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.count("ok   ") == 5 and "FAIL" not in out
+    assert out.count("ok   ") == 7 and "FAIL" not in out
 
 def test_a_wrong_kernel_result_fails_its_step(monkeypatch, capsys):
     mod = _load()

@@ -119,15 +119,16 @@ Transform make_transform(double softcap, double logit_scale) {
 
 // SWIFTLORA_CE_VARIANT, a benchmarking knob read on every call (bench/ce_sweep.py): which kernel runs
 // cross_entropy_fused_ where the lean one can. Unset: kCeDefault.
-constexpr int kCeGeneral = 0, kCeLean = 1, kCeLeanBackward = 2, kCeVariants = 3, kCeDefault = kCeLean;
+constexpr int kCeGeneral = 0, kCeLean = 1, kCeLeanPrefetch4 = 2, kCeLeanPrefetch8 = 3, kCeVariants = 4,
+              kCeDefault = kCeLean;
 
 int ce_variant() {
   const char* s = std::getenv("SWIFTLORA_CE_VARIANT");
   if (s == nullptr || *s == '\0') return kCeDefault;
   char* end = nullptr;
   const long n = std::strtol(s, &end, 10);
-  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariants, "SWIFTLORA_CE_VARIANT must be 0 (general kernel), 1 (lean) ",
-              "or 2 (lean, gradient pass backwards), got '", s, "'");
+  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariants, "SWIFTLORA_CE_VARIANT must be 0 (general kernel), 1 (lean), ",
+              "2 or 3 (lean, prefetching 4 or 8 vectors a thread of the next row), got '", s, "'");
   return static_cast<int>(n);
 }
 
@@ -263,10 +264,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
               loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        if (variant == kCeLeanBackward) {
-          launch(cross_entropy_plain_kernel<T, L, VEC, true>);
+        if (variant == kCeLeanPrefetch4) {
+          launch(cross_entropy_plain_kernel<T, L, VEC, 4>);
+        } else if (variant == kCeLeanPrefetch8) {
+          launch(cross_entropy_plain_kernel<T, L, VEC, 8>);
         } else {
-          launch(cross_entropy_plain_kernel<T, L, VEC, false>);
+          launch(cross_entropy_plain_kernel<T, L, VEC, 0>);
         }
         return;
       }

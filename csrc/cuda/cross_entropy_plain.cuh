@@ -84,24 +84,17 @@ __device__ __forceinline__ Online plain_stats(const T* x, int64_t n, float scale
   return o;
 }
 
-// walk_row's thread-to-vector map visited last vector first (the scalar tail first of all): after pass 1 the end of
-// the row is what L1 holds most surely, so a backward pass 2 meets it before pass 2's own loads evict it (a
-// forward pass 2 over a 256 KB row in a ~248 KB L1 evicts each line just before it is needed). Evict-first loads.
-template <typename T, int VEC, typename Fn>
-__device__ __forceinline__ void walk_row_reverse(const T* x, int64_t n, Fn&& fn) {
-  const int64_t full = n / VEC * VEC;
-  for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC, first = static_cast<int64_t>(threadIdx.x) * VEC;
-  if (first + VEC > full) return;
-  int64_t c = first + (full - VEC - first) / step * step;  // this thread's last vector
-  for (; c - (kUnroll - 1) * step >= first; c -= kUnroll * step) {
-    Vec<T, VEC> xv[kUnroll];
+// Asks L2 for the first kPrefetch vectors this thread will read of another row (no registers held): issued before
+// a row's gradient pass, the next row's first loads then come from L2 instead of starting at HBM latency behind the
+// row's barriers.
+template <typename T, int VEC, int kPrefetch>
+__device__ __forceinline__ void prefetch_row_start(const T* x, int64_t n) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xv[u] = load_vec_stream<T, VEC>(x + c - u * step);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) fn(xv[u], c - u * step);
+  for (int u = 0; u < kPrefetch; ++u) {
+    const int64_t c = static_cast<int64_t>(threadIdx.x) * VEC + u * step;
+    if (c + VEC <= n) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + c));
   }
-  for (; c >= first; c -= step) fn(load_vec_stream<T, VEC>(x + c), c);
 }
 
 // The thread that stores column `col` in walk_row's order (16-byte vectors first, then single elements).
@@ -111,7 +104,7 @@ __device__ __forceinline__ int owner_of(int64_t col, int64_t n) {
   return static_cast<int>((col < full ? col / VEC : col - full) % blockDim.x);
 }
 
-template <typename T, typename L, int VEC, bool kReverse>
+template <typename T, typename L, int VEC, int kPrefetch>
 __global__ void __launch_bounds__(1024)
     cross_entropy_plain_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t ignore_index,
                                int64_t rows, int64_t v, float scale, const float* __restrict__ grad_scale,
@@ -150,11 +143,10 @@ __global__ void __launch_bounds__(1024)
         xr[col] = static_cast<T>(a * p_of(static_cast<float>(xv.v[0])));
       }
     };
-    if constexpr (kReverse) {
-      walk_row_reverse<T, VEC>(xr, v, grad);
-    } else {
-      walk_row<T, VEC, true>(xr, v, grad);
+    if constexpr (kPrefetch > 0) {
+      if (row + gridDim.x < rows) prefetch_row_start<T, VEC, kPrefetch>(xr + gridDim.x * x_stride, v);
     }
+    walk_row<T, VEC, true>(xr, v, grad);
     if (owner) {  // after this thread's own store of the column
       xr[label] = static_cast<T>((r.k.a * p_of(x_label) + r.k.b) * scale);
     }

@@ -23,7 +23,10 @@ from torch import nn
 from ..ops.lora_weights import LoRAProjection, NF4Weight
 from ..ops.nf4 import nf4_gemv
 
-GEMV_MAX_ROWS = 16  # nf4_gemv's limit: decode steps of up to 16 sequences
+# Rows up to which nf4_gemv beats bitsandbytes' dequantize + matmul: on the H100 (W [14336, 4096]) 24.5 µs at M = 1
+# and 28.8 at M = 4 (tensor-core kernel), but 99 µs at M = 8 and 304 at M = 16, where dequantizing (57 µs) and
+# a bf16 GEMV over the 117 MB weight (~40 µs at copy bandwidth) cost less (bench/NOTES.md).
+GEMV_MAX_ROWS = 4
 
 
 def _adapter(module: nn.Module) -> str | None:

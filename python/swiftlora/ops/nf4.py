@@ -108,8 +108,11 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax
              blocksize: int = DEFAULT_BLOCKSIZE, out_features: int) -> torch.Tensor:
     """``y = x @ dequant(W)ᵀ`` for decode-sized ``x`` (1..16 rows), reading the packed weight once.
 
-    The weight enters as its exact fp32 dequantized values (not rounded to x's dtype first) and products are
-    summed in fp32; y is rounded once to x's dtype. No autograd (inference).
+    Products are summed in fp32 and y is rounded once to x's dtype. On CUDA (sm_80+), M <= 4, K a multiple of 128
+    and blocksize 64 run on tensor cores: the 16 NF4 code values enter rounded to x's dtype, times the fp32 block
+    scale after the block's sum (as accurate as dequantize-then-matmul in x's dtype); otherwise the weight enters
+    as its exact fp32 values. No autograd (inference). Beyond 4 rows, dequantizing and a cuBLAS matmul is faster
+    (bench/NOTES.md).
 
     Args:
         x: ``[..., K]`` float16/bfloat16, at most 16 rows in all.
