@@ -24,8 +24,6 @@ ENV = "SWIFTLORA_CE_VARIANT"
 VARIANTS = {
     0: "general kernel (soft-cap, smoothing, z-loss)",
     1: "lean kernel (cross_entropy_plain.cuh)",
-    2: "lean kernel, next row's first 4 vectors a thread prefetched to L2",
-    3: "lean kernel, next row's first 8 vectors a thread prefetched to L2",
 }
 # (rows, V, dtype, cross_entropy options): V odd (a ragged tail), a wide V, and the options that change the
 # coefficients (the lean kernel hands those to the general one).

@@ -118,17 +118,17 @@ Transform make_transform(double softcap, double logit_scale) {
 }
 
 // SWIFTLORA_CE_VARIANT, a benchmarking knob read on every call (bench/ce_sweep.py): which kernel runs
-// cross_entropy_fused_ where the lean one can. Unset: kCeDefault.
-constexpr int kCeGeneral = 0, kCeLean = 1, kCeLeanPrefetch4 = 2, kCeLeanPrefetch8 = 3, kCeVariants = 4,
-              kCeDefault = kCeLean;
+// cross_entropy_fused_ where the lean one can. Unset: kCeDefault. (A backward gradient pass and an L2 prefetch of
+// the next row were measured too: no gain, and 1-5% slower; bench/NOTES.md.)
+constexpr int kCeGeneral = 0, kCeLean = 1, kCeVariants = 2, kCeDefault = kCeLean;
 
 int ce_variant() {
   const char* s = std::getenv("SWIFTLORA_CE_VARIANT");
   if (s == nullptr || *s == '\0') return kCeDefault;
   char* end = nullptr;
   const long n = std::strtol(s, &end, 10);
-  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariants, "SWIFTLORA_CE_VARIANT must be 0 (general kernel), 1 (lean), ",
-              "2 or 3 (lean, prefetching 4 or 8 vectors a thread of the next row), got '", s, "'");
+  TORCH_CHECK(*end == '\0' && n >= 0 && n < kCeVariants, "SWIFTLORA_CE_VARIANT must be 0 (general kernel) or 1 (lean ",
+              "kernel), got '", s, "'");
   return static_cast<int>(n);
 }
 
@@ -257,20 +257,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_cuda(at::Tensor& logits, 
     const int variant = ce_variant();
     if constexpr (sizeof(T) == 2 && VEC * sizeof(T) == 16) {
       if (variant != kCeGeneral && plain) {  // the lean kernel (cross_entropy_plain.cuh)
-        auto launch = [&](auto kernel) {
-          kernel<<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
-              x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
-              static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
-              loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        if (variant == kCeLeanPrefetch4) {
-          launch(cross_entropy_plain_kernel<T, L, VEC, 4>);
-        } else if (variant == kCeLeanPrefetch8) {
-          launch(cross_entropy_plain_kernel<T, L, VEC, 8>);
-        } else {
-          launch(cross_entropy_plain_kernel<T, L, VEC, 0>);
-        }
+        cross_entropy_plain_kernel<T, L, VEC><<<row_grid(rows, 1), kThreads, 0, current_stream()>>>(
+            x2.mutable_data_ptr<T>(), x2.stride(0), label_ptr<L>(labels), ignore_index, rows, v,
+            static_cast<float>(logit_scale), grad_scale.const_data_ptr<float>(), scale_stride,
+            loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }

@@ -84,19 +84,6 @@ __device__ __forceinline__ Online plain_stats(const T* x, int64_t n, float scale
   return o;
 }
 
-// Asks L2 for the first kPrefetch vectors this thread will read of another row (no registers held): issued before
-// a row's gradient pass, the next row's first loads then come from L2 instead of starting at HBM latency behind the
-// row's barriers.
-template <typename T, int VEC, int kPrefetch>
-__device__ __forceinline__ void prefetch_row_start(const T* x, int64_t n) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-#pragma unroll
-  for (int u = 0; u < kPrefetch; ++u) {
-    const int64_t c = static_cast<int64_t>(threadIdx.x) * VEC + u * step;
-    if (c + VEC <= n) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + c));
-  }
-}
-
 // The thread that stores column `col` in walk_row's order (16-byte vectors first, then single elements).
 template <int VEC>
 __device__ __forceinline__ int owner_of(int64_t col, int64_t n) {
@@ -104,7 +91,7 @@ __device__ __forceinline__ int owner_of(int64_t col, int64_t n) {
   return static_cast<int>((col < full ? col / VEC : col - full) % blockDim.x);
 }
 
-template <typename T, typename L, int VEC, int kPrefetch>
+template <typename T, typename L, int VEC>
 __global__ void __launch_bounds__(1024)
     cross_entropy_plain_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t ignore_index,
                                int64_t rows, int64_t v, float scale, const float* __restrict__ grad_scale,
@@ -143,9 +130,6 @@ __global__ void __launch_bounds__(1024)
         xr[col] = static_cast<T>(a * p_of(static_cast<float>(xv.v[0])));
       }
     };
-    if constexpr (kPrefetch > 0) {
-      if (row + gridDim.x < rows) prefetch_row_start<T, VEC, kPrefetch>(xr + gridDim.x * x_stride, v);
-    }
     walk_row<T, VEC, true>(xr, v, grad);
     if (owner) {  // after this thread's own store of the column
       xr[label] = static_cast<T>((r.k.a * p_of(x_label) + r.k.b) * scale);
