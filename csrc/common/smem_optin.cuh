@@ -1,5 +1,5 @@
-// The opt-in shared-memory limit per CTA of the current device, looked up once per device: the decode kernels
-// that use it (nf4_gemv, nf4_dequant's table kernel) run in ~10 µs, where per-call driver queries would show.
+// Facts of the current device looked up once per device: the decode kernels that use them (nf4_gemv) run in
+// ~10-25 µs, where per-call driver queries would show.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -7,21 +7,29 @@
 
 #include <map>
 #include <mutex>
+#include <utility>
 
 namespace swiftlora::cuda {
 
-inline int max_optin_smem() {
+inline int cached_attribute(cudaDeviceAttr attr) {
   static std::mutex mu;
-  static std::map<int, int> cache;
+  static std::map<std::pair<int, int>, int> cache;
   const int dev = c10::cuda::current_device();
   const std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
+  const auto key = std::make_pair(dev, static_cast<int>(attr));
+  auto it = cache.find(key);
   if (it == cache.end()) {
     int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    it = cache.emplace(dev, v).first;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
+    it = cache.emplace(key, v).first;
   }
   return it->second;
 }
+
+// The opt-in shared-memory limit per CTA.
+inline int max_optin_smem() { return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+
+// The compute capability's major version.
+inline int device_major() { return cached_attribute(cudaDevAttrComputeCapabilityMajor); }
 
 }  // namespace swiftlora::cuda

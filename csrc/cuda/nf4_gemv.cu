@@ -14,18 +14,14 @@
 // Decode shapes the tensor-core kernel takes (nf4_gemv_mma.cu: M <= 4, K % 128 == 0, blocksize 64) go there.
 //
 // Benchmarking knob: SWIFTLORA_NF4_GEMV_VARIANT, read on every call (bench/nf4_gemv_sweep.py times each value):
-//   unset or "mma-s2-d6": the tensor-core kernel, 2 warps per 16-row tile, a 6-chunk prefetch ring refilled two
-//   chunks at a time (each row's 128-byte line requested at once) (default);
-//   "mma-s2-d5", "mma-s2-d3", "mma-s1-d5": other (splits, depth) of it, refilled one 64-byte chunk at a time;
-//   "simt": the SIMT kernels of this file for every shape (the kernel before the tensor-core one).
-// Shapes the tensor-core kernel does not take run the SIMT kernels whatever the knob says.
+// unset or "mma": the tensor-core kernel where it applies (default); "simt": the SIMT kernels of this file for every
+// shape (the kernel before the tensor-core one).
 #include <ATen/ops/empty.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -259,27 +255,13 @@ bool tiled_fits(const void* packed, const void* x, int64_t k, std::size_t smem) 
          smem + sizeof(Nf4Tables) <= static_cast<std::size_t>(max_optin_smem());
 }
 
-struct GemvVariant {
-  bool simt = false;
-  MmaVariant mma;
-};
-
-GemvVariant gemv_variant() {
+// Whether SWIFTLORA_NF4_GEMV_VARIANT asks for the SIMT kernels only.
+bool simt_only() {
   const char* env = std::getenv("SWIFTLORA_NF4_GEMV_VARIANT");
-  GemvVariant v;
-  if (env == nullptr || *env == '\0') return v;
-  if (std::string(env) == "simt") {
-    v.simt = true;
-    return v;
-  }
-  int splits = 0, depth = 0;
-  char tail = 0;
-  const bool known = std::sscanf(env, "mma-s%d-d%d%c", &splits, &depth, &tail) == 2 &&
-                     ((splits == 1 && depth == 5) || (splits == 2 && (depth == 3 || depth == 5 || depth == 6)));
-  TORCH_CHECK(known, "SWIFTLORA_NF4_GEMV_VARIANT must be simt, mma-s1-d5, mma-s2-d3, mma-s2-d5 or mma-s2-d6, got '",
-              env, "'");
-  v.mma = {splits, depth};
-  return v;
+  if (env == nullptr || *env == '\0') return false;
+  const std::string v(env);
+  TORCH_CHECK(v == "simt" || v == "mma", "SWIFTLORA_NF4_GEMV_VARIANT must be simt or mma, got '", v, "'");
+  return v == "simt";
 }
 
 at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
@@ -296,12 +278,11 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const
   auto y = at::empty(out_shape, x.options());
   const Nf4Args a = nf4::nf4_args(w);
   const std::size_t smem = static_cast<std::size_t>(m) * k * x.element_size();
-  const GemvVariant variant = gemv_variant();
+  const bool simt = simt_only();
   SWIFTLORA_DISPATCH_HALF(x.scalar_type(), "nf4_gemv_cuda", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (!variant.simt &&
-        launch_nf4_gemv_mma<scalar_t>(xp, m, k, n, a, yp, variant.mma, max_optin_smem(), current_stream())) {
+    if (!simt && launch_nf4_gemv_mma<scalar_t>(xp, m, k, n, a, yp, max_optin_smem(), current_stream())) {
       return;
     }
     if (!tiled_fits(a.packed, xp, k, smem)) {

@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "common/cuda_utils.cuh"
+#include "common/smem_optin.cuh"
 #include "cuda/nf4_gemv_mma.h"
 
 namespace swiftlora::cuda {
@@ -321,36 +322,25 @@ bool launch(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, int
   return true;
 }
 
-template <typename T, bool Nested>
-bool launch_variant(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, MmaVariant v, int max_smem,
-                    cudaStream_t stream) {
-  if (v.splits == 1 && v.depth == 5) return launch<T, Nested, 1, 5>(x, m, k, n, a, y, max_smem, stream);
-  if (v.splits == 2 && v.depth == 3) return launch<T, Nested, 2, 3>(x, m, k, n, a, y, max_smem, stream);
-  if (v.splits == 2 && v.depth == 5) return launch<T, Nested, 2, 5>(x, m, k, n, a, y, max_smem, stream);
-  if (v.splits == 2 && v.depth == 6) return launch<T, Nested, 2, 6>(x, m, k, n, a, y, max_smem, stream);
-  return false;
-}
-
 }  // namespace
 
 template <typename T>
-bool launch_nf4_gemv_mma(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, MmaVariant v,
-                         int max_smem, cudaStream_t stream) {
+bool launch_nf4_gemv_mma(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, int max_smem,
+                         cudaStream_t stream) {
   const bool scales_aligned = a.nested ? aligned_to(a.qabsmax, 2) : aligned_to(a.absmax, 8);  // pair loads
   const bool small = k < (int64_t{1} << 24) && n * (k / kChunkCodes) < (int64_t{1} << 31);  // 32-bit indices
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
   if (m < 1 || m > kMaxM || k % kChunkCodes != 0 || a.log2_blocksize != 6 || !aligned_to(a.packed, 16) ||
-      !aligned_to(x, 16) || !scales_aligned || !small || major < 8) {
+      !aligned_to(x, 16) || !scales_aligned || !small || device_major() < 8) {
     return false;
   }
-  return a.nested ? launch_variant<T, true>(x, m, k, n, a, y, v, max_smem, stream)
-                  : launch_variant<T, false>(x, m, k, n, a, y, v, max_smem, stream);
+  // 2 warps per tile, a 6-chunk ring: the fastest of the (splits, depth) measured (bench/NOTES.md)
+  return a.nested ? launch<T, true, 2, 6>(x, m, k, n, a, y, max_smem, stream)
+                  : launch<T, false, 2, 6>(x, m, k, n, a, y, max_smem, stream);
 }
 
 template bool launch_nf4_gemv_mma<c10::BFloat16>(const c10::BFloat16*, int, int64_t, int64_t, const Nf4Args&,
-                                                 c10::BFloat16*, MmaVariant, int, cudaStream_t);
+                                                 c10::BFloat16*, int, cudaStream_t);
 template bool launch_nf4_gemv_mma<c10::Half>(const c10::Half*, int, int64_t, int64_t, const Nf4Args&, c10::Half*,
-                                             MmaVariant, int, cudaStream_t);
+                                             int, cudaStream_t);
 
 }  // namespace swiftlora::cuda

@@ -9,18 +9,10 @@
 
 namespace swiftlora::cuda {
 
-// splits: warps sharing one 16-row tile (each takes 1/splits of K; partial sums meet in shared memory).
-// depth: 16-byte loads per row each lane keeps in its prefetch ring (depth - 1 in flight while one is decoded);
-// an even depth refills the ring two chunks at a time (a row's whole 128-byte line per request pair).
-struct MmaVariant {
-  int splits = 2;
-  int depth = 6;
-};
-
 // Launches y [m, n] = x [m, k] @ dequant(W)ᵀ on `stream` and returns true, or returns false (nothing launched)
 // when the shape, alignment or shared-memory size is outside what the kernel takes. T: c10::BFloat16 or c10::Half.
 template <typename T>
-bool launch_nf4_gemv_mma(const T* x, int m, int64_t k, int64_t n, const nf4::Nf4Args& a, T* y, MmaVariant v,
-                         int max_smem, cudaStream_t stream);
+bool launch_nf4_gemv_mma(const T* x, int m, int64_t k, int64_t n, const nf4::Nf4Args& a, T* y, int max_smem,
+                         cudaStream_t stream);
 
 }  // namespace swiftlora::cuda

@@ -123,9 +123,9 @@ __device__ __forceinline__ void walk_row(const T* x, int64_t n, Fn&& fn) {
   for (int64_t t = full + threadIdx.x; t < n; t += blockDim.x) fn(load_vec<T, 1>(x + t), t);
 }
 
-// This thread's statistics of x[0, n) (merge them with block_merge). F: Transform, or any type with z(x).
-template <typename T, int VEC, bool kEntropy, typename F>
-__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const F& f) {
+// This thread's statistics of x[0, n) (merge them with block_merge).
+template <typename T, int VEC, bool kEntropy>
+__device__ __forceinline__ Online thread_stats(const T* x, int64_t n, const Transform& f) {
   Online o = empty_online();
   walk_row<T, VEC>(x, n, [&](const auto& xv, int64_t) {
     constexpr int kN = sizeof(xv.v) / sizeof(T);
