@@ -1,4 +1,4 @@
-// The sm_90a variant of qlora_gemm (csrc/cuda/qlora_gemm_sm90.cu): NF4 dequantization inside a wgmma GEMM.
+// The sm_90a variants of qlora_gemm (csrc/cuda/qlora_gemm_sm90*.cu): NF4 dequantization inside a wgmma GEMM.
 // csrc/cuda/qlora_linear.cu registers qlora_gemm and calls run() when supported(), else the dequantize + cuBLAS path.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -13,5 +13,10 @@ bool supported(const qlora::GemmArgs& a);
 
 // y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias).
 void run(const qlora::GemmArgs& a, at::Tensor& y);
+
+// Version 3 (csrc/cuda/qlora_gemm_sm90_ws.cu): warp-specialized, persistent, W dequantized into wgmma's register
+// A operand. Takes what supported() takes with a blocksize >= 64.
+bool supported_ws(const qlora::GemmArgs& a);
+void run_ws(const qlora::GemmArgs& a, at::Tensor& y);
 
 }  // namespace swiftlora::cuda::sm90

@@ -7,6 +7,9 @@
 // that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "QLoRA ops").
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/nf4_cuda.cuh"
@@ -79,6 +82,16 @@ struct StreamOverlap {
   Event fork_, join_, ready_[2], consumed_[2];
 };
 
+// SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (default: the warp-specialized
+// version 3) or "serial" (version 2, dequantization and MMAs one after the other).
+bool serial_kernel_asked() {
+  const char* env = std::getenv("SWIFTLORA_QLORA_GEMM_VARIANT");
+  if (env == nullptr || *env == '\0') return false;
+  const std::string v(env);
+  TORCH_CHECK(v == "ws" || v == "serial", "SWIFTLORA_QLORA_GEMM_VARIANT must be ws or serial, got '", v, "'");
+  return v == "serial";
+}
+
 struct CudaBackend {
   // out: rows [row0, ...) × columns [col0, ...) of W in the compute dtype, unit column stride, any row stride (a
   // slice of a panel chunk), on the current stream (the side stream inside Overlap::produce).
@@ -102,7 +115,11 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(x.device());
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
-    sm90::run(a, y);
+    if (!serial_kernel_asked() && sm90::supported_ws(a)) {
+      sm90::run_ws(a, y);
+    } else {
+      sm90::run(a, y);
+    }
     return qlora::gemm_output_shape(x, y);
   }
 };

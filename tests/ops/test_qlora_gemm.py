@@ -93,3 +93,42 @@ def test_bad_input_raises_clear_errors(device):
         op(x, *w.tensors(), 64, 72, None, None, torch.zeros(7, device=device))
     with pytest.raises(TypeError, match="weight must be an NF4Weight"):
         qlora_gemm(x, x, None, None)
+
+
+# Both sm_90a kernels (SWIFTLORA_QLORA_GEMM_VARIANT): the warp-specialized version 3 (default) and the serial
+# version 2. Shapes cross the 256-feature x 128-token tiles' edges, more tiles than SMs (the persistent loop and
+# the stage ring's phases wrapping across tiles), R = 0 / 8 / 16 / 48 / 64, plain and double-quantized absmax.
+VARIANT_SHAPES = [(3, 64, 40, 16), (130, 256, 200, 8), (64, 128, 129, 64), (9, 192, 72, 0), (1000, 1024, 1100, 16),
+                  (2048, 512, 4352, 16), (1024, 256, 8200, 0), (257, 4096, 4096, 48), (129, 320, 264, 24)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["ws", "serial"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
+def test_cuda_kernel_variants(monkeypatch, variant, dtype, shape):
+    monkeypatch.setenv("SWIFTLORA_QLORA_GEMM_VARIANT", variant)
+    x, w, xa, lb, b = _inputs(shape, dtype, "cuda", bias=shape[1] % 128 == 0)
+    _check(x, w, xa, lb, b, f"{variant} {dtype} {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+@pytest.mark.parametrize("nested", [True, False])
+def test_cuda_ws_blocksizes(monkeypatch, blocksize, nested):
+    monkeypatch.setenv("SWIFTLORA_QLORA_GEMM_VARIANT", "ws")
+    w = random_nf4(264, 4096, blocksize, nested=nested, device="cuda")
+    x = randn(200, 4096, dtype=torch.bfloat16, device="cuda")
+    xa = randn(200, 16, dtype=torch.bfloat16, device="cuda")
+    lb = randn(264, 16, dtype=torch.bfloat16, device="cuda", scale=0.5)
+    _check(x, w, xa, lb, None, f"ws blocksize {blocksize} nested {nested}")
+
+
+@pytest.mark.gpu
+def test_cuda_variant_knob_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("SWIFTLORA_QLORA_GEMM_VARIANT", "fastest")
+    x, w, xa, lb, b = _inputs((8, 64, 40, 16), torch.bfloat16, "cuda", bias=False)
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the knob is read only where the sm_90a kernels run")
+    with pytest.raises(RuntimeError, match="SWIFTLORA_QLORA_GEMM_VARIANT must be ws or serial"):
+        qlora_gemm(x, w, xa, lb, b)

@@ -1,0 +1,480 @@
+// qlora_gemm on sm_90a, version 3: a warp-specialized, persistent wgmma GEMM with the NF4 dequantization in
+// registers. y [M, N] = x [M, K] · dequant(W [N, K])ᵀ + xa [M, R] · lbᵀ [R, N] (+ bias), computed as its
+// transpose tile by tile, yᵀ = W · xᵀ, so W is wgmma's A operand and comes from REGISTERS: a consumer thread turns
+// the packed codes of its fragment straight into bf16/fp16 pairs (no dequantized tile is written anywhere, not even
+// to shared memory), while x is the B operand, read by the tensor cores from a 128-byte-swizzled shared tile.
+//
+// CTA: 3 warpgroups. WG0 produces: cp.async of the x tile (128 tokens × 64 k, 16 KB), the packed W tile (256 rows
+// × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
+// decode_scales_kernel) into a 5-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
+// (cp.async.mbarrier.arrive.noinc). WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
+// 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
+// both m blocks; byte → (code_hi, code_lo) through a per-half-warp replicated float2 table: no bank conflicts),
+// multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product, one rounding to 16 bits) and
+// issues two wgmma m64n128k16 with A from those registers. A fragments rotate through 4 register buffers (one per
+// k16 step of a k-tile) and wgmma.wait_group<2> keeps two steps in flight while the next is dequantized; a stage is
+// released (its "empty" mbarrier) once the last step reading it has completed.
+// LoRA: one extra k-tile first in each output tile: B = the xa tile (zero-filled past R), A = rows of s·B loaded
+// from global memory straight into the fragment registers, ceil(R / 16) k16 steps.
+// Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
+// tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
+// Epilogue: fp32 + bias, one rounding, 16-bit stores straight from the accumulators (evict-first).
+// Floor (x [4096, 4096], W [14336, 4096]): 481 GFLOP = 0.645 ms at 746 TFLOP/s; bench/NOTES.md ("QLoRA v3").
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common/cuda_utils.cuh"
+#include "common/nf4_cuda.cuh"
+#include "cuda/qlora_gemm_sm90.h"
+
+namespace swiftlora::cuda::sm90 {
+namespace {
+
+constexpr int kBF = 256, kBT = 128, kBK = 64;  // features (W rows), tokens (x rows), k per tile
+constexpr int kStages = 5;
+constexpr int kThreads = 384;
+constexpr int kXBytes = kBT * kBK * 2;  // 16 KB: 128 token rows of 128 bytes, 128B-swizzled
+constexpr int kWBytes = kBF * kBK / 2;  // 8 KB: 256 rows of 32 packed bytes (two 16-byte halves, swizzled)
+constexpr int kSBytes = kBF * 4;        // 1 KB: 256 block scales
+constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;  // 25 KB, a multiple of 1024 (swizzle atoms)
+constexpr int kTableCopies = 16;        // one per lane of a half-warp: a 64-bit LDS phase never conflicts
+constexpr int kTableBytes = 256 * kTableCopies * 8;
+constexpr int kOffTable = kStages * kStageBytes;
+constexpr int kOffBars = kOffTable + kTableBytes;
+constexpr int kSmemBytes = 1024 + kOffBars + 2 * kStages * 8;  // + slack to align the ring to 1024 bytes
+constexpr int kScalePitch = kBF;        // decoded scales: rows padded to a multiple of the tile's features
+static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
+
+struct Params {
+  const uint16_t* x;
+  int64_t ldx;
+  const uint8_t* packed;
+  const float* scales;  // [K / 64, pitch] decoded block scales, zero past N
+  int64_t pitch;
+  const uint16_t* xa;  // [M, R] (R = 0: none)
+  int64_t ldxa;
+  const uint16_t* lb;  // [N, R], already scaled
+  int64_t ldlb;
+  const uint16_t* bias;  // [N] or null
+  uint16_t* y;
+  int64_t ldy;
+  int64_t m, n, k;
+  int r;
+  int tiles_f, tiles;  // feature tiles, all tiles
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase with this parity has completed.
+__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Register "uses" the compiler cannot see through: accumulators and A fragments stay in their registers (and are
+// not reused) while an asynchronous wgmma reads or writes them.
+__device__ __forceinline__ void pin(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void pin(uint32_t (&a)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
+
+// B descriptor of a K-major, 128B-swizzled [rows × 64] bf16/fp16 tile at `addr` (1024-byte aligned, plus 32 bytes
+// per k16 step): 8-row groups 1024 bytes apart (SBO), LBO unused for this layout.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// D[64 × 128] += A[64 × 16] (registers) · B[16 × 128] (shared, descriptor), fp32 accumulators.
+#define SWIFTLORA_WGMMA_RS_M64N128K16(TY)                                                                       \
+  asm volatile(                                                                                                 \
+      "{\n"                                                                                                     \
+      ".reg .pred p;\n"                                                                                         \
+      "setp.ne.b32 p, %69, 0;\n"                                                                                \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                              \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                        \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                       \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"                                                                \
+      "}\n"                                                                                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (kBf16) {
+    SWIFTLORA_WGMMA_RS_M64N128K16("bf16");
+  } else {
+    SWIFTLORA_WGMMA_RS_M64N128K16("f16");
+  }
+}
+#undef SWIFTLORA_WGMMA_RS_M64N128K16
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // lo -> bits 0..15, round to nearest even
+  if constexpr (kBf16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float to_float(uint16_t b) {
+  if constexpr (kBf16) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  } else {
+    return __half2float(__ushort_as_half(b));
+  }
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint16_t to_bits(float v) {
+  if constexpr (kBf16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  } else {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+// Fragment pair of one packed byte: byte j of `word` (codes k = 2b, 2b + 1) -> (code_hi·s, code_lo·s) as 16 bits.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t lane_table, float scale) {
+  const uint32_t e = __byte_perm(word, 0u, 0x4440u | static_cast<uint32_t>(j));
+  float2 c;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(c.x), "=f"(c.y) : "r"(lane_table + (e << 7)));
+  return pack2<kBf16>(nf4::dequant_value(c.x, scale), nf4::dequant_value(c.y, scale));
+}
+
+// ------------------------------------------------------------------------------------------------- producer
+// Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
+// same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
+// pointers, then k-tile increments, so the 56-register producer does not spill.
+__device__ __forceinline__ void produce(const Params& p, uint32_t ring, uint32_t bars, int kt_total, bool lora) {
+  const int tid = threadIdx.x;  // 0..127
+  const int xrow = tid >> 3, xch = tid & 7, wrow = tid >> 1, wh = tid & 1;
+  const uint32_t xdst = xrow * 128 + ((xch ^ (xrow & 7)) << 4);
+  const uint32_t wdst = kXBytes + wrow * 32 + ((wh ^ ((wrow >> 2) & 1)) << 4);
+  const int64_t wstride = p.k / 2;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
+    const int xrows = static_cast<int>(std::min<int64_t>(p.m - t0, kBT)) - xrow;  // rows i with 16·i < xrows
+    const int wrows = static_cast<int>(std::min<int64_t>(p.n - f0, kBF)) - wrow;  // rows i with 64·i < wrows
+    const uint16_t* xsrc = p.x + (t0 + xrow) * p.ldx + xch * 8;
+    const uint8_t* wsrc = p.packed + (f0 + wrow) * wstride + wh * 16;
+    const float* ssrc = p.scales + f0 + tid * 4;
+    for (int kt = 0; kt < kt_total; ++kt, ++it) {
+      const int stage = it % kStages, round = it / kStages;
+      if (round > 0) bar_wait(bars + (kStages + stage) * 8, (round - 1) & 1);
+      const uint32_t base = ring + stage * kStageBytes;
+      if (lora && kt == 0) {  // the xa tile, zero past R
+        const bool in_r = xch * 8 < p.r;
+        const uint16_t* src = p.xa + (t0 + xrow) * p.ldxa + xch * 8;
+#pragma unroll
+        for (int i = 0; i < kBT / 16; ++i) {
+          const bool valid = in_r && 16 * i < xrows;
+          cp_async16(base + xdst + i * 2048, valid ? src + 16 * i * p.ldxa : p.xa, valid);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kBT / 16; ++i) {
+          const bool valid = 16 * i < xrows;
+          cp_async16(base + xdst + i * 2048, valid ? xsrc + 16 * i * p.ldx : p.x, valid);
+        }
+#pragma unroll
+        for (int i = 0; i < kBF / 64; ++i) {
+          const bool valid = 64 * i < wrows;
+          cp_async16(base + wdst + i * 2048, valid ? wsrc + 64 * i * wstride : p.packed, valid);
+        }
+        if (tid < kBF / 4) cp_async16(base + kXBytes + kWBytes + tid * 16, ssrc, true);  // rows padded: in bounds
+        xsrc += kBK;
+        wsrc += kBK / 2;
+        ssrc += p.pitch;
+      }
+      cp_async_arrive_noinc(bars + stage * 8);
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// ------------------------------------------------------------------------------------------------- consumers
+template <bool kBf16>
+__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint32_t ring, uint32_t table,
+                                        uint32_t bars, int kt_total, bool lora) {
+  const int cw = (threadIdx.x >> 7) - 1;  // consumer warpgroup 0/1: features [128·cw, 128·cw + 128) of the tile
+  const int wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const uint32_t lane_table = table + (lane & (kTableCopies - 1)) * 8;
+  const int lora_steps = (p.r + 15) / 16;
+  // this thread's 4 fragment rows within the tile: m block mb, half h -> row 128·cw + 64·mb + 16·wi + g + 8·h
+  int rows[2][2];
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[mb][h] = 128 * cw + 64 * mb + 16 * wi + g + 8 * h;
+  }
+  float acc[2][64];
+  uint32_t a[4][2][4] = {};  // [k16 step][m block][fragment register]
+  int it = 0;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[mb][i] = 0.f;
+    }
+    if (lora) {  // s·B fragments, straight from global memory (tiny, L2-resident)
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
+            const int64_t f = f0 + rows[mb][q & 1];
+            const int kc = 16 * s + 2 * tq + 8 * (q >> 1);
+            a[s][mb][q] = (s < lora_steps && f < p.n && kc < p.r)
+                              ? __ldg(reinterpret_cast<const uint32_t*>(p.lb + f * p.ldlb + kc))
+                              : 0u;
+          }
+        }
+      }
+    }
+    int pending = -1;  // the stage of the previous k-tile, released once its last step has completed
+    for (int kt = 0; kt < kt_total; ++kt, ++it) {
+      const int stage = it % kStages;
+      bar_wait(bars + stage * 8, (it / kStages) & 1);
+      fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
+      const uint32_t base = ring + stage * kStageBytes;
+      const uint8_t* wtile = smem + (base - ring) + kXBytes;
+      const bool is_lora = lora && kt == 0;
+      float sc[2][2];
+      if (!is_lora) {
+        const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) sc[mb][h] = stile[rows[mb][h]];
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if (is_lora && s >= lora_steps) break;
+        if (!is_lora) {
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = rows[mb][h];
+              const uint2 w = *reinterpret_cast<const uint2*>(wtile + row * 32 + (((s >> 1) ^ ((row >> 2) & 1)) << 4) +
+                                                              (s & 1) * 8);
+              a[s][mb][h] = dequant_pair<kBf16>(w.x, tq, lane_table, sc[mb][h]);      // k 16s + 2tq (+1)
+              a[s][mb][2 + h] = dequant_pair<kBf16>(w.y, tq, lane_table, sc[mb][h]);  // k 16s + 8 + 2tq (+1)
+            }
+          }
+        }
+        const uint64_t desc = desc_sw128(base + s * 32);
+        wgmma_fence();
+        wgmma_rs<kBf16>(acc[0], a[s][0], desc);
+        wgmma_rs<kBf16>(acc[1], a[s][1], desc);
+        wgmma_commit();
+        wgmma_wait<2>();
+        pin(a[(s + 2) & 3]);  // step s - 2 has completed: its fragments may be rewritten from here on
+        if (s == 1 && pending >= 0) {
+          if (lane == 0) bar_arrive(bars + (kStages + pending) * 8);
+          pending = -1;
+        }
+      }
+      if (is_lora) {  // few steps: drain them, so the first weight steps may rewrite every fragment buffer
+        wgmma_wait<0>();
+        pin(a[0]);
+        pin(a[1]);
+        pin(a[2]);
+        pin(a[3]);
+        if (lane == 0) bar_arrive(bars + (kStages + stage) * 8);
+      } else {
+        pending = stage;
+      }
+    }
+    wgmma_wait<0>();
+    pin(acc[0]);
+    pin(acc[1]);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) pin(a[s]);
+    if (pending >= 0 && lane == 0) bar_arrive(bars + (kStages + pending) * 8);
+
+    // epilogue: acc[mb][4j + 2h + c] = yᵀ[row (mb, h)][token 8j + 2tq + c]
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t f = f0 + rows[mb][h];
+        if (f >= p.n) continue;
+        const float b = p.bias ? to_float<kBf16>(p.bias[f]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int64_t t = t0 + 8 * j + 2 * tq + c;
+            if (t < p.m) __stcs(reinterpret_cast<unsigned short*>(p.y + t * p.ldy + f), to_bits<kBf16>(acc[mb][4 * j + 2 * h + c] + b));
+          }
+        }
+      }
+    }
+  }
+}
+
+#endif  // sm_90a
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t ring = (raw + 1023) & ~1023u;
+  uint8_t* smem = smem_raw + (ring - raw);
+  const uint32_t table = ring + kOffTable, bars = ring + kOffBars;
+  const bool lora = p.r > 0;
+  const int kt_total = static_cast<int>(p.k / kBK) + (lora ? 1 : 0);
+  __shared__ float code[16];
+  if (threadIdx.x == 0) nf4::fill_code_table(code);
+  __syncthreads();
+  {  // the byte -> (code_hi, code_lo) table, one copy per half-warp lane
+    float2* t = reinterpret_cast<float2*>(smem + kOffTable);
+    for (int i = threadIdx.x; i < 256 * kTableCopies; i += kThreads) {
+      const int e = i / kTableCopies;
+      t[i] = make_float2(code[e >> 4], code[e & 15]);
+    }
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      bar_init(bars + s * 8, 128);                // full: one asynchronous arrival per producer thread
+      bar_init(bars + (kStages + s) * 8, 8);      // empty: one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    produce(p, ring, bars, kt_total, lora);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    consume<kBf16>(p, smem, ring, table, bars, kt_total, lora);
+  }
+#endif
+}
+
+// Decoded block scales [K / 64, pitch]: the fp32 absmax of the block holding (row f, k-tile kt), zero past N.
+__global__ void decode_scales_kernel(nf4::Nf4Args a, int64_t n, int64_t k, int64_t pitch, int64_t total,
+                                     float* __restrict__ out) {
+  const float offset = a.nested ? __ldg(a.offset) : 0.f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t kt = i / pitch, f = i - kt * pitch;
+    float v = 0.f;
+    if (f < n) {
+      const int64_t b = (f * k + kt * kBK) >> a.log2_blocksize;
+      v = a.nested ? nf4::nested_absmax(__ldg(a.code2 + __ldg(a.qabsmax + b)),
+                                        __ldg(a.absmax2 + (b >> nf4::kNestedBlocksizeLog2)), offset)
+                   : __ldg(a.absmax + b);
+    }
+    out[i] = v;
+  }
+}
+
+}  // namespace
+
+bool supported_ws(const qlora::GemmArgs& a) {
+  return supported(a) && a.w.nf4.blocksize >= kBK && a.m < (int64_t{1} << 31) / kBT * kBT;
+}
+
+void run_ws(const qlora::GemmArgs& a, at::Tensor& y) {
+  const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
+  const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
+  at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
+  const int64_t total = ktiles * pitch;
+  decode_scales_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), int64_t{sm_count()} * 8)),
+                         256, 0, current_stream()>>>(w, a.n, a.k, pitch, total, scales.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  Params p{};
+  p.x = static_cast<const uint16_t*>(a.x.const_data_ptr());
+  p.ldx = a.x.stride(0);
+  p.packed = w.packed;
+  p.scales = scales.const_data_ptr<float>();
+  p.pitch = pitch;
+  if (a.r > 0) {
+    p.xa = static_cast<const uint16_t*>(a.xa.const_data_ptr());
+    p.ldxa = a.xa.stride(0);
+    p.lb = static_cast<const uint16_t*>(a.lora_b.const_data_ptr());
+    p.ldlb = a.lora_b.stride(0);
+  }
+  p.bias = a.bias.defined() ? static_cast<const uint16_t*>(a.bias.const_data_ptr()) : nullptr;
+  p.y = static_cast<uint16_t*>(y.mutable_data_ptr());
+  p.ldy = y.stride(0);
+  p.m = a.m;
+  p.n = a.n;
+  p.k = a.k;
+  p.r = static_cast<int>(a.r);
+  p.tiles_f = static_cast<int>(ceil_div(a.n, kBF));
+  p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, kBT));
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
+  auto launch = [&](auto kernel) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    kernel<<<grid, kThreads, kSmemBytes, current_stream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (a.x.scalar_type() == at::kBFloat16) {
+    launch(qlora_gemm_ws_kernel<true>);
+  } else {
+    launch(qlora_gemm_ws_kernel<false>);
+  }
+}
+
+}  // namespace swiftlora::cuda::sm90
