@@ -27,23 +27,28 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/nf4_cuda.cuh"
+#include "common/smem_optin.cuh"
 #include "cuda/qlora_gemm_sm90.h"
 
 namespace swiftlora::cuda::sm90 {
 namespace {
 
 constexpr int kBF = 256, kBT = 128, kBK = 64;  // features (W rows), tokens (x rows), k per tile
-constexpr int kStages = 5;
+constexpr int kStages = 4;
 constexpr int kThreads = 384;
 constexpr int kXBytes = kBT * kBK * 2;  // 16 KB: 128 token rows of 128 bytes, 128B-swizzled
 constexpr int kWBytes = kBF * kBK / 2;  // 8 KB: 256 rows of 32 packed bytes (two 16-byte halves, swizzled)
 constexpr int kSBytes = kBF * 4;        // 1 KB: 256 block scales
 constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;  // 25 KB, a multiple of 1024 (swizzle atoms)
-constexpr int kTableCopies = 16;        // one per lane of a half-warp: a 64-bit LDS phase never conflicts
-constexpr int kTableBytes = 256 * kTableCopies * 8;
-constexpr int kOffTable = kStages * kStageBytes;
-constexpr int kOffBars = kOffTable + kTableBytes;
-constexpr int kSmemBytes = 1024 + kOffBars + 2 * kStages * 8;  // + slack to align the ring to 1024 bytes
+// byte -> (code_hi, code_lo) float2 table, one copy per lane: entry e of lane l at table + 256·e + 8·l. The table
+// sits at a 64 KB-aligned shared address, so ONE byte_perm of the packed word and the lane's base makes the whole
+// lookup address (byte 1 = e).
+constexpr int kTableBytes = 256 * 256;
+constexpr int kEpiBytes = 8 * kBT * 16 * 2;  // per consumer warp: [128 tokens][16 features] 16-bit
+constexpr int kTailBytes = 2 * kStages * 8 + 16 * 4;  // mbarriers, the 16 NF4 codes
+// Worst case of the layout (kernel prologue): a 64 KB table at the next 64 KB boundary, the stages before it while
+// they fit, the rest, the epilogue buffers and the tail after it.
+constexpr int kSmemBytes = 65536 + kTableBytes + kStages * kStageBytes + kEpiBytes + kTailBytes;
 constexpr int kScalePitch = kBF;        // decoded scales: rows padded to a multiple of the tile's features
 static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
 
@@ -63,6 +68,7 @@ struct Params {
   int64_t m, n, k;
   int r;
   int tiles_f, tiles;  // feature tiles, all tiles
+  int smem;            // dynamic shared memory bytes (the layout is checked against it)
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -120,6 +126,29 @@ __device__ __forceinline__ void pin(uint32_t (&a)[2][4]) {
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
          (uint64_t{1} << 62);
+}
+
+// Where everything lives in the CTA's shared window (computed once from the dynamic base).
+struct Layout {
+  uint32_t lo, hi, table, epi, bars, codes;  // stages [0, nlo) at lo, the rest at hi
+  int nlo;
+  __device__ __forceinline__ uint32_t stage(int s) const {
+    return s < nlo ? lo + s * kStageBytes : hi + (s - nlo) * kStageBytes;
+  }
+  __device__ __forceinline__ uint32_t full(int s) const { return bars + s * 8; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bars + (kStages + s) * 8; }
+};
+
+__device__ __forceinline__ Layout make_layout(uint32_t raw) {
+  Layout l;
+  l.lo = (raw + 1023) & ~1023u;
+  l.table = (raw + 0xFFFF) & ~0xFFFFu;
+  l.nlo = min(static_cast<int>((l.table - l.lo) / kStageBytes), kStages);
+  l.hi = l.table + kTableBytes;
+  l.epi = l.hi + (kStages - l.nlo) * kStageBytes;
+  l.bars = l.epi + kEpiBytes;
+  l.codes = l.bars + 2 * kStages * 8;
+  return l;
 }
 
 // D[64 × 128] += A[64 × 16] (registers) · B[16 × 128] (shared, descriptor), fp32 accumulators.
@@ -184,12 +213,13 @@ __device__ __forceinline__ uint16_t to_bits(float v) {
   }
 }
 
-// Fragment pair of one packed byte: byte j of `word` (codes k = 2b, 2b + 1) -> (code_hi·s, code_lo·s) as 16 bits.
+// Fragment pair of one packed byte: byte j of `word` (codes k = 2b, 2b + 1) -> (code_hi·s, code_lo·s) rounded to
+// 16 bits. lane_table = table + 8·lane (64 KB-aligned table): byte_perm puts the byte in bits 8..15.
 template <bool kBf16>
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t lane_table, float scale) {
-  const uint32_t e = __byte_perm(word, 0u, 0x4440u | static_cast<uint32_t>(j));
+  const uint32_t addr = __byte_perm(word, lane_table, 0x7604u | (static_cast<uint32_t>(j) << 4));
   float2 c;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(c.x), "=f"(c.y) : "r"(lane_table + (e << 7)));
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(c.x), "=f"(c.y) : "r"(addr));
   return pack2<kBf16>(nf4::dequant_value(c.x, scale), nf4::dequant_value(c.y, scale));
 }
 
@@ -197,7 +227,7 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t 
 // Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
 // same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
 // pointers, then k-tile increments, so the 56-register producer does not spill.
-__device__ __forceinline__ void produce(const Params& p, uint32_t ring, uint32_t bars, int kt_total, bool lora) {
+__device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt_total, bool lora) {
   const int tid = threadIdx.x;  // 0..127
   const int xrow = tid >> 3, xch = tid & 7, wrow = tid >> 1, wh = tid & 1;
   const uint32_t xdst = xrow * 128 + ((xch ^ (xrow & 7)) << 4);
@@ -213,8 +243,8 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t ring, uint32_t
     const float* ssrc = p.scales + f0 + tid * 4;
     for (int kt = 0; kt < kt_total; ++kt, ++it) {
       const int stage = it % kStages, round = it / kStages;
-      if (round > 0) bar_wait(bars + (kStages + stage) * 8, (round - 1) & 1);
-      const uint32_t base = ring + stage * kStageBytes;
+      if (round > 0) bar_wait(l.empty(stage), (round - 1) & 1);
+      const uint32_t base = l.stage(stage);
       if (lora && kt == 0) {  // the xa tile, zero past R
         const bool in_r = xch * 8 < p.r;
         const uint16_t* src = p.xa + (t0 + xrow) * p.ldxa + xch * 8;
@@ -239,27 +269,109 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t ring, uint32_t
         wsrc += kBK / 2;
         ssrc += p.pitch;
       }
-      cp_async_arrive_noinc(bars + stage * 8);
+      cp_async_arrive_noinc(l.full(stage));
     }
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // ------------------------------------------------------------------------------------------------- consumers
-template <bool kBf16>
-__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint32_t ring, uint32_t table,
-                                        uint32_t bars, int kt_total, bool lora) {
-  const int cw = (threadIdx.x >> 7) - 1;  // consumer warpgroup 0/1: features [128·cw, 128·cw + 128) of the tile
-  const int wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const uint32_t lane_table = table + (lane & (kTableCopies - 1)) * 8;
-  const int lora_steps = (p.r + 15) / 16;
-  // this thread's 4 fragment rows within the tile: m block mb, half h -> row 128·cw + 64·mb + 16·wi + g + 8·h
-  int rows[2][2];
+// A consumer thread (warpgroup cw, warp wi, lane = 4g + tq) holds fragment rows 128·cw + 64·mb + 16·wi + g + 8h of
+// the tile's 256 features (m block mb, half h) and accumulates acc[mb][4j + 2h + c] = yᵀ[row][token 8j + 2tq + c].
+struct Frag {
+  int cw, wi, lane, g, tq;
+  __device__ __forceinline__ int row(int mb, int h) const { return 128 * cw + 64 * mb + 16 * wi + g + 8 * h; }
+};
+
+// The packed words of k16 step s for the thread's four rows: (word 2s, word 2s + 1) of each row's 32 bytes.
+__device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag& fr, int s, uint2 (&w)[2][2]) {
 #pragma unroll
   for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) rows[mb][h] = 128 * cw + 64 * mb + 16 * wi + g + 8 * h;
+    for (int h = 0; h < 2; ++h) {
+      const int row = fr.row(mb, h);
+      w[mb][h] = *reinterpret_cast<const uint2*>(wtile + row * 32 + (((s >> 1) ^ ((row >> 2) & 1)) << 4) + (s & 1) * 8);
+    }
   }
+}
+
+// wgmma.mma_async m64n128k16 of both m blocks for one k16 step (A fragments a, B at desc), committed as one group.
+template <bool kBf16>
+__device__ __forceinline__ void mma_step(float (&acc)[2][64], uint32_t (&a)[2][4], uint64_t desc) {
+  wgmma_fence();
+  wgmma_rs<kBf16>(acc[0], a[0], desc);
+  wgmma_rs<kBf16>(acc[1], a[1], desc);
+  wgmma_commit();
+}
+
+// acc (+ bias) -> y through this warp's [128 tokens][16 features] staging buffer, one m block at a time:
+// stmatrix .trans turns the fragments into token rows (the two 16-byte halves swizzled by token bit 2), then each
+// lane stores 16-byte pieces of token rows (2-byte stores where a piece leaves the row's bounds or alignment).
+template <bool kBf16>
+__device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, float (&acc)[2][64], uint32_t buf,
+                                           uint8_t* buf_ptr, int64_t f0, int64_t t0) {
+  const bool vec = (reinterpret_cast<uintptr_t>(p.y) & 15) == 0 && p.ldy % 8 == 0;
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb) {
+    float bias[2] = {0.f, 0.f};
+    if (p.bias) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t f = f0 + fr.row(mb, h);
+        bias[h] = f < p.n ? to_float<kBf16>(p.bias[f]) : 0.f;
+      }
+    }
+    // matrix i of an x4 store = (token block j + i / 2, half i % 2); lane L addresses row L % 8 of matrix L / 8
+    const int li = fr.lane >> 3, lr = fr.lane & 7;
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+      uint32_t r[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int jj = j + (i >> 1), h = i & 1;
+        r[i] = pack2<kBf16>(acc[mb][4 * jj + 2 * h] + bias[h], acc[mb][4 * jj + 2 * h + 1] + bias[h]);
+      }
+      const int t = 8 * (j + (li >> 1)) + lr, hh = li & 1;
+      const uint32_t addr = buf + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4);
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                   "r"(r[1]), "r"(r[2]), "r"(r[3])
+                   : "memory");
+    }
+    __syncwarp();
+    const int64_t fb = f0 + 128 * fr.cw + 64 * mb + 16 * fr.wi;  // this warp's 16 features
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int piece = fr.lane + 32 * i, t = piece >> 1, hh = piece & 1;
+      const int64_t token = t0 + t, f = fb + 8 * hh;
+      if (token < p.m && f < p.n) {
+        const uint4 v = *reinterpret_cast<const uint4*>(buf_ptr + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4));
+        uint16_t* dst = p.y + token * p.ldy + f;
+        if (vec && f + 8 <= p.n) {
+          __stcs(reinterpret_cast<uint4*>(dst), v);
+        } else {
+          const uint16_t* e = reinterpret_cast<const uint16_t*>(&v);
+          for (int q = 0; q < 8 && f + q < p.n; ++q) dst[q] = e[q];
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
+                                        int ktiles, bool lora) {
+  Frag fr;
+  fr.cw = (threadIdx.x >> 7) - 1;
+  fr.wi = (threadIdx.x >> 5) & 3;
+  fr.lane = threadIdx.x & 31;
+  fr.g = fr.lane >> 2;
+  fr.tq = fr.lane & 3;
+  const uint32_t lane_table = l.table + fr.lane * 8;
+  const int lora_steps = (p.r + 15) / 16;
+  const int warp = 4 * fr.cw + fr.wi;
+  const uint32_t epi = l.epi + warp * (kEpiBytes / 8);
+  uint8_t* epi_ptr = smem + (epi - raw);
   float acc[2][64];
   uint32_t a[4][2][4] = {};  // [k16 step][m block][fragment register]
   int it = 0;
@@ -270,103 +382,75 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint32_t
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[mb][i] = 0.f;
     }
-    if (lora) {  // s·B fragments, straight from global memory (tiny, L2-resident)
+    if (lora) {  // first k-tile: A = rows of s·B straight from global memory (tiny, L2-resident), B = the xa tile
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
 #pragma unroll
         for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
-            const int64_t f = f0 + rows[mb][q & 1];
-            const int kc = 16 * s + 2 * tq + 8 * (q >> 1);
+            const int64_t f = f0 + fr.row(mb, q & 1);
+            const int kc = 16 * s + 2 * fr.tq + 8 * (q >> 1);
             a[s][mb][q] = (s < lora_steps && f < p.n && kc < p.r)
                               ? __ldg(reinterpret_cast<const uint32_t*>(p.lb + f * p.ldlb + kc))
                               : 0u;
           }
         }
       }
-    }
-    int pending = -1;  // the stage of the previous k-tile, released once its last step has completed
-    for (int kt = 0; kt < kt_total; ++kt, ++it) {
       const int stage = it % kStages;
-      bar_wait(bars + stage * 8, (it / kStages) & 1);
+      bar_wait(l.full(stage), (it / kStages) & 1);
       fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
-      const uint32_t base = ring + stage * kStageBytes;
-      const uint8_t* wtile = smem + (base - ring) + kXBytes;
-      const bool is_lora = lora && kt == 0;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if (s < lora_steps) mma_step<kBf16>(acc, a[s], desc_sw128(l.stage(stage) + s * 32));
+      }
+      wgmma_wait<0>();  // every fragment buffer is free for the weight steps
+#pragma unroll
+      for (int s = 0; s < 4; ++s) pin(a[s]);
+      if (fr.lane == 0) bar_arrive(l.empty(stage));
+      ++it;
+    }
+    int prev = -1;
+    for (int kt = 0; kt < ktiles; ++kt, ++it) {
+      const int stage = it % kStages;
+      bar_wait(l.full(stage), (it / kStages) & 1);
+      fence_proxy_async();
+      const uint32_t base = l.stage(stage);
+      const uint8_t* wtile = smem + (base - raw) + kXBytes;
+      const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
       float sc[2][2];
-      if (!is_lora) {
-        const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
+      uint2 w[2][2][2];  // [step parity][m block][half]: the next step's words are loaded one step ahead
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sc[mb][h] = stile[fr.row(mb, h)];
+      }
+      load_step_words(wtile, fr, 0, w[0]);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
 #pragma unroll
         for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) sc[mb][h] = stile[rows[mb][h]];
-        }
-      }
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        if (is_lora && s >= lora_steps) break;
-        if (!is_lora) {
-#pragma unroll
-          for (int mb = 0; mb < 2; ++mb) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int row = rows[mb][h];
-              const uint2 w = *reinterpret_cast<const uint2*>(wtile + row * 32 + (((s >> 1) ^ ((row >> 2) & 1)) << 4) +
-                                                              (s & 1) * 8);
-              a[s][mb][h] = dequant_pair<kBf16>(w.x, tq, lane_table, sc[mb][h]);      // k 16s + 2tq (+1)
-              a[s][mb][2 + h] = dequant_pair<kBf16>(w.y, tq, lane_table, sc[mb][h]);  // k 16s + 8 + 2tq (+1)
-            }
+          for (int h = 0; h < 2; ++h) {
+            a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
+            a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
           }
         }
-        const uint64_t desc = desc_sw128(base + s * 32);
-        wgmma_fence();
-        wgmma_rs<kBf16>(acc[0], a[s][0], desc);
-        wgmma_rs<kBf16>(acc[1], a[s][1], desc);
-        wgmma_commit();
+        if (s < 3) load_step_words(wtile, fr, s + 1, w[(s + 1) & 1]);
+        mma_step<kBf16>(acc, a[s], desc_sw128(base + s * 32));
         wgmma_wait<2>();
         pin(a[(s + 2) & 3]);  // step s - 2 has completed: its fragments may be rewritten from here on
-        if (s == 1 && pending >= 0) {
-          if (lane == 0) bar_arrive(bars + (kStages + pending) * 8);
-          pending = -1;
-        }
+        if (s == 1 && prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));  // its last step has completed
       }
-      if (is_lora) {  // few steps: drain them, so the first weight steps may rewrite every fragment buffer
-        wgmma_wait<0>();
-        pin(a[0]);
-        pin(a[1]);
-        pin(a[2]);
-        pin(a[3]);
-        if (lane == 0) bar_arrive(bars + (kStages + stage) * 8);
-      } else {
-        pending = stage;
-      }
+      prev = stage;
     }
     wgmma_wait<0>();
     pin(acc[0]);
     pin(acc[1]);
 #pragma unroll
     for (int s = 0; s < 4; ++s) pin(a[s]);
-    if (pending >= 0 && lane == 0) bar_arrive(bars + (kStages + pending) * 8);
-
-    // epilogue: acc[mb][4j + 2h + c] = yᵀ[row (mb, h)][token 8j + 2tq + c]
-#pragma unroll
-    for (int mb = 0; mb < 2; ++mb) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t f = f0 + rows[mb][h];
-        if (f >= p.n) continue;
-        const float b = p.bias ? to_float<kBf16>(p.bias[f]) : 0.f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int64_t t = t0 + 8 * j + 2 * tq + c;
-            if (t < p.m) __stcs(reinterpret_cast<unsigned short*>(p.y + t * p.ldy + f), to_bits<kBf16>(acc[mb][4 * j + 2 * h + c] + b));
-          }
-        }
-      }
-    }
+    if (prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));
+    store_tile<kBf16>(p, fr, acc, epi, epi_ptr, f0, t0);
   }
 }
 
@@ -377,35 +461,34 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t ring = (raw + 1023) & ~1023u;
-  uint8_t* smem = smem_raw + (ring - raw);
-  const uint32_t table = ring + kOffTable, bars = ring + kOffBars;
-  const bool lora = p.r > 0;
-  const int kt_total = static_cast<int>(p.k / kBK) + (lora ? 1 : 0);
-  __shared__ float code[16];
-  if (threadIdx.x == 0) nf4::fill_code_table(code);
+  const Layout l = make_layout(raw);
+  if (l.codes + 16 * 4 - raw > static_cast<uint32_t>(p.smem)) __trap();  // cannot happen with a <= 1 KB base
+  float* codes = reinterpret_cast<float*>(smem_raw + (l.codes - raw));
+  if (threadIdx.x == 0) nf4::fill_code_table(codes);
   __syncthreads();
-  {  // the byte -> (code_hi, code_lo) table, one copy per half-warp lane
-    float2* t = reinterpret_cast<float2*>(smem + kOffTable);
-    for (int i = threadIdx.x; i < 256 * kTableCopies; i += kThreads) {
-      const int e = i / kTableCopies;
-      t[i] = make_float2(code[e >> 4], code[e & 15]);
+  {  // the byte -> (code_hi, code_lo) table, one copy per lane
+    float2* t = reinterpret_cast<float2*>(smem_raw + (l.table - raw));
+    for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
+      const int e = i >> 5;
+      t[i] = make_float2(codes[e >> 4], codes[e & 15]);
     }
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      bar_init(bars + s * 8, 128);                // full: one asynchronous arrival per producer thread
-      bar_init(bars + (kStages + s) * 8, 8);      // empty: one arrival per consumer warp
+      bar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
+      bar_init(l.empty(s), 8);   // one arrival per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  const bool lora = p.r > 0;
+  const int ktiles = static_cast<int>(p.k / kBK);
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-    produce(p, ring, bars, kt_total, lora);
+    produce(p, l, ktiles + (lora ? 1 : 0), lora);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16>(p, smem, ring, table, bars, kt_total, lora);
+    consume<kBf16>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -465,9 +548,11 @@ void run_ws(const qlora::GemmArgs& a, at::Tensor& y) {
   p.tiles_f = static_cast<int>(ceil_div(a.n, kBF));
   p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, kBT));
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
+  const int smem = std::min(kSmemBytes, max_optin_smem());  // the layout needs far less than its worst case
+  p.smem = smem;
   auto launch = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<grid, kThreads, kSmemBytes, current_stream()>>>(p);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kThreads, smem, current_stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (a.x.scalar_type() == at::kBFloat16) {
