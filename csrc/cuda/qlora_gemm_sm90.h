@@ -17,6 +17,7 @@ void run(const qlora::GemmArgs& a, at::Tensor& y);
 // Version 3 (csrc/cuda/qlora_gemm_sm90_ws.cu): warp-specialized, persistent, W dequantized into wgmma's register
 // A operand. Takes what supported() takes with a blocksize >= 64.
 bool supported_ws(const qlora::GemmArgs& a);
-void run_ws(const qlora::GemmArgs& a, at::Tensor& y);
+// batch: k16 steps per wgmma commit group, 1 or 2 (a benchmarking knob; 2 by default).
+void run_ws(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2);
 
 }  // namespace swiftlora::cuda::sm90

@@ -358,7 +358,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, floa
   }
 }
 
-template <bool kBf16>
+template <bool kBf16, int kBatch>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
                                         int ktiles, bool lora) {
   Frag fr;
@@ -427,20 +427,37 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       }
       load_step_words(wtile, fr, 0, w[0]);
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
+      for (int s0 = 0; s0 < 4; s0 += kBatch) {
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) {
+        for (int s = s0; s < s0 + kBatch; ++s) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
-            a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
+          for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
+              a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
+            }
           }
+          if (s < 3) load_step_words(wtile, fr, s + 1, w[(s + 1) & 1]);
         }
-        if (s < 3) load_step_words(wtile, fr, s + 1, w[(s + 1) & 1]);
-        mma_step<kBf16>(acc, a[s], desc_sw128(base + s * 32));
-        wgmma_wait<2>();
-        pin(a[(s + 2) & 3]);  // step s - 2 has completed: its fragments may be rewritten from here on
-        if (s == 1 && prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));  // its last step has completed
+        wgmma_fence();
+#pragma unroll
+        for (int s = s0; s < s0 + kBatch; ++s) {
+          const uint64_t desc = desc_sw128(base + s * 32);
+          wgmma_rs<kBf16>(acc[0], a[s][0], desc);
+          wgmma_rs<kBf16>(acc[1], a[s][1], desc);
+        }
+        wgmma_commit();
+        // keep 4 / kBatch - 2 groups (two steps) in flight: the group before them has completed, its fragment
+        // buffers may be rewritten, and once it held the previous k-tile's last step, that stage is free
+        if constexpr (kBatch == 1) {
+          wgmma_wait<2>();
+        } else {
+          wgmma_wait<1>();
+        }
+#pragma unroll
+        for (int s = s0; s < s0 + kBatch; ++s) pin(a[(s + 2) & 3]);
+        if (s0 + kBatch == 2 && prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));
       }
       prev = stage;
     }
@@ -456,7 +473,8 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 
 #endif  // sm_90a
 
-template <bool kBf16>
+// kBatch: k16 steps per wgmma commit group (1 or 2).
+template <bool kBf16, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -488,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
     produce(p, l, ktiles + (lora ? 1 : 0), lora);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16>(p, smem_raw, l, raw, ktiles, lora);
+    consume<kBf16, kBatch>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -517,7 +535,7 @@ bool supported_ws(const qlora::GemmArgs& a) {
   return supported(a) && a.w.nf4.blocksize >= kBK && a.m < (int64_t{1} << 31) / kBT * kBT;
 }
 
-void run_ws(const qlora::GemmArgs& a, at::Tensor& y) {
+void run_ws(const qlora::GemmArgs& a, at::Tensor& y, int batch) {
   const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
   const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
   at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
@@ -555,10 +573,11 @@ void run_ws(const qlora::GemmArgs& a, at::Tensor& y) {
     kernel<<<grid, kThreads, smem, current_stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (a.x.scalar_type() == at::kBFloat16) {
-    launch(qlora_gemm_ws_kernel<true>);
+  const bool bf16 = a.x.scalar_type() == at::kBFloat16;
+  if (batch == 1) {
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 1>) : launch(qlora_gemm_ws_kernel<false, 1>);
   } else {
-    launch(qlora_gemm_ws_kernel<false>);
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2>) : launch(qlora_gemm_ws_kernel<false, 2>);
   }
 }
 

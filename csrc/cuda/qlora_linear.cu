@@ -83,13 +83,15 @@ struct StreamOverlap {
 };
 
 // SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (default: the warp-specialized
-// version 3) or "serial" (version 2, dequantization and MMAs one after the other).
-bool serial_kernel_asked() {
+// version 3, two k16 steps per wgmma group), "ws1" (the same, one step per group) or "serial" (version 2,
+// dequantization and MMAs one after the other). Returns 0 for serial, else the steps per group.
+int qlora_kernel_asked() {
   const char* env = std::getenv("SWIFTLORA_QLORA_GEMM_VARIANT");
-  if (env == nullptr || *env == '\0') return false;
+  if (env == nullptr || *env == '\0') return 2;
   const std::string v(env);
-  TORCH_CHECK(v == "ws" || v == "serial", "SWIFTLORA_QLORA_GEMM_VARIANT must be ws or serial, got '", v, "'");
-  return v == "serial";
+  TORCH_CHECK(v == "ws" || v == "ws1" || v == "serial",
+              "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1 or serial, got '", v, "'");
+  return v == "serial" ? 0 : v == "ws1" ? 1 : 2;
 }
 
 struct CudaBackend {
@@ -115,8 +117,9 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(x.device());
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
-    if (!serial_kernel_asked() && sm90::supported_ws(a)) {
-      sm90::run_ws(a, y);
+    const int batch = qlora_kernel_asked();
+    if (batch > 0 && sm90::supported_ws(a)) {
+      sm90::run_ws(a, y, batch);
     } else {
       sm90::run(a, y);
     }

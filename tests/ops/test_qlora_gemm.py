@@ -103,7 +103,7 @@ VARIANT_SHAPES = [(3, 64, 40, 16), (130, 256, 200, 8), (64, 128, 129, 64), (9, 1
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ws", "serial"])
+@pytest.mark.parametrize("variant", ["ws", "ws1", "serial"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
 def test_cuda_kernel_variants(monkeypatch, variant, dtype, shape):
@@ -130,5 +130,5 @@ def test_cuda_variant_knob_rejects_unknown(monkeypatch):
     x, w, xa, lb, b = _inputs((8, 64, 40, 16), torch.bfloat16, "cuda", bias=False)
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the knob is read only where the sm_90a kernels run")
-    with pytest.raises(RuntimeError, match="SWIFTLORA_QLORA_GEMM_VARIANT must be ws or serial"):
+    with pytest.raises(RuntimeError, match="SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1 or serial"):
         qlora_gemm(x, w, xa, lb, b)
