@@ -6,20 +6,22 @@
 //
 // CTA: 3 warpgroups. WG0 produces: cp.async of the x tile (128 tokens × 64 k, 16 KB), the packed W tile (256 rows
 // × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
-// decode_scales_kernel) into a 5-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
+// decode_scales_kernel) into a 4-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
 // (cp.async.mbarrier.arrive.noinc). WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
 // 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
-// both m blocks; byte → (code_hi, code_lo) through a per-half-warp replicated float2 table: no bank conflicts),
-// multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product, one rounding to 16 bits) and
-// issues two wgmma m64n128k16 with A from those registers. A fragments rotate through 4 register buffers (one per
-// k16 step of a k-tile) and wgmma.wait_group<2> keeps two steps in flight while the next is dequantized; a stage is
-// released (its "empty" mbarrier) once the last step reading it has completed.
+// both m blocks) in a byte → (code_hi, code_lo) float2 table replicated per lane (one byte_perm makes the address:
+// the table is 64 KB-aligned), multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product,
+// one rounding to 16 bits) and issues wgmma m64n128k16 with A from those registers, two k16 steps per commit
+// group. A fragments rotate through 4 register buffers (one per k16 step of a k-tile); wgmma.wait_group keeps the
+// previous group in flight while the next is dequantized; a stage is released (its "empty" mbarrier) once the last
+// group reading it has completed.
 // LoRA: one extra k-tile first in each output tile: B = the xa tile (zero-filled past R), A = rows of s·B loaded
 // from global memory straight into the fragment registers, ceil(R / 16) k16 steps.
 // Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
 // tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
-// Epilogue: fp32 + bias, one rounding, 16-bit stores straight from the accumulators (evict-first).
-// Floor (x [4096, 4096], W [14336, 4096]): 481 GFLOP = 0.645 ms at 746 TFLOP/s; bench/NOTES.md ("QLoRA v3").
+// Epilogue: fp32 + bias, one rounding, stmatrix .trans into a per-warp staging buffer, 16-byte evict-first stores.
+// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16): 0.95 ms against cuBLAS's 0.62 ms on the bf16 weight;
+// without the dequantization (a timing experiment) 0.73 ms: bench/NOTES.md ("QLoRA version 3").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
