@@ -10,14 +10,16 @@
 // CTA's block scales (nested: the qabsmax bytes + its absmax2 slice; plain: the fp32 absmax) and the 64 KiB pair
 // table while those land, then take chunk w (128 codes) of every stage; a warp keeps its 16 rows' partial sums in
 // registers over a tile's stages and leaves them in shared memory; one reduction in fixed order ends the kernel.
-// Shared memory: [base, table) holds the ring when it fits there (the table needs a 64 KiB-aligned address: the
-// slack below it is the ring's), then the 64 KiB table, then region B (barriers, tables, scales, partials, x).
+// Shared memory: [base, table) holds the first stages of the ring (the table needs a 64 KiB-aligned address: the
+// slack below it is the ring's), then the 64 KiB table, then region B (barriers, tables, scales, partials, x, the
+// stages that did not fit below the table).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <utility>
 
 #include "common/cuda_utils.cuh"
@@ -42,6 +44,12 @@ constexpr int kTileRows = 16;
 constexpr uint32_t kBaseSlack = 4096;  // the dynamic window may start above a 64 KiB boundary by this much (1 KiB
                                        // is reserved on sm_90); checked on the device
 constexpr uint32_t kRegionA = 65536 - kBaseSlack;
+// Staging loads in flight per thread at W compute warps: 128 / W scale pairs (W [14336, 4096] on 132 SMs: 14 per
+// thread at W = 8) and 64 / W x chunks (x [4, 4096]: 8 per thread at W = 8).
+template <int W>
+constexpr int kScaleBatch = 128 / W;
+template <int W>
+constexpr int kXBatch = 64 / W;
 
 // Stage geometry: a row segment is W chunks of 64 bytes; rows sit kRowStride apart (≡ 64 mod 128: the lanes g and
 // g + 1 of a quarter-warp read different bank quads).
@@ -57,11 +65,28 @@ struct Shape {
   int rows_base, rows_rem;  // CTA c owns rows_base + (c < rows_rem) rows
 };
 
-// Byte offsets: `ring` from the window base when ring_in_a, else like the rest from region B's start.
+// Byte offsets from region B's start; stages 0 .. a_stages - 1 sit from the window base, the others at `ring`.
 struct Layout {
   uint32_t bars, code, code2, a2, scales, red, x, ring, b_bytes;
   uint32_t scale_stride;  // bytes between rows of the staged scales
-  bool ring_in_a;
+  uint32_t a_stages;
+};
+
+// A position in the ring: slot, the parity of its current round, and its shared address.
+template <int W, int D>
+struct RingCursor {
+  uint32_t stage = 0, phase = 0, addr, base, ring_b, a_stages;
+  __device__ RingCursor(uint32_t base_, uint32_t ring_b_, uint32_t a_stages_)
+      : addr(base_), base(base_), ring_b(ring_b_), a_stages(a_stages_) {}
+  __device__ __forceinline__ void advance() {
+    if (++stage == D) {
+      stage = 0;
+      phase ^= 1;
+      addr = base;
+    } else {
+      addr = stage == a_stages ? ring_b : addr + Stage<W>::kBytes;
+    }
+  }
 };
 
 __device__ __forceinline__ uint32_t lds16(uint32_t addr) {
@@ -75,6 +100,26 @@ __device__ __forceinline__ float2 lds64f(uint32_t addr) {
   asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
+
+// Up to N items i0, i0 + stride, ... (below count) held in registers between their loads and their stores.
+template <int N, typename V>
+struct Batch {
+  V v[N];
+  template <typename Load>
+  __device__ __forceinline__ void load(int i0, int stride, int count, Load f) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (i0 + j * stride < count) v[j] = f(i0 + j * stride);
+    }
+  }
+  template <typename Store>
+  __device__ __forceinline__ void store(int i0, int stride, int count, Store f) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (i0 + j * stride < count) f(i0 + j * stride, v[j]);
+    }
+  }
+};
 
 __device__ __forceinline__ void compute_barrier(int threads) {  // the compute warps only (barrier 1)
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
@@ -93,9 +138,8 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
   const uint32_t half_k = static_cast<uint32_t>(sh.k) / 2;  // packed bytes per row
 
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t table = (base + (L.ring_in_a ? kRegionA : 0u) + 0xFFFFu) & ~0xFFFFu;
+  const uint32_t table = (base + kRegionA + 0xFFFFu) & ~0xFFFFu;
   const uint32_t b = table + kTableBytes;
-  const uint32_t ring = L.ring_in_a ? base : b + L.ring;
   const uint32_t full = b + L.bars, empty = full + 8 * D;
   unsigned char* bp = smem + (b - base);
 
@@ -115,58 +159,74 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
   if (warp == W) {  // producer
     if (lane == 0) {
       const unsigned char* src = a.packed + static_cast<int64_t>(r0) * half_k;
-      uint32_t stage = 0, phase = 0, issued = 0;
+      RingCursor<W, D> rc(base, b + L.ring, L.a_stages);
+      uint32_t issued = 0;
       for (int tile = 0; tile < tiles; ++tile) {
         const int trows = min(kTileRows, rows - tile * kTileRows);
         for (int seg = 0; seg < spt; ++seg, ++issued) {
-          if (issued >= D) tma::mbar_wait(empty + 8 * stage, phase ^ 1);
+          if (issued >= D) tma::mbar_wait(empty + 8 * rc.stage, rc.phase ^ 1);
           const uint32_t bytes = 64u * min(W, kc - seg * W);
-          tma::mbar_arrive_expect_tx(full + 8 * stage, bytes * trows);
+          tma::mbar_arrive_expect_tx(full + 8 * rc.stage, bytes * trows);
           const unsigned char* s0 = src + static_cast<int64_t>(tile * kTileRows) * half_k + seg * St::kSegBytes;
           for (int r = 0; r < trows; ++r) {
-            tma::bulk_copy(ring + stage * St::kBytes + r * St::kRowStride, s0 + static_cast<int64_t>(r) * half_k,
-                           bytes, full + 8 * stage);
+            tma::bulk_copy(rc.addr + r * St::kRowStride, s0 + static_cast<int64_t>(r) * half_k, bytes,
+                           full + 8 * rc.stage);
           }
-          if (++stage == D) {
-            stage = 0;
-            phase ^= 1;
-          }
+          rc.advance();
         }
       }
     }
     return;
   }
 
-  // Staging by the compute warps while the first stages are in flight.
+  // Staging by the compute warps while the first stages are in flight: every thread issues its first batch of
+  // loads of every array before any store, so the start costs one memory round trip (later batches: big shapes).
   const int tid = threadIdx.x, nthreads = W * 32;
-  const int nb = sh.k / 64;                                            // blocks per row
+  const int nb = sh.k / 64, pairs = nb / 2;  // blocks per row; scales move as pairs (blocks A and B of a chunk)
   const uint32_t blk0 = static_cast<uint32_t>(r0) * nb, grp0 = blk0 >> nf4::kNestedBlocksizeLog2;
+  const int ngrp = static_cast<int>(((blk0 + static_cast<uint32_t>(rows) * nb - 1) >> 8) - grp0 + 1);
+  const int nscale = rows * pairs, xchunks = sh.m * sh.k / 8;
+  using ScalePair = std::conditional_t<Nested, unsigned short, float2>;  // the host checks 2- / 8-byte alignment
+  const auto* scale_src = reinterpret_cast<const ScalePair*>(Nested ? static_cast<const void*>(a.qabsmax + blk0)
+                                                                    : static_cast<const void*>(a.absmax + blk0));
+  auto scale_load = [&](int i) { return __ldg(scale_src + i); };
+  // Item i goes to (row, col) = (i / pairs, i % pairs); a thread's items step by nthreads, so (row, col) steps by
+  // (sq, sr) with a carry (the stores run in item order) instead of a division per item.
+  int row = tid / pairs, col = tid - row * pairs;
+  const int sq = nthreads / pairs, sr = nthreads - sq * pairs;
+  auto scale_store = [&](int, ScalePair v) {
+    *reinterpret_cast<ScalePair*>(bp + L.scales + row * L.scale_stride + sizeof(ScalePair) * col) = v;
+    row += sq;
+    col += sr;
+    if (col >= pairs) {
+      col -= pairs;
+      ++row;
+    }
+  };
+  auto x_load = [&](int i) { return __ldg(reinterpret_cast<const uint4*>(x) + i); };
+  auto x_store = [&](int i, uint4 v) { reinterpret_cast<uint4*>(bp + L.x)[i] = v; };
+  Batch<kScaleBatch<W>, ScalePair> sb;
+  Batch<kXBatch<W>, uint4> xv;
+  sb.load(tid, nthreads, nscale, scale_load);
+  xv.load(tid, nthreads, xchunks, x_load);
   float* code = reinterpret_cast<float*>(bp + L.code);
   float* code2 = reinterpret_cast<float*>(bp + L.code2);
-  if (tid == 0) nf4::fill_code_table(code);
   float offset = 0.f;
   if constexpr (Nested) {
     offset = __ldg(a.offset);
     for (int i = tid; i < nf4::kCode2Size; i += nthreads) code2[i] = __ldg(a.code2 + i);
-    const int ngrp = static_cast<int>(((blk0 + static_cast<uint32_t>(rows) * nb - 1) >> 8) - grp0 + 1);
     for (int i = tid; i < ngrp; i += nthreads) reinterpret_cast<float*>(bp + L.a2)[i] = __ldg(a.absmax2 + grp0 + i);
-    const int pairs = nb / 2;  // qabsmax as 16-bit pairs (the host checks 2-byte alignment)
-    const auto* q = reinterpret_cast<const unsigned short*>(a.qabsmax + blk0);
-    for (int i = tid; i < rows * pairs; i += nthreads) {
-      const int row = i / pairs, j = i - row * pairs;
-      *reinterpret_cast<unsigned short*>(bp + L.scales + row * L.scale_stride + 2 * j) = __ldg(q + i);
-    }
-  } else {
-    const int pairs = nb / 2;  // fp32 absmax as pairs (the host checks 8-byte alignment)
-    const auto* s = reinterpret_cast<const float2*>(a.absmax + blk0);
-    for (int i = tid; i < rows * pairs; i += nthreads) {
-      const int row = i / pairs, j = i - row * pairs;
-      *reinterpret_cast<float2*>(bp + L.scales + row * L.scale_stride + 8 * j) = __ldg(s + i);
-    }
   }
-  const int xchunks = sh.m * sh.k / 8;
-  for (int i = tid; i < xchunks; i += nthreads) {
-    reinterpret_cast<uint4*>(bp + L.x)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  if (tid == 0) nf4::fill_code_table(code);
+  sb.store(tid, nthreads, nscale, scale_store);
+  xv.store(tid, nthreads, xchunks, x_store);
+  for (int i0 = tid + kScaleBatch<W> * nthreads; i0 < nscale; i0 += kScaleBatch<W> * nthreads) {
+    sb.load(i0, nthreads, nscale, scale_load);
+    sb.store(i0, nthreads, nscale, scale_store);
+  }
+  for (int i0 = tid + kXBatch<W> * nthreads; i0 < xchunks; i0 += kXBatch<W> * nthreads) {
+    xv.load(i0, nthreads, xchunks, x_load);
+    xv.store(i0, nthreads, xchunks, x_store);
   }
   compute_barrier(nthreads);
   nf4mma::fill_pair_table<T, Nested>(smem + (table - base), code, code2, tid, nthreads);
@@ -178,16 +238,16 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
   const uint32_t x_lane_addr = b + L.x + static_cast<uint32_t>((g >> 1) * sh.k + 32 * t) * sizeof(T);
   const uint32_t frag = g * St::kRowStride + warp * 64 + 16 * t;  // the lane's 16 bytes of row g in a stage
   uint4 xb[4] = {};  // stays zero in lanes that feed no x
-  uint32_t stage = 0, phase = 0;
+  RingCursor<W, D> rc(base, b + L.ring, L.a_stages);
   for (int tile = 0; tile < tiles; ++tile) {
     // Rows past the CTA's range compute on stale stage bytes with a valid row's scales; they are never stored.
     int rr[2] = {min(tile * kTileRows + g, rows - 1), min(tile * kTileRows + g + 8, rows - 1)};
     float acc[2] = {0.f, 0.f};
     for (int seg = 0; seg < spt; ++seg) {
       const int ch = seg * W + warp;
-      tma::mbar_wait(full + 8 * stage, phase);
+      tma::mbar_wait(full + 8 * rc.stage, rc.phase);
       if (ch < kc) {
-        const uint32_t wa = ring + stage * St::kBytes + frag;
+        const uint32_t wa = rc.addr + frag;
         const uint4 w0 = lds128(wa), w1 = lds128(wa + 8 * St::kRowStride);
         if (x_lane) {
 #pragma unroll
@@ -217,11 +277,8 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
         acc[1] = fmaf(dacc[3], s[1][1], fmaf(dacc[2], s[1][0], acc[1]));
       }
       __syncwarp();
-      if (lane == 0) tma::mbar_arrive(empty + 8 * stage);  // the warp's reads of this stage are done
-      if (++stage == D) {
-        stage = 0;
-        phase ^= 1;
-      }
+      if (lane == 0) tma::mbar_arrive(empty + 8 * rc.stage);  // the warp's reads of this stage are done
+      rc.advance();
     }
     // Lane (g, t) holds y[t][row g] and y[t][row g + 8] of this warp's chunks.
     reinterpret_cast<float2*>(bp + L.red)[(tile * W + warp) * 32 + lane] = make_float2(acc[0], acc[1]);
@@ -243,13 +300,12 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
 }
 
 // Shared-memory layout of a launch: region B = barriers, code, code2, absmax2 slice, scales, partials, x (and the
-// ring when it does not fit below the table).
+// stages that do not fit below the table).
 template <int W, int D>
 Layout make_layout(int m, int k, int max_rows, bool nested, std::size_t* total) {
   auto up16 = [](uint32_t v) { return (v + 15u) & ~15u; };
   const uint32_t nb = static_cast<uint32_t>(k) / 64;
   const uint32_t max_tiles = (static_cast<uint32_t>(max_rows) + kTileRows - 1) / kTileRows;
-  const uint32_t ring_bytes = D * Stage<W>::kBytes;
   Layout L{};
   // Scale rows padded so the 8 rows g of a fragment read (16-bit or 64-bit) hit different banks.
   L.scale_stride = nested ? ((nb + 7u) & ~7u) + 4u : 4u * ((nb / 2) % 2 == 0 ? nb + 2 : nb);
@@ -268,9 +324,9 @@ Layout make_layout(int m, int k, int max_rows, bool nested, std::size_t* total) 
   off = up16(off + max_tiles * W * 64u * 4u);
   L.x = off;
   off = up16(off + static_cast<uint32_t>(m) * k * 2u);
-  L.ring_in_a = ring_bytes <= kRegionA;
+  L.a_stages = std::min<uint32_t>(D, kRegionA / Stage<W>::kBytes);
   L.ring = off;
-  if (!L.ring_in_a) off += ring_bytes;
+  off += (D - L.a_stages) * Stage<W>::kBytes;
   L.b_bytes = off;
   *total = std::size_t{65536} + kTableBytes + off;  // region A (with the base slack) + table + region B
   return L;
