@@ -5,19 +5,12 @@
 // row chunks of a 16-row tile): 2 LDG.128, 32 PRMT + 32 LDS (one per packed byte), 8 HMMA, 4 scale decodes,
 // 4 FFMA (SASS: ~127 per chunk of 64 elements, 2.0 per element), half the shared-memory bytes of an fp32 lookup.
 //
-// Mapping. A warp owns a 16-row tile of W (rows g and g + 8 in lane 4g + t) and walks its K range in 128-code
-// chunks; lane t of each quad loads 16 bytes (32 codes) of each of its two rows. One chunk is 8 MMAs: in MMA u a
-// lane supplies codes 4u..4u+3 of its 32 (the MMA's k order is permuted the same way in A and B: the sum does not
-// care). A chunk spans two 64-code NF4 blocks (lanes t = 0, 1: block A; t = 2, 3: block B), so B's 8 columns are
-// "x row j, block h" (column 2j + h): lane (g, t) puts x row g / 2 in B only where t / 2 == g % 2, zero elsewhere.
-// Then D[row][2j + h] is row's unscaled partial over block h for x row j, and lane (g, t) holds exactly
-// D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1]: it applies the four block scales and accumulates y[t][g]
-// and y[t][g + 8] in fp32. M <= 4 costs the same as M = 1.
-// Weights. A packed byte (two codes) becomes a bf16x2 / fp16x2 A register through a 256-entry table in shared
-// memory, replicated per lane so lookups never conflict: entry e of lane l sits at byte e·256 + 4l, so the whole
-// address is ONE byte_perm of the packed word and the constant 4l (e in byte 1, 4l in byte 0). The NF4 values
-// enter rounded to T (bitsandbytes' fp32 table·scale rounds to T as well, after the scale): the result is as
-// accurate as the dequantize-then-matmul reference in T (DESIGN.md's rule), not the SIMT kernel's exact fp32 weights.
+// Mapping and weights (nf4_mma_chunk.cuh, shared with nf4_gemv_stream.cu): a warp owns a 16-row tile of W and
+// walks its K range in 128-code chunks, lane t of each quad loading 16 bytes of each of its two rows; a chunk is
+// 8 MMAs whose B columns are (x row, block half), a packed byte becomes an A register through the per-lane pair
+// table (one byte_perm + one LDS). The NF4 values enter rounded to T (bitsandbytes' fp32 table·scale rounds to T as
+// well, after the scale): the result is as accurate as the dequantize-then-matmul reference in T (DESIGN.md's
+// rule), not the SIMT kernel's exact fp32 weights. M <= 4 costs the same as M = 1.
 // Launch: tiles split over SMs so each SM gets the same number of tiles (ceil(tiles / SMs) per CTA, one CTA per SM
 // for this shape), `splits` warps per tile, each lane issuing its first `depth` chunks before the tables and x are
 // staged. Only K % 128 == 0 and blocksize 64 (the QLoRA default: a chunk is exactly two blocks) come here.
@@ -171,7 +164,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
               }
             }
             float dacc[4] = {0.f, 0.f, 0.f, 0.f};
-            nf4mma::chunk_mma<T>(dacc, cur.w[0], cur.w[1], xb, lane_base);
+            nf4mma::chunk_mma<T>(dacc, dacc, cur.w[0], cur.w[1], xb, lane_base);
             acc[0] = fmaf(dacc[1], s[0][1], fmaf(dacc[0], s[0][0], acc[0]));
             acc[1] = fmaf(dacc[3], s[1][1], fmaf(dacc[2], s[1][0], acc[1]));
             // The slot is free again: chunk cc + D goes in flight behind the D - 1 already there. Even D: slots

@@ -271,10 +271,10 @@ __global__ void __launch_bounds__((W + 1) * 32, 1)
             s[r][1] = v.y;
           }
         }
-        float dacc[4] = {0.f, 0.f, 0.f, 0.f};
-        nf4mma::chunk_mma<T>(dacc, w0, w1, xb, lane_base);
-        acc[0] = fmaf(dacc[1], s[0][1], fmaf(dacc[0], s[0][0], acc[0]));
-        acc[1] = fmaf(dacc[3], s[1][1], fmaf(dacc[2], s[1][0], acc[1]));
+        float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};  // two MMA chains: half the latency
+        nf4mma::chunk_mma<T>(d0, d1, w0, w1, xb, lane_base);
+        acc[0] = fmaf(d0[1] + d1[1], s[0][1], fmaf(d0[0] + d1[0], s[0][0], acc[0]));
+        acc[1] = fmaf(d0[3] + d1[3], s[1][1], fmaf(d0[2] + d1[2], s[1][0], acc[1]));
       }
       __syncwarp();
       if (lane == 0) tma::mbar_arrive(empty + 8 * rc.stage);  // the warp's reads of this stage are done

@@ -108,15 +108,17 @@ __device__ __forceinline__ void fill_pair_table(unsigned char* tab, const float*
 }
 
 // The 8 MMAs of one chunk: w0 / w1 the lane's 16 bytes of rows g / g + 8, xb its 32 x values (zero in lanes that
-// feed no x). dacc gets D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1] added.
+// feed no x). MMAs 0, 2, 4, 6 accumulate into d0 and 1, 3, 5, 7 into d1 (two dependent chains of 4 instead of one
+// of 8 when they are different arrays; the same array is one chain). d0 + d1 gets D[g][2t], D[g][2t + 1],
+// D[g + 8][2t], D[g + 8][2t + 1] added.
 template <typename T>
-__device__ __forceinline__ void chunk_mma(float (&dacc)[4], const uint4& w0, const uint4& w1, const uint4 (&xb)[4],
-                                          uint32_t lane_base) {
+__device__ __forceinline__ void chunk_mma(float (&d0)[4], float (&d1)[4], const uint4& w0, const uint4& w1,
+                                          const uint4 (&xb)[4], uint32_t lane_base) {
 #pragma unroll
   for (int u = 0; u < 8; ++u) {  // codes 4u..4u+3 of the lane's 32: bytes 2u (k low) and 2u + 1 (k high)
     const uint32_t a = word_of(w0, u >> 1), b = word_of(w1, u >> 1);
     const int j = (u & 1) * 2;
-    mma16816<T>(dacc, lookup(a, lane_base, j), lookup(b, lane_base, j), lookup(a, lane_base, j + 1),
+    mma16816<T>(u & 1 ? d1 : d0, lookup(a, lane_base, j), lookup(b, lane_base, j), lookup(a, lane_base, j + 1),
                 lookup(b, lane_base, j + 1), word_of(xb[u >> 1], j), word_of(xb[u >> 1], j + 1));
   }
 }
