@@ -335,7 +335,8 @@ Layout make_layout(int m, int k, int max_rows, bool nested, std::size_t* total) 
 template <typename T, bool Nested, int W, int D>
 bool launch(const T* x, int m, int64_t k, int64_t n, const Nf4Args& a, T* y, int max_smem, cudaStream_t stream) {
   auto kernel = nf4_gemv_stream_kernel<T, Nested, W, D>;
-  const int64_t grid = std::min<int64_t>(sm_count(), ceil_div(n, kTileRows));
+  const int sms = cached_attribute(cudaDevAttrMultiProcessorCount);  // no driver query per call
+  const int64_t grid = std::min<int64_t>(sms, ceil_div(n, kTileRows));
   const Shape sh{m, static_cast<int>(k), static_cast<int>(n), static_cast<int>(n / grid),
                  static_cast<int>(n % grid)};
   std::size_t smem = 0;
