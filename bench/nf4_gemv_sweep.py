@@ -1,7 +1,7 @@
 """Sweep of the nf4_gemv kernel variants (the SWIFTLORA_NF4_GEMV_VARIANT knob, csrc/cuda/nf4_gemv.cu) on the
 issue-4 shape W [14336, 4096] NF4 (blocksize 64, double-quantized), x [M, 4096] bf16, M = 1, 4, 16.
 
-    python -m bench.nf4_gemv_sweep [--variants simt,mma] [--ms 1,4,16] [--reps 200] [--quick]
+    python -m bench.nf4_gemv_sweep [--variants simt,mma,stream,...] [--ms 1,4,16] [--reps 200] [--quick]
 
 One line per (variant, M): wall µs (CUDA events around the call alone, median of --reps calls, L2 flushed before
 each by rewriting a 256 MiB buffer, as bench.kernels), kernel µs (torch.profiler), the weight bytes' bandwidth and
@@ -20,7 +20,7 @@ import torch
 from . import harness
 from .ops._nf4 import BLOCKSIZE, K, N, QUICK_K, QUICK_N, quantized_weight, weight_bytes
 
-VARIANTS = "simt,mma"
+VARIANTS = "simt,mma,stream,stream-d4,stream-d8,stream-w16"
 ENV = "SWIFTLORA_NF4_GEMV_VARIANT"
 COPY_TBPS = 3.0
 

@@ -13,9 +13,12 @@
 // Other shapes (K % 32 != 0, x too large for shared memory, unaligned packed) take a one-warp-per-row loop kernel.
 // Decode shapes the tensor-core kernel takes (nf4_gemv_mma.cu: M <= 4, K % 128 == 0, blocksize 64) go there.
 //
+// Decode shapes the TMA-streamed kernel takes (nf4_gemv_stream.cu: sm_90+, the same shapes) go there first.
+//
 // Benchmarking knob: SWIFTLORA_NF4_GEMV_VARIANT, read on every call (bench/nf4_gemv_sweep.py times each value):
-// unset or "mma": the tensor-core kernel where it applies (default); "simt": the SIMT kernels of this file for every
-// shape (the kernel before the tensor-core one).
+// unset or "stream": the streamed kernel, else the tensor-core one, where they apply (default); "stream-d4",
+// "stream-d8", "stream-w16": its other ring shapes (nf4_gemv_stream.h); "mma": the tensor-core kernel where it
+// applies; "simt": the SIMT kernels of this file for every shape (the kernel before the tensor-core one).
 #include <ATen/ops/empty.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,6 +38,7 @@
 #include "common/nf4_cuda.cuh"
 #include "common/smem_optin.cuh"
 #include "cuda/nf4_gemv_mma.h"
+#include "cuda/nf4_gemv_stream.h"
 #include "ops.h"
 
 namespace swiftlora::cuda {
@@ -255,13 +259,32 @@ bool tiled_fits(const void* packed, const void* x, int64_t k, std::size_t smem) 
          smem + sizeof(Nf4Tables) <= static_cast<std::size_t>(max_optin_smem());
 }
 
-// Whether SWIFTLORA_NF4_GEMV_VARIANT asks for the SIMT kernels only.
-bool simt_only() {
+// SWIFTLORA_NF4_GEMV_VARIANT: which kernels a call may take.
+struct GemvVariant {
+  bool stream = true;  // the TMA-streamed kernel first, with this ring shape
+  Nf4StreamVariant ring = Nf4StreamVariant::kW8D6;
+  bool mma = true;  // else the tensor-core kernel
+};
+
+GemvVariant gemv_variant() {
   const char* env = std::getenv("SWIFTLORA_NF4_GEMV_VARIANT");
-  if (env == nullptr || *env == '\0') return false;
-  const std::string v(env);
-  TORCH_CHECK(v == "simt" || v == "mma", "SWIFTLORA_NF4_GEMV_VARIANT must be simt or mma, got '", v, "'");
-  return v == "simt";
+  GemvVariant v;
+  if (env == nullptr || *env == '\0') return v;
+  const std::string s(env);
+  if (s == "stream-d4") {
+    v.ring = Nf4StreamVariant::kW8D4;
+  } else if (s == "stream-d8") {
+    v.ring = Nf4StreamVariant::kW8D8;
+  } else if (s == "stream-w16") {
+    v.ring = Nf4StreamVariant::kW16D4;
+  } else if (s == "mma" || s == "simt") {
+    v.stream = false;
+    v.mma = s == "mma";
+  } else {
+    TORCH_CHECK(s == "stream", "SWIFTLORA_NF4_GEMV_VARIANT must be stream, stream-d4, stream-d8, stream-w16, mma or ",
+                "simt, got '", s, "'");
+  }
+  return v;
 }
 
 at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
@@ -278,11 +301,15 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x_in, const at::Tensor& packed, const
   auto y = at::empty(out_shape, x.options());
   const Nf4Args a = nf4::nf4_args(w);
   const std::size_t smem = static_cast<std::size_t>(m) * k * x.element_size();
-  const bool simt = simt_only();
+  const GemvVariant variant = gemv_variant();
   SWIFTLORA_DISPATCH_HALF(x.scalar_type(), "nf4_gemv_cuda", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (!simt && launch_nf4_gemv_mma<scalar_t>(xp, m, k, n, a, yp, max_optin_smem(), current_stream())) {
+    if (variant.stream && launch_nf4_gemv_stream<scalar_t>(xp, m, k, n, a, yp, max_optin_smem(), current_stream(),
+                                                           variant.ring)) {
+      return;
+    }
+    if (variant.mma && launch_nf4_gemv_mma<scalar_t>(xp, m, k, n, a, yp, max_optin_smem(), current_stream())) {
       return;
     }
     if (!tiled_fits(a.packed, xp, k, smem)) {

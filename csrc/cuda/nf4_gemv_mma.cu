@@ -5,46 +5,40 @@
 // row chunks of a 16-row tile): 2 LDG.128, 32 PRMT + 32 LDS (one per packed byte), 8 HMMA, 4 scale decodes,
 // 4 FFMA (SASS: ~127 per chunk of 64 elements, 2.0 per element), half the shared-memory bytes of an fp32 lookup.
 //
-// Mapping. A warp owns a 16-row tile of W (rows g and g + 8 in lane 4g + t) and walks its K range in 128-code
-// chunks; lane t of each quad loads 16 bytes (32 codes) of each of its two rows. One chunk is 8 MMAs: in MMA u a
-// lane supplies codes 4u..4u+3 of its 32 (the MMA's k order is permuted the same way in A and B: the sum does not
-// care). A chunk spans two 64-code NF4 blocks (lanes t = 0, 1: block A; t = 2, 3: block B), so B's 8 columns are
-// "x row j, block h" (column 2j + h): lane (g, t) puts x row g / 2 in B only where t / 2 == g % 2, zero elsewhere.
-// Then D[row][2j + h] is row's unscaled partial over block h for x row j, and lane (g, t) holds exactly
-// D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1]: it applies the four block scales and accumulates y[t][g]
-// and y[t][g + 8] in fp32. M <= 4 costs the same as M = 1.
-// Weights. A packed byte (two codes) becomes a bf16x2 / fp16x2 A register through a 256-entry table in shared
-// memory, replicated per lane so lookups never conflict: entry e of lane l sits at byte e·256 + 4l, so the whole
-// address is ONE byte_perm of the packed word and the constant 4l (e in byte 1, 4l in byte 0). The NF4 values
-// enter rounded to T (bitsandbytes' fp32 table·scale rounds to T as well, after the scale): the result is as
-// accurate as the dequantize-then-matmul reference in T (DESIGN.md's rule), not the SIMT kernel's exact fp32 weights.
+// Mapping and weights (nf4_mma_chunk.cuh, shared with nf4_gemv_stream.cu): a warp owns a 16-row tile of W and
+// walks its K range in 128-code chunks, lane t of each quad loading 16 bytes of each of its two rows; a chunk is
+// 8 MMAs whose B columns are (x row, block half), a packed byte becomes an A register through the per-lane pair
+// table (one byte_perm + one LDS). The NF4 values enter rounded to T (bitsandbytes' fp32 table·scale rounds to T as
+// well, after the scale): the result is as accurate as the dequantize-then-matmul reference in T (DESIGN.md's
+// rule), not the SIMT kernel's exact fp32 weights. M <= 4 costs the same as M = 1.
 // Launch: tiles split over SMs so each SM gets the same number of tiles (ceil(tiles / SMs) per CTA, one CTA per SM
 // for this shape), `splits` warps per tile, each lane issuing its first `depth` chunks before the tables and x are
 // staged. Only K % 128 == 0 and blocksize 64 (the QLoRA default: a chunk is exactly two blocks) come here.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <type_traits>
 #include <utility>
 
 #include "common/cuda_utils.cuh"
 #include "common/smem_optin.cuh"
 #include "cuda/nf4_gemv_mma.h"
+#include "cuda/nf4_mma_chunk.cuh"
 
 namespace swiftlora::cuda {
 namespace {
 
 using nf4::Nf4Args;
+using nf4mma::lds128;
+using nf4mma::lookup;
+using nf4mma::pinned;
 
 constexpr int kMaxWarps = 14;  // 448 threads: up to 144 registers per thread at one CTA per SM
 constexpr int kMaxM = 4;
-constexpr int kChunkCodes = 128;
-constexpr uint32_t kTableBytes = 256 * 256;
+using nf4mma::kChunkCodes;
+using nf4mma::kTableBytes;
 // Dynamic shared memory: the small arrays first, then the table at the next 64 KiB-aligned shared address (the
 // byte_perm addressing needs its low 16 bits free), so the allocation reserves 64 KiB of alignment slack.
 // Table row e (256 bytes): [4l, 4l + 4) the T pair of byte e for lane l; [128 + 4l, ...) code2[e] (fp32) for lane l.
@@ -59,69 +53,6 @@ struct Chunk {
   uint32_t q[2];   // nested: the uint8 absmax codes of blocks A (byte 0) and B (byte 1)
   float v[2][2];   // nested: [r][0] = absmax2 of the blocks' group; plain: [r][h] = absmax of block h
 };
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {  // lo -> bits 0..15
-  uint16_t l, h;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
-    h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-  } else {
-    l = __half_as_ushort(__float2half_rn(lo));
-    h = __half_as_ushort(__float2half_rn(hi));
-  }
-  return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 MMAs need sm_80; the host launches this kernel only there
-#else
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-#endif
-}
-
-// Shared-memory loads by 32-bit shared address (volatile: they stay after the barrier that publishes the data).
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-
-// Table row (byte j of `word`) at this lane's column: ONE byte_perm makes the address, byte 1 from the word and
-// bytes 0, 2, 3 from lane_base (table + 4·lane, + 128 for the code2 half).
-__device__ __forceinline__ uint32_t lookup(uint32_t word, uint32_t lane_base, int j) {
-  return lds32(__byte_perm(word, lane_base, 0x7604u | (static_cast<uint32_t>(j) << 4)));
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// Keeps a value in a register: the compiler may not recompute it from its inputs inside the hot loop (it does,
-// to save registers, at several instructions per use).
-__device__ __forceinline__ uint32_t pinned(uint32_t v) {
-  asm volatile("" : "+r"(v));
-  return v;
-}
 
 // Where a lane's next loads come from, advanced one chunk per load: the 16-byte piece of each row and the index
 // of the row chunk's pair of 64-code blocks (32 bits: the host checks the range). Rows past n are clamped to
@@ -199,17 +130,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
         reinterpret_cast<uint4*>(smem + kXOffset)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
       }
       __syncthreads();
-      unsigned char* tab = smem + (table - smem_base);
-      for (int i = threadIdx.x; i < 256 * 16; i += blockDim.x) {  // row e = i / 16, 16-byte piece i % 16
-        const int e = i >> 4, piece = i & 15;
-        uint32_t v;
-        if (piece < 8) {
-          v = pack_pair<T>(code[e >> 4], code[e & 15]);  // element 2j (high nibble) in the low half
-        } else {
-          v = Nested ? __float_as_uint(code2[e]) : 0u;
-        }
-        *reinterpret_cast<uint4*>(tab + e * 256 + piece * 16) = make_uint4(v, v, v, v);
-      }
+      nf4mma::fill_pair_table<T, Nested>(smem + (table - smem_base), code, code2, threadIdx.x, blockDim.x);
       __syncthreads();
     }
 
@@ -243,13 +164,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) nf4_gemv_mma_kernel(const T* _
               }
             }
             float dacc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {  // codes 4u..4u+3 of the lane's 32: bytes 2u (k low) and 2u + 1 (k high)
-              const uint32_t w0 = word_of(cur.w[0], u >> 1), w1 = word_of(cur.w[1], u >> 1);
-              const int j = (u & 1) * 2;
-              mma16816<T>(dacc, lookup(w0, lane_base, j), lookup(w1, lane_base, j), lookup(w0, lane_base, j + 1),
-                          lookup(w1, lane_base, j + 1), word_of(xb[u >> 1], j), word_of(xb[u >> 1], j + 1));
-            }
+            nf4mma::chunk_mma<T>(dacc, dacc, cur.w[0], cur.w[1], xb, lane_base);
             acc[0] = fmaf(dacc[1], s[0][1], fmaf(dacc[0], s[0][0], acc[0]));
             acc[1] = fmaf(dacc[3], s[1][1], fmaf(dacc[2], s[1][0], acc[1]));
             // The slot is free again: chunk cc + D goes in flight behind the D - 1 already there. Even D: slots

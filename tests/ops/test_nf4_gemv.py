@@ -24,6 +24,14 @@ def _check(x, n, k, blocksize, compress, what):
     assert_close(y.cpu(), ref64, ref_lowp, what=what)
 
 
+def _kernels_run(fn) -> str:
+    """The names of the CUDA kernels fn launches, joined."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
@@ -55,8 +63,11 @@ def test_cuda_decode_shapes(dtype, m):
     _check(buf[1:].view(m, 1024), 257, 1024, 64, True, "x at an odd address")
 
 
+STREAM_VARIANTS = ["stream", "stream-d4", "stream-d8", "stream-w16"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["mma", "simt"])
+@pytest.mark.parametrize("variant", [*STREAM_VARIANTS, "mma", "simt"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
 def test_cuda_kernel_variants(monkeypatch, variant, dtype, compress):
@@ -70,10 +81,40 @@ def test_cuda_kernel_variants(monkeypatch, variant, dtype, compress):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", STREAM_VARIANTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
+def test_cuda_stream_kernel_shapes(monkeypatch, variant, dtype, compress):
+    """The TMA-streamed kernel's row split and ring: more rows than 132 SMs x 16 (every CTA a partial last tile),
+    fewer rows than one tile per SM (N = 17: two CTAs of 9 and 8 rows), K = 4096 (a row in 2-4 stages), K = 11008
+    (86 chunks: a last stage of 6 chunks, scale rows not 16-byte multiples), K = 128 (one chunk: one busy warp per
+    stage), M = 1..4."""
+    monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", variant)
+    for m, n, k in ((1, 2200, 4096), (3, 700, 11008)):  # these must not fall back to the mma kernel
+        q = nf4_quantize(randn(n, k, device="cuda"), 64, compress)
+        x = randn(m, k, dtype=dtype, device="cuda")
+        assert "nf4_gemv_stream_kernel" in _kernels_run(lambda: nf4_gemv(x, *q, blocksize=64, out_features=n))
+    for m, n, k in ((1, 2200, 4096), (4, 2200, 4096), (2, 17, 4096), (3, 700, 11008), (1, 1, 11008),
+                    (4, 5000, 128), (2, 131, 1024)):
+        _check(randn(m, k, dtype=dtype, device="cuda"), n, k, 64, compress, f"{variant} m={m} n={n} k={k}")
+    # The ring depth changes no arithmetic (same chunks per warp, same order): bits equal to "stream", which is
+    # also what the default dispatch (knob unset) runs; W = 16 splits K over other warps (checked above only).
+    x = randn(2, 4096, dtype=dtype, device="cuda")
+    q = nf4_quantize(randn(300, 4096, scale=0.05, device="cuda"), 64, compress)
+    y = nf4_gemv(x, *q, blocksize=64, out_features=300)
+    monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", "stream")
+    y_stream = nf4_gemv(x, *q, blocksize=64, out_features=300)
+    monkeypatch.delenv("SWIFTLORA_NF4_GEMV_VARIANT")
+    assert torch.equal(nf4_gemv(x, *q, blocksize=64, out_features=300), y_stream)
+    if variant != "stream-w16":
+        assert torch.equal(y, y_stream)
+
+
+@pytest.mark.gpu
 def test_cuda_variant_knob_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("SWIFTLORA_NF4_GEMV_VARIANT", "mma-s3-d9")
     q = nf4_quantize(randn(40, 128, device="cuda"), 64, True)
-    with pytest.raises(RuntimeError, match="SWIFTLORA_NF4_GEMV_VARIANT must be simt or mma"):
+    with pytest.raises(RuntimeError, match="SWIFTLORA_NF4_GEMV_VARIANT must be stream, stream-d4, .* mma or simt"):
         nf4_gemv(randn(1, 128, dtype=torch.bfloat16, device="cuda"), *q, blocksize=64, out_features=40)
 
 
