@@ -24,7 +24,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import (backward_scale, ce_options, cross_entropy_reference, forward_grad_scale, mean_divisor,
                             reduce_rows, row_loss, rows_of)
-from .lm_head_blocks import block_plan, head_chunks, label_rows
+from .lm_head_blocks import block_plan, head_chunks, label_index, label_masks, label_rows
 
 _lib = torch.ops.swiftlora
 # 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
@@ -184,37 +184,38 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
 
 def _frozen_head_grad(h2, weight, bias, y, o, budget, scale):
     """Per-row loss and grad_hidden of Σ scale·loss_i for a frozen head, through vocabulary blocks (lm_head_blocks):
-    grad_h = scale·((1 + 2·z_loss·lse)/s · G − (1−ε)·dz_label·W[label] − (ε/V)·Σ_j dz_j W_j)."""
+    grad_h = scale·((1 + 2·z_loss·lse)/s · G − (1−ε)·dz_label·W[label] − (ε/V)·Σ_j dz_j W_j). The per-row factors
+    that need no block sums are formed once per call and the loss once from all chunks' statistics: per chunk only
+    what needs its G (the host issues ~6 small ops per chunk besides the lm_head_blocks_ call)."""
     n, vocab = h2.shape[0], weight.shape[0]
     plan = block_plan(n, vocab, h2.dtype, budget)
-    loss = torch.empty(n, dtype=torch.float32, device=h2.device)
     grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
+    stats = torch.empty(n, 6, dtype=torch.float32, device=h2.device)
     eps = o.label_smoothing
-    # Σ_j dz_j·W_j for the label-smoothing term: dz = logit_scale everywhere (no softcap on this path)
-    col_sum = weight.sum(0, dtype=torch.float32) * o.logit_scale if eps else None
-    for c in head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan):
-        m, s, z_sum, _, z_label, dz_label = c.stats.unbind(1)
-        yc = y[c.start:c.end]
-        valid = yc != o.ignore_index
-        known = valid & (yc >= 0) & (yc < vocab)
-        # a label outside [0, V): NaN loss and gradient, as the kernels do (valid ^ known, not valid & ~known:
-        # bitwise_not is the benchmark's L2-flush kernel, which its kernel-time count must not see)
-        nan_rows = valid ^ known
-        lse = m + torch.log(s)
-        row = torch.log(s) + (1.0 - eps) * (m - z_label)
-        if eps:
-            row = row + eps * (m - z_sum / vocab)
-        if o.z_loss:
-            row = row + o.z_loss * lse * lse
-        loss[c.start:c.end] = torch.where(known, row, torch.where(nan_rows, torch.nan, 0.0))
-        gate = torch.where(known, scale, torch.where(nan_rows, torch.nan, 0.0))
-        a = gate * (1.0 + 2.0 * o.z_loss * lse) / s if o.z_loss else gate / s
+    known, fill = label_masks(y, o.ignore_index, vocab)
+    gate = torch.where(known, scale, fill)
+    index, label_coef = label_index(y, known), -(1.0 - eps) * gate
+    if eps:  # Σ_j dz_j·W_j for the label-smoothing term: dz = logit_scale everywhere (no softcap on this path)
+        col_sum = weight.sum(0, dtype=torch.float32) * o.logit_scale
+        eps_coef = (-(eps / vocab) * gate)[:, None]
+    for c in head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan, stats=stats):
+        m, s, _, _, _, dz_label = c.stats.unbind(1)
+        rows = slice(c.start, c.end)
+        a = gate[rows] * (1.0 + 2.0 * o.z_loss * (m + torch.log(s))) / s if o.z_loss else gate[rows] / s
         gh = c.g.mul_(a[:, None])
-        gh.addcmul_(label_rows(weight, yc, known), (-(1.0 - eps) * gate * dz_label)[:, None])
+        gh.addcmul_(label_rows(weight, index[rows]), (label_coef[rows] * dz_label)[:, None])
         if eps:
-            gh.addcmul_(col_sum[None, :], (-(eps / vocab) * gate)[:, None])
-        grad_h[c.start:c.end] = gh
-    return loss, grad_h
+            gh.addcmul_(col_sum[None, :], eps_coef[rows])
+        grad_h[rows] = gh
+    m, s, z_sum, _, z_label, _ = stats.unbind(1)
+    log_s = torch.log(s)
+    row = log_s + (1.0 - eps) * (m - z_label)
+    if eps:
+        row = row + eps * (m - z_sum / vocab)
+    if o.z_loss:
+        lse = m + log_s
+        row = row + o.z_loss * lse * lse
+    return torch.where(known, row, fill), grad_h
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
