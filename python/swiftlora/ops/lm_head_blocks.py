@@ -109,6 +109,9 @@ class ChunkSums(NamedTuple):
 # (bench/results/h100-20261126-xent2-partial.log) it gained 1.3% on fused_linear_cross_entropy (15.35 vs 15.55 ms) and
 # lost 16% on token_logprobs fwd+bwd (21.2 vs 18.3 ms): cuBLAS's GEMMs leave the side stream no SM to run on.
 OVERLAP = False
+# The block loop in C++ (lm_head_blocks_, one call per token chunk); False: the Python loop head_chunks_reference on
+# one stream, bit-identical, kept so that benchmarks can time the two in one run (provider swiftlora_pyloop).
+NATIVE = True
 _SIDE_STREAMS: dict = {}
 
 
@@ -136,9 +139,9 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     caller can turn them into per-row results once per call; by default one ``[rows, 6]`` buffer is reused.
     """
     overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
-    if overlap:
+    if overlap or not NATIVE:
         return head_chunks_reference(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz,
-                                     True, stats)
+                                     overlap, stats)
     return _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats)
 
 
