@@ -16,6 +16,7 @@ token-chunked path.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, NamedTuple
 
 import torch
@@ -247,6 +248,13 @@ def head_chunks_reference(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     finally:
         if side is not None:  # an abandoned iterator: no side-stream work may outlive the buffers
             main.wait_stream(side)
+
+
+def issue_first(chunks: Iterator[ChunkSums]) -> Iterator[ChunkSums]:
+    """``chunks`` (head_chunks' iterator) with its first chunk's work issued now: the GPU starts on it while the host
+    issues the caller's small per-call ops, which would otherwise come first and leave the GPU idle."""
+    first = next(chunks, None)
+    return iter(()) if first is None else itertools.chain((first,), chunks)
 
 
 def label_masks(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import rows_of
 from .fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, check_linear, chunk_logits, chunk_rows
-from .lm_head_blocks import block_plan, head_chunks, label_index, label_masks, label_rows
+from .lm_head_blocks import block_plan, head_chunks, issue_first, label_index, label_masks, label_rows
 
 _lib = torch.ops.swiftlora
 
@@ -146,10 +146,13 @@ def _forward_blocks(h2, weight, y, args):
     pz = torch.empty(n, dtype=torch.float32, device=h2.device) if with_entropy else None
     u = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     w = torch.empty_like(u) if with_entropy else None
+    # the first chunk's blocks go to the GPU before the host issues the per-row factors' small ops
+    chunks = issue_first(head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy,
+                                     stats=stats))
     known, fill = label_masks(y, ignore_index, vocab)
     gate = torch.where(known, 1.0, fill)
     neg_gate, index = -gate, label_index(y, known)
-    for c in head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy, stats=stats):
+    for c in chunks:
         _, s, _, spz, _, dz_label = c.stats.unbind(1)
         rows = slice(c.start, c.end)
         if with_entropy:
