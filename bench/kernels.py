@@ -29,9 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2) / swiftlora_chunked and swiftlora_a64
 # (the QLoRA ops' plans: 4 pipelined chunks, LoRA columns padded to 64); "gemm" is the yardstick of the fused LM-head
 # and QLoRA ops (their matmuls alone).
-# swiftlora_overlap: the frozen LM head's vocabulary blocks with each softmax on a side stream (lm_head_blocks.OVERLAP).
+# swiftlora_overlap: the frozen LM head's vocabulary blocks with each softmax on a side stream (lm_head_blocks.OVERLAP);
+# swiftlora_pyloop: the same blocks issued from a Python loop instead of the C++ op (lm_head_blocks.NATIVE off).
 LOCAL_PROVIDERS = ("swiftlora", "swiftlora_chunked", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused",
-                   "swiftlora_overlap", "torch", "gemm")
+                   "swiftlora_overlap", "swiftlora_pyloop", "torch", "gemm")
 PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
 PROVIDERS = LOCAL_PROVIDERS + PEER_PROVIDERS

@@ -57,6 +57,12 @@ TORCH_LIBRARY(swiftlora, m) {
   // sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
   m.def("online_softmax_block_(Tensor(a!) block, Tensor(b!) stats, Tensor? labels, Tensor(c!)? pz, int col0, "
         "int ignore_index, float softcap, float logit_scale) -> Tensor");
+  // A frozen LM head's whole vocabulary loop for one token chunk hc [C, H] (head_chunks in lm_head_blocks.py): per
+  // block of `cols` columns, logits = hc @ W_bᵀ (+ bias_b), online_softmax_block_, G = r·G + P @ W_b (float32).
+  // Overwrites stats [C, 6] (the final row statistics, as online_softmax_block_'s), g [C, H] = Σ_b e^{z−m}·dz·W_b
+  // and, when given, gz [C, H] = Σ_b e^{z−m}·z·dz·W_b, all float32; labels [C] as there.
+  m.def("lm_head_blocks_(Tensor hc, Tensor weight, Tensor? bias, Tensor? labels, Tensor(a!) stats, Tensor(b!) g, "
+        "Tensor(c!)? gz, int cols, int ignore_index, float softcap, float logit_scale) -> ()");
 
   // NF4 in bitsandbytes' layout (csrc/common/nf4.h; python/swiftlora/ops/nf4.py). A weight is (packed, absmax,
   // absmax2, code2, offset): packed uint8 [(n+1)/2, 1]; absmax float32 [nblocks], or with double quantization uint8

@@ -24,6 +24,7 @@
   X(cross_entropy_fused_)        \
   X(scale_rows_)                 \
   X(online_softmax_block_)       \
+  X(lm_head_blocks_)             \
   X(nf4_quantize)                \
   X(nf4_dequantize)              \
   X(nf4_gemv)                    \
@@ -64,6 +65,17 @@ constexpr int64_t kOnlineStats = 6;
 void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& pz,
                                      int64_t col0, double softcap, double logit_scale);
+// lm_head_blocks_: hc [C, H] float, weight [V, H] and bias [V] of hc's dtype, labels [C] int64/int32, stats float32
+// [C, kOnlineStats] contiguous, g and gz float32 [C, H] contiguous, cols >= 1.
+void check_lm_head_blocks_args(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& labels, const at::Tensor& stats, const at::Tensor& g,
+                               const std::optional<at::Tensor>& gz, int64_t cols);
+// The op's host loop (csrc/cpu/lm_head_blocks.cpp), for both backends; fp32_out_gemm: the backend's GEMMs take
+// 16-bit operands with a float32 output (CUDA sm80+), else 16-bit P and W are upcast for the accumulation.
+void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& labels, at::Tensor& stats, at::Tensor& g,
+                         const std::optional<at::Tensor>& gz, int64_t cols, int64_t ignore_index, double softcap,
+                         double logit_scale, bool fp32_out_gemm);
 
 // nf4_*: an NF4 tensor of n elements in bitsandbytes' layout (csrc/common/nf4.h) as the kernels take it, checked and
 // made contiguous. packed: uint8, (n + 1) / 2 bytes (any shape, e.g. bnb's [(n+1)/2, 1]). Plain: absmax float32

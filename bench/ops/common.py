@@ -100,22 +100,34 @@ def loss_bench(
     return Bench(fwd=fn, fwd_bwd=fwd_bwd, output=output, restore=restore, notes=list(notes))
 
 
-def two_streams(bench: Bench) -> Bench:
-    """The same provider with each vocabulary block's softmax on a side stream beside the next block's GEMM
-    (lm_head_blocks.OVERLAP on; the default is one stream), compared in the same run."""
+def _with_blocks_flag(bench: Bench, name: str, value: bool, note: str) -> Bench:
+    """The same provider with the module switch lm_head_blocks.<name> set to value while it runs."""
     import swiftlora.ops.lm_head_blocks as blocks
 
-    def overlapped(fn):
+    def switched(fn):
         def run():
-            before, blocks.OVERLAP = blocks.OVERLAP, True
+            before = getattr(blocks, name)
+            setattr(blocks, name, value)
             try:
                 return fn()
             finally:
-                blocks.OVERLAP = before
+                setattr(blocks, name, before)
         return run
 
-    return Bench(fwd=overlapped(bench.fwd), fwd_bwd=overlapped(bench.fwd_bwd), output=overlapped(bench.output),
-                 restore=bench.restore, notes=bench.notes + ["softmax on a side stream beside the next GEMM"])
+    return Bench(fwd=switched(bench.fwd), fwd_bwd=switched(bench.fwd_bwd), output=switched(bench.output),
+                 restore=bench.restore, notes=bench.notes + [note])
+
+
+def two_streams(bench: Bench) -> Bench:
+    """The same provider with each vocabulary block's softmax on a side stream beside the next block's GEMM
+    (lm_head_blocks.OVERLAP on; the default is one stream), compared in the same run."""
+    return _with_blocks_flag(bench, "OVERLAP", True, "softmax on a side stream beside the next GEMM")
+
+
+def python_loop(bench: Bench) -> Bench:
+    """The same provider with the vocabulary-block loop issued from Python (lm_head_blocks.NATIVE off; the default
+    is the C++ op lm_head_blocks_), compared in the same run: what the host's launch rate costs."""
+    return _with_blocks_flag(bench, "NATIVE", False, "vocabulary-block loop in Python (head_chunks_reference)")
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ._lm_head import gemm_bench, matmul_flops
-from .common import Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, two_streams, require_cuda
+from .common import (Case, import_swiftlora_ops, import_unsloth, leaf, loss_bench, python_loop, require_cuda,
+                     two_streams)
 
 OP = "fused_linear_cross_entropy"
 
@@ -95,8 +96,13 @@ def unsloth(case: Case, inp: dict):
 
 
 def swiftlora_overlap(case: Case, inp: dict):
-    """swiftlora with the vocabulary blocks in one stream (the order before the softmax/GEMM overlap)."""
+    """swiftlora with each vocabulary block's softmax on a side stream beside the GEMMs (lm_head_blocks.OVERLAP)."""
     return two_streams(swiftlora(case, inp))
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_overlap": swiftlora_overlap, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}
+def swiftlora_pyloop(case: Case, inp: dict):
+    """swiftlora with the vocabulary-block loop issued from Python (before lm_head_blocks_ took it to C++)."""
+    return python_loop(swiftlora(case, inp))
+
+
+PROVIDERS = {"swiftlora": swiftlora, "swiftlora_overlap": swiftlora_overlap, "swiftlora_pyloop": swiftlora_pyloop, "torch": torch_reference, "gemm": gemm, "liger": liger, "unsloth": unsloth}

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from swiftlora._compat import addmm_fp32_
 from swiftlora.ops import lm_head_blocks
-from swiftlora.ops.lm_head_blocks import block_plan, head_chunks, new_stats
+from swiftlora.ops.lm_head_blocks import block_plan, head_chunks, head_chunks_reference, new_stats
 from tests.helpers import DEVICES, DTYPES, randn
 from tests.ops.ce_helpers import IGNORE, labels
 from tests.ops.test_fused_linear_cross_entropy import OPTIONS, _check as check_flce
@@ -132,15 +132,16 @@ class _Ops(TorchDispatchMode):
 
 
 def test_work_per_block_is_four_ops():
-    """Per block: the logits GEMM (into a preallocated buffer), the softmax, the rescale (not for the first block)
-    and the accumulation, and nothing else that computes: no per-block allocation, copy or Python-side tensor math.
-    Per chunk: the resets of stats and G and one buffer allocation."""
+    """The Python loop (head_chunks_reference; lm_head_blocks_ issues the same ops from C++): per block the logits
+    GEMM (into a preallocated buffer), the softmax, the rescale (not for the first block) and the accumulation, and
+    nothing else that computes: no per-block allocation, copy or Python-side tensor math. Per chunk: the resets of
+    stats and G and one buffer allocation."""
     n, h, v, cols = 40, 16, 700, 256  # 2 chunks of 20 rows, 3 blocks
     hidden, weight, _ = _inputs(n, h, v, torch.float32, "cpu", False)
     y = labels(n, v, "cpu")
     plan = lm_head_blocks.BlockPlan(20, cols)
     with _Ops() as ops:
-        for _ in head_chunks(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan):
+        for _ in head_chunks_reference(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan):
             pass
     views = {"slice.Tensor", "select.int", "view.default", "t.default", "alias.default"}
     work = [name for name in ops.names if name not in views]

@@ -85,15 +85,16 @@ def rows_of(fn, logits: torch.Tensor, labels: torch.Tensor | None, last: str = "
     return x2, labels.reshape(-1), batch
 
 
-def mean_divisor(valid: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-    """float32 [] on valid's device: num_items_in_batch, or the number of labelled rows; at least 1 (an all-ignored
-    batch gives loss 0 and zero gradient), computed on the device (no host sync)."""
+def mean_divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch) -> torch.Tensor:
+    """float32 [] on labels' device: num_items_in_batch, or the number of labelled rows (labels != ignore_index); at
+    least 1 (an all-ignored batch gives loss 0 and zero gradient), computed on the device (no host sync)."""
     if num_items_in_batch is None:
-        return valid.sum().clamp_min(1).to(torch.float32)
+        # counted in float32 directly (one kernel less than sum + cast; exact up to 2^24 labelled rows)
+        return (labels != ignore_index).sum(dtype=torch.float32).clamp_min_(1)
     if isinstance(num_items_in_batch, torch.Tensor):
-        n = num_items_in_batch.to(device=valid.device, dtype=torch.float32, non_blocking=True).reshape(())
+        n = num_items_in_batch.to(device=labels.device, dtype=torch.float32, non_blocking=True).reshape(())
         return n.clamp_min(1)
-    return torch.tensor(max(float(num_items_in_batch), 1.0), dtype=torch.float32, device=valid.device)
+    return torch.tensor(max(float(num_items_in_batch), 1.0), dtype=torch.float32, device=labels.device)
 
 
 def row_loss(stats, valid: torch.Tensor, o: CEOptions, vocab: int) -> torch.Tensor:
@@ -133,10 +134,9 @@ def forward_grad_scale(dtype: torch.dtype, divisor: torch.Tensor | None, device)
     divisor left for the backward). bf16/fp32 take 1/divisor at once; float16 (normal range from 6e-5) stays at unit
     scale and the backward applies upstream/divisor as one float32 factor, so the probabilities of a large batch
     are not pushed into fp16's subnormals before a GradScaler's large upstream gradient can lift them."""
-    one = torch.ones((), dtype=torch.float32, device=device)
-    if divisor is None:
-        return one, None
-    return (one, divisor) if dtype == torch.float16 else (one / divisor, None)
+    if divisor is None or dtype == torch.float16:
+        return torch.ones((), dtype=torch.float32, device=device), divisor
+    return divisor.reciprocal(), None  # one kernel (IEEE 1/x, as ones / divisor gave)
 
 
 def backward_scale(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) -> torch.Tensor:
@@ -244,9 +244,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         return _CrossEntropy.apply(logits, x2.detach(), y, o, num_items_in_batch, bool(inplace_backward))
     with below_autograd():
         stats = _lib.softmax_stats(x2, y, o.ignore_index, o.softcap, o.logit_scale, False)
-    valid = y != o.ignore_index
-    divisor = mean_divisor(valid, num_items_in_batch) if o.reduction == "mean" else None
-    return reduce_rows(row_loss(stats, valid, o, x2.shape[1]), o, batch, divisor)
+    divisor = mean_divisor(y, o.ignore_index, num_items_in_batch) if o.reduction == "mean" else None
+    return reduce_rows(row_loss(stats, y != o.ignore_index, o, x2.shape[1]), o, batch, divisor)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -256,8 +255,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, x2, y, o, num_items, inplace):
-        valid = y != o.ignore_index
-        divisor = mean_divisor(valid, num_items) if o.reduction == "mean" else None
+        divisor = mean_divisor(y, o.ignore_index, num_items) if o.reduction == "mean" else None
         ctx.o, ctx.inplace, ctx.shape, ctx.used = o, inplace, logits.shape, False
         with below_autograd():
             if inplace:
@@ -269,7 +267,7 @@ class _CrossEntropy(torch.autograd.Function):
                 ctx.save_for_backward(x2)
             else:
                 stats = _lib.softmax_stats(x2, y, o.ignore_index, o.softcap, o.logit_scale, False)
-                rows = row_loss(stats, valid, o, x2.shape[1])
+                rows = row_loss(stats, y != o.ignore_index, o, x2.shape[1])
                 ctx.save_for_backward(x2, y, stats[0], divisor)
         return reduce_rows(rows, o, ctx.shape[:-1], divisor)
 

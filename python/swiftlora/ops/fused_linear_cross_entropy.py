@@ -24,7 +24,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import (backward_scale, ce_options, cross_entropy_reference, forward_grad_scale, mean_divisor,
                             reduce_rows, row_loss, rows_of)
-from .lm_head_blocks import block_plan, head_chunks, label_rows
+from .lm_head_blocks import block_plan, head_chunks, issue_first, label_index, label_masks, label_rows
 
 _lib = torch.ops.swiftlora
 # 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
@@ -137,7 +137,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                               memory_budget_mb if chunk_size is None else None)
     with below_autograd():
         loss = _loss_chunks(h2, weight, bias, y, o, rows)
-    divisor = mean_divisor(y != o.ignore_index, num_items_in_batch) if o.reduction == "mean" else None
+    divisor = mean_divisor(y, o.ignore_index, num_items_in_batch) if o.reduction == "mean" else None
     return reduce_rows(loss, o, batch, divisor)
 
 
@@ -182,39 +182,48 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
     return loss, grad_h, grad_w, grad_b
 
 
-def _frozen_head_grad(h2, weight, bias, y, o, budget, scale):
-    """Per-row loss and grad_hidden of Σ scale·loss_i for a frozen head, through vocabulary blocks (lm_head_blocks):
-    grad_h = scale·((1 + 2·z_loss·lse)/s · G − (1−ε)·dz_label·W[label] − (ε/V)·Σ_j dz_j W_j)."""
-    n, vocab = h2.shape[0], weight.shape[0]
-    plan = block_plan(n, vocab, h2.dtype, budget)
-    loss = torch.empty(n, dtype=torch.float32, device=h2.device)
+def _frozen_head_chunks(h2, weight, bias, y, o, budget):
+    """(stats [N, 6], the chunks of head_chunks) for _frozen_head_grad, the first chunk's blocks already issued: the
+    GPU works on them while the host issues the small per-call ops (the divisor, the per-row factors)."""
+    plan = block_plan(h2.shape[0], weight.shape[0], h2.dtype, budget)
+    stats = torch.empty(h2.shape[0], 6, dtype=torch.float32, device=h2.device)
+    return stats, issue_first(head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan,
+                                          stats=stats))
+
+
+def _frozen_head_grad(head, h2, weight, y, o, scale):
+    """Per-row loss and grad_hidden of Σ scale·loss_i for a frozen head from ``head = _frozen_head_chunks(...)``
+    (vocabulary blocks, lm_head_blocks): grad_h = scale·((1 + 2·z_loss·lse)/s · G − (1−ε)·dz_label·W[label] −
+    (ε/V)·Σ_j dz_j W_j). The per-row factors that need no block sums are formed once per call and the loss once from
+    all chunks' statistics: per chunk only what needs its G (~6 small ops besides the lm_head_blocks_ call)."""
+    stats, chunks = head
+    vocab = weight.shape[0]
     grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     eps = o.label_smoothing
-    # Σ_j dz_j·W_j for the label-smoothing term: dz = logit_scale everywhere (no softcap on this path)
-    col_sum = weight.sum(0, dtype=torch.float32) * o.logit_scale if eps else None
-    for c in head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan):
-        m, s, z_sum, _, z_label, dz_label = c.stats.unbind(1)
-        yc = y[c.start:c.end]
-        valid = yc != o.ignore_index
-        known = valid & (yc >= 0) & (yc < vocab)
-        # a label outside [0, V): NaN loss and gradient, as the kernels do (valid ^ known, not valid & ~known:
-        # bitwise_not is the benchmark's L2-flush kernel, which its kernel-time count must not see)
-        nan_rows = valid ^ known
-        lse = m + torch.log(s)
-        row = torch.log(s) + (1.0 - eps) * (m - z_label)
-        if eps:
-            row = row + eps * (m - z_sum / vocab)
-        if o.z_loss:
-            row = row + o.z_loss * lse * lse
-        loss[c.start:c.end] = torch.where(known, row, torch.where(nan_rows, torch.nan, 0.0))
-        gate = torch.where(known, scale, torch.where(nan_rows, torch.nan, 0.0))
-        a = gate * (1.0 + 2.0 * o.z_loss * lse) / s if o.z_loss else gate / s
+    known, fill = label_masks(y, o.ignore_index, vocab)
+    gate = torch.where(known, scale, fill)
+    index, label_coef = label_index(y, known), -(1.0 - eps) * gate
+    if eps:  # Σ_j dz_j·W_j for the label-smoothing term: dz = logit_scale everywhere (no softcap on this path)
+        col_sum = weight.sum(0, dtype=torch.float32) * o.logit_scale
+        eps_coef = (-(eps / vocab) * gate)[:, None]
+    for c in chunks:
+        m, s, _, _, _, dz_label = c.stats.unbind(1)
+        rows = slice(c.start, c.end)
+        a = gate[rows] * (1.0 + 2.0 * o.z_loss * (m + torch.log(s))) / s if o.z_loss else gate[rows] / s
         gh = c.g.mul_(a[:, None])
-        gh.addcmul_(label_rows(weight, yc, known), (-(1.0 - eps) * gate * dz_label)[:, None])
+        gh.addcmul_(label_rows(weight, index[rows]), (label_coef[rows] * dz_label)[:, None])
         if eps:
-            gh.addcmul_(col_sum[None, :], (-(eps / vocab) * gate)[:, None])
-        grad_h[c.start:c.end] = gh
-    return loss, grad_h
+            gh.addcmul_(col_sum[None, :], eps_coef[rows])
+        grad_h[rows] = gh
+    m, s, z_sum, _, z_label, _ = stats.unbind(1)
+    log_s = torch.log(s)
+    row = log_s + (1.0 - eps) * (m - z_label)
+    if eps:
+        row = row + eps * (m - z_sum / vocab)
+    if o.z_loss:
+        lse = m + log_s
+        row = row + o.z_loss * lse * lse
+    return torch.where(known, row, fill), grad_h
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -223,13 +232,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, h2, y, o, num_items, rows, budget):
-        ctx.budget = budget
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         ctx.o, ctx.rows, ctx.shape, ctx.need, ctx.used = o, rows, hidden.shape, (need_h, need_w, need_b), False
         ctx.deferred = o.reduction == "none" and (need_w or need_b)
-        divisor = mean_divisor(y != o.ignore_index, num_items) if o.reduction == "mean" else None
+        frozen = (not ctx.deferred and budget is not None and need_h and not (need_w or need_b)
+                  and not (o.softcap and o.label_smoothing))
         with below_autograd():
+            head = _frozen_head_chunks(h2, weight, bias, y, o, budget) if frozen else None  # first: the GPU's work
+            divisor = mean_divisor(y, o.ignore_index, num_items) if o.reduction == "mean" else None
             if ctx.deferred:
                 loss = _loss_chunks(h2, weight, bias, y, o, rows)
                 ctx.save_for_backward(h2, weight, bias, y)
@@ -237,9 +248,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # fp16: unit-scale chunks (see forward_grad_scale); grad_hidden keeps that scale until the
                 # backward, the float32 weight/bias sums take 1/divisor before their cast (they could overflow)
                 scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device)
-                if (budget is not None and need_h and not (need_w or need_b)
-                        and not (o.softcap and o.label_smoothing)):
-                    loss, gh = _frozen_head_grad(h2, weight, bias, y, o, ctx.budget, scale)
+                if frozen:
+                    loss, gh = _frozen_head_grad(head, h2, weight, y, o, scale)
                     gw = gb = None
                 else:
                     wb = None if ctx.divisor is None else 1.0 / ctx.divisor

@@ -16,6 +16,7 @@ token-chunked path.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, NamedTuple
 
 import torch
@@ -95,8 +96,9 @@ def new_stats(rows: int, device) -> torch.Tensor:
 
 
 class ChunkSums(NamedTuple):
-    """One token chunk's sums. ``stats``, ``g`` and ``gz`` are buffers that the next chunk reuses: consume them
-    (they may be modified in place) before advancing the iterator."""
+    """One token chunk's sums. ``g`` and ``gz`` (and ``stats`` unless the caller passed head_chunks an [N, 6] buffer)
+    are buffers that the next chunk reuses: consume them (they may be modified in place) before advancing the
+    iterator."""
     start: int
     end: int
     stats: torch.Tensor  # float32 [C, 6]: m, s, Σz, Σe^{z−m}z, z_label, dz_label
@@ -108,6 +110,9 @@ class ChunkSums(NamedTuple):
 # (bench/results/h100-20261126-xent2-partial.log) it gained 1.3% on fused_linear_cross_entropy (15.35 vs 15.55 ms) and
 # lost 16% on token_logprobs fwd+bwd (21.2 vs 18.3 ms): cuBLAS's GEMMs leave the side stream no SM to run on.
 OVERLAP = False
+# The block loop in C++ (lm_head_blocks_, one call per token chunk); False: the Python loop head_chunks_reference on
+# one stream, bit-identical, kept so that benchmarks can time the two in one run (provider swiftlora_pyloop).
+NATIVE = True
 _SIDE_STREAMS: dict = {}
 
 
@@ -121,16 +126,61 @@ def _side_stream(device: torch.device):
 
 def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor | None,
                 ignore_index: int, softcap: float, logit_scale: float, plan: BlockPlan,
-                with_gz: bool = False, overlap: bool | None = None) -> Iterator[ChunkSums]:
+                with_gz: bool = False, overlap: bool | None = None,
+                stats: torch.Tensor | None = None) -> Iterator[ChunkSums]:
     """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows.
 
     Schedule per chunk (bench/NOTES.md, "Third step"): the logits GEMM of block j+1 is issued before block j's
-    rescale + accumulation, into the other of two block buffers; with ``overlap`` (default: CUDA and ``OVERLAP``, off)
-    the softmax kernels run in block order on a side stream, so block j's softmax runs beside the GEMMs. Every buffer
-    sees the same sequence of ops as in one stream (the stats: softmax j in order; G: scale by r_j, add block j, in
-    order), so the results do not depend on ``overlap``.
+    rescale + accumulation, into the other of two block buffers. One ``lm_head_blocks_`` call per chunk runs the
+    whole vocabulary loop from C++ (the host no longer falls behind the GPU's ~0.06 ms launches); with ``overlap``
+    (default: CUDA and ``OVERLAP``, off) head_chunks_reference runs it from Python with the softmax kernels on a
+    side stream. Both issue the same ops in the same order on every buffer, so the sums are bit-identical.
+
+    ``stats``: an optional float32 ``[N, 6]`` buffer that keeps every chunk's statistics (rows start:end), so the
+    caller can turn them into per-row results once per call; by default one ``[rows, 6]`` buffer is reused.
     """
-    n, hdim = h2.shape
+    overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
+    if overlap or not NATIVE:
+        return head_chunks_reference(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz,
+                                     overlap, stats)
+    return _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats)
+
+
+def _sum_buffers(h2, plan, with_gz, stats):
+    """(whether stats is the caller's [N, 6] buffer (chunk rows start:end), stats, G, Gz or None): allocated once per
+    call and reused by every chunk (the caller is done with a chunk before asking for the next)."""
+    rows, hdim, dev = min(plan.rows, h2.shape[0]), h2.shape[1], h2.device
+    all_stats = stats is not None
+    stats = torch.empty(rows, 6, dtype=torch.float32, device=dev) if stats is None else stats
+    g = torch.empty(rows, hdim, dtype=torch.float32, device=dev)
+    return all_stats, stats, g, torch.empty_like(g) if with_gz else None
+
+
+def _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats):
+    """head_chunks through ``lm_head_blocks_``, one call per token chunk."""
+    n = h2.shape[0]
+    all_stats, stats, g, gz = _sum_buffers(h2, plan, with_gz, stats)
+    for s in range(0, n, plan.rows):
+        e = min(s + plan.rows, n)
+        c = e - s
+        stats_c, g_c, gz_c = stats[s:e] if all_stats else stats[:c], g[:c], None if gz is None else gz[:c]
+        _lib.lm_head_blocks_(h2[s:e], weight, bias, None if labels is None else labels[s:e], stats_c, g_c, gz_c,
+                             plan.cols, ignore_index, softcap, logit_scale)
+        yield ChunkSums(s, e, stats_c, g_c, gz_c)
+
+
+def head_chunks_reference(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          labels: torch.Tensor | None, ignore_index: int, softcap: float, logit_scale: float,
+                          plan: BlockPlan, with_gz: bool = False, overlap: bool | None = None,
+                          stats: torch.Tensor | None = None) -> Iterator[ChunkSums]:
+    """head_chunks as a Python loop: the plain-PyTorch reference of ``lm_head_blocks_`` (tests compare the two bit
+    for bit) and the ``overlap`` path, whose side stream the C++ op does not have.
+
+    With ``overlap`` (default: CUDA and ``OVERLAP``, off) the softmax kernels run in block order on a side stream, so
+    block j's softmax runs beside the GEMMs. Every buffer sees the same sequence of ops as in one stream (the stats:
+    softmax j in order; G: scale by r_j, add block j, in order), so the results do not depend on ``overlap``.
+    """
+    n = h2.shape[0]
     vocab, dev = weight.shape[0], h2.device
     overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
     side = _side_stream(dev) if overlap else None
@@ -144,11 +194,7 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     wbs = [weight[v0:v1] for v0, v1 in spans]
     wbts = [wb.t() for wb in wbs]
     bbs = [None if bias is None else bias[v0:v1] for v0, v1 in spans]
-    rows = min(plan.rows, n)
-    # allocated once and reused by every chunk (the caller is done with a chunk before asking for the next)
-    stats = torch.empty(rows, 6, dtype=torch.float32, device=dev)
-    g = torch.empty(rows, hdim, dtype=torch.float32, device=dev)
-    gz = torch.empty_like(g) if with_gz else None
+    all_stats, stats, g, gz = _sum_buffers(h2, plan, with_gz, stats)
 
     def softmax(j, block, stats_c, yc, pz):
         """online_softmax_block_ (on the side stream when overlapping): (rescale r, event or None)."""
@@ -179,7 +225,7 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             e = min(s + plan.rows, n)
             c = e - s
             hc, yc = h2[s:e], None if labels is None else labels[s:e]
-            stats_c, g_c, gz_c = reset_stats_(stats[:c]), g[:c].zero_(), None if gz is None else gz[:c].zero_()
+            stats_c, g_c, gz_c = reset_stats_(stats[s:e] if all_stats else stats[:c]), g[:c].zero_(), None if gz is None else gz[:c].zero_()
             # per chunk, so that the caller's work on the chunk's sums does not coexist with them; each buffer
             # starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
             bufs = torch.empty(nbuf, -(-c * (spans[0][1] - spans[0][0]) // 128) * 128, dtype=h2.dtype, device=dev)
@@ -204,12 +250,38 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             main.wait_stream(side)
 
 
-def label_rows(weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``W[label]`` per row in W's dtype (row 0 of W where there is no valid label; callers zero its coefficient).
-    Callers add it into float32 sums with ``addcmul_``, which upcasts exactly, without a float32 copy (float64 is
-    narrowed to float32, the sums' dtype)."""
-    rows = weight.index_select(0, torch.where(valid, labels.long(), 0))
+def issue_first(chunks: Iterator[ChunkSums]) -> Iterator[ChunkSums]:
+    """``chunks`` (head_chunks' iterator) with its first chunk's work issued now: the GPU starts on it while the host
+    issues the caller's small per-call ops, which would otherwise come first and leave the GPU idle."""
+    first = next(chunks, None)
+    return iter(()) if first is None else itertools.chain((first,), chunks)
+
+
+def label_masks(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(known, fill) per row, once per call: known = labelled with a label in [0, V); fill = NaN where a label lies
+    outside [0, V) (as the kernels give, without a host sync), else 0: the value of a row that is not known."""
+    valid = labels != ignore_index
+    known = valid & (labels >= 0) & (labels < vocab)
+    # valid ^ known, not valid & ~known: bitwise_not is the benchmark's L2-flush kernel, which its kernel-time count
+    # must not see
+    return known, torch.where(valid ^ known, torch.nan, 0.0)
+
+
+def label_index(labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """int64 row indices into W for label_rows: the label where known, else row 0 (callers zero its coefficient)."""
+    return torch.where(known, labels.long(), 0)
+
+
+def label_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``W[index]`` per row in W's dtype. Callers add it into float32 sums with ``addcmul_``, which upcasts exactly,
+    without a float32 copy (float64 is narrowed to float32, the sums' dtype)."""
+    rows = weight.index_select(0, index)
     return rows if rows.dtype.itemsize <= 4 else rows.to(torch.float32)
+
+
+@torch.library.register_fake("swiftlora::lm_head_blocks_")
+def _(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale):
+    return None
 
 
 @torch.library.register_fake("swiftlora::online_softmax_block_")

@@ -29,7 +29,7 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import rows_of
 from .fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, check_linear, chunk_logits, chunk_rows
-from .lm_head_blocks import block_plan, head_chunks, label_rows
+from .lm_head_blocks import block_plan, head_chunks, issue_first, label_index, label_masks, label_rows
 
 _lib = torch.ops.swiftlora
 
@@ -137,33 +137,32 @@ def _forward(h2, weight, y, args, eager=False):
 
 def _forward_blocks(h2, weight, y, args):
     """_forward's eager results through vocabulary blocks: u = dz_label·W[token] − G/s and, with entropy,
-    w = (E·G − Gz)/s, from the float32 sums G = Σ e^{z−m}·dz·W_j and Gz = Σ e^{z−m}·z·dz·W_j."""
+    w = (E·G − Gz)/s, from the float32 sums G = Σ e^{z−m}·dz·W_j and Gz = Σ e^{z−m}·z·dz·W_j. Per-row factors that
+    need no block sums are formed once per call, log-probs once from all chunks' statistics."""
     ignore_index, scale, with_entropy, _, batch, budget = args
     n, vocab = h2.shape[0], weight.shape[0]
     plan = block_plan(n, vocab, h2.dtype, budget)
-    lse = torch.empty(n, dtype=torch.float32, device=h2.device)
-    lp = torch.empty_like(lse)
-    pz = torch.empty_like(lse) if with_entropy else None
+    stats = torch.empty(n, 6, dtype=torch.float32, device=h2.device)
+    pz = torch.empty(n, dtype=torch.float32, device=h2.device) if with_entropy else None
     u = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     w = torch.empty_like(u) if with_entropy else None
-    for c in head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy):
-        m, s, _, spz, z_label, dz_label = c.stats.unbind(1)
-        yc = y[c.start:c.end]
-        valid = yc != ignore_index
-        known = valid & (yc >= 0) & (yc < vocab)
-        # a token id outside [0, V): NaN, as the kernels give (valid ^ known, not valid & ~known:
-        # bitwise_not is the benchmark's L2-flush kernel, which its kernel-time count must not see)
-        nan_rows = valid ^ known
-        lse[c.start:c.end] = m + torch.log(s)
-        lp[c.start:c.end] = torch.where(nan_rows, torch.nan, z_label - lse[c.start:c.end])
+    # the first chunk's blocks go to the GPU before the host issues the per-row factors' small ops
+    chunks = issue_first(head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy,
+                                     stats=stats))
+    known, fill = label_masks(y, ignore_index, vocab)
+    gate = torch.where(known, 1.0, fill)
+    neg_gate, index = -gate, label_index(y, known)
+    for c in chunks:
+        _, s, _, spz, _, dz_label = c.stats.unbind(1)
+        rows = slice(c.start, c.end)
         if with_entropy:
-            e_z = spz / s
-            pz[c.start:c.end] = e_z
-            w[c.start:c.end] = c.gz.mul_((-1.0 / s)[:, None]).addcmul_(c.g, (e_z / s)[:, None])
-        gate = torch.where(known, 1.0, torch.where(nan_rows, torch.nan, 0.0))
-        gu = c.g.mul_((-gate / s)[:, None])
-        u[c.start:c.end] = gu.addcmul_(label_rows(weight, yc, known), (gate * dz_label)[:, None])
-    lp = torch.where(y != ignore_index, lp, 0.0).view(batch)
+            e_z = torch.div(spz, s, out=pz[rows])
+            w[rows] = c.gz.mul_((-1.0 / s)[:, None]).addcmul_(c.g, (e_z / s)[:, None])
+        gu = c.g.mul_((neg_gate[rows] / s)[:, None])
+        u[rows] = gu.addcmul_(label_rows(weight, index[rows]), (gate[rows] * dz_label)[:, None])
+    m, s, _, _, z_label, _ = stats.unbind(1)
+    lse = m + torch.log(s)
+    lp = torch.where(known, z_label - lse, fill).view(batch)
     ent = (lse - pz).view(batch) if with_entropy else None
     return lp, ent, lse, pz, u, w
 

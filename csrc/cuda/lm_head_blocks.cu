@@ -1,0 +1,26 @@
+// lm_head_blocks_ on CUDA: the host loop of csrc/cpu/lm_head_blocks.cpp (shared with the CPU) with cuBLAS's
+// float32-output 16-bit GEMM for the accumulation where the device has it (sm80+, as _compat.addmm_fp32_ decides).
+// No kernel of its own: it issues the logits GEMMs, online_softmax_block_ and scale_rows_ kernels and the
+// accumulating GEMMs, ~4 launches per vocabulary block, from C++ instead of Python.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/smem_optin.cuh"
+#include "ops.h"
+
+namespace swiftlora::cuda {
+namespace {
+
+void lm_head_blocks_cuda(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& labels, at::Tensor& stats, at::Tensor& g,
+                         const std::optional<at::Tensor>& gz, int64_t cols, int64_t ignore_index, double softcap,
+                         double logit_scale) {
+  const c10::cuda::CUDAGuard guard(hc.device());  // device_major() reads the current device
+  lm_head_blocks_host(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale,
+                      device_major() >= 8);
+}
+
+}  // namespace
+}  // namespace swiftlora::cuda
+
+TORCH_LIBRARY_IMPL(swiftlora, CUDA, m) { m.impl("lm_head_blocks_", &swiftlora::cuda::lm_head_blocks_cuda); }

@@ -1,0 +1,147 @@
+"""lm_head_blocks_ (csrc/cpu/lm_head_blocks.cpp): one token chunk's whole vocabulary loop in C++. Its sums must equal,
+bit for bit, those of the Python loop it replaces (head_chunks_reference, the same ops in the same order on one
+stream): every dtype, with and without bias, labels None / with ignored rows, with Gz, one block and several, odd
+sizes, int32 labels, a running max that moves in a later block; plus opcheck, bad input and the ops per chunk."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swiftlora.ops import lm_head_blocks
+from swiftlora.ops.lm_head_blocks import BlockPlan, head_chunks, head_chunks_reference, new_stats
+from tests.helpers import DEVICES, DTYPES, randn
+from tests.ops.ce_helpers import IGNORE, labels
+from tests.ops.test_lm_head_schedule import _Ops, _assert_same, _inputs
+
+_op = torch.ops.swiftlora.lm_head_blocks_
+
+
+def _sums(chunks):
+    """The chunks' sums, cloned (the iterators reuse their buffers)."""
+    return [(c.start, c.end, c.stats.clone(), c.g.clone(), None if c.gz is None else c.gz.clone()) for c in chunks]
+
+
+def _both(hidden, weight, b, y, plan, with_gz, softcap, scale):
+    args = (hidden, weight, b, y, IGNORE, softcap, scale, plan, with_gz, False)
+    return _sums(head_chunks(*args)), _sums(head_chunks_reference(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("label_kind", ["none", "ignored", "int32"])
+@pytest.mark.parametrize("with_gz", [False, True], ids=["g", "g+gz"])
+def test_op_equals_python_loop(device, dtype, bias, label_kind, with_gz):
+    n, h, v = 45, 24, 1003  # 3 token chunks of 17 rows (the last 11); 4 blocks of 256 columns (the last 235)
+    hidden, weight, b = _inputs(n, h, v, dtype, device, bias)
+    y = None if label_kind == "none" else labels(n, v, device, dtype=torch.int32 if label_kind == "int32" else torch.long)
+    softcap = 30.0 if with_gz else 0.0
+    got, ref = _both(hidden, weight, b, y, BlockPlan(17, 256), with_gz, softcap, 0.8)
+    assert len(got) == 3 and torch.isfinite(got[0][3]).all()
+    assert (got[0][2][:, 0] > -torch.inf).all()  # the stats were reset and filled
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols", [37, 64])
+def test_one_block(device, dtype, cols):
+    """A vocabulary that fits one block (one buffer; cols above V is clamped), a single ragged chunk."""
+    hidden, weight, b = _inputs(9, 8, 37, dtype, device, True)
+    y = labels(9, 37, device)
+    got, ref = _both(hidden, weight, b, y, BlockPlan(9, cols), True, 0.0, 1.0)
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_stats_buffer(device):
+    """With the caller's [N, 6] stats buffer every chunk's statistics stay (rows start:end), equal to the reference's."""
+    n, h, v = 30, 16, 300
+    hidden, weight, _ = _inputs(n, h, v, torch.bfloat16, device, False)
+    y = labels(n, v, device)
+    plan = BlockPlan(8, 128)
+    stats, stats_ref = torch.full((n, 6), torch.nan, device=device), torch.full((n, 6), torch.nan, device=device)
+    got = _sums(head_chunks(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan, stats=stats))
+    ref = _sums(head_chunks_reference(hidden, weight, None, y, IGNORE, 0.0, 1.0, plan, stats=stats_ref))
+    _assert_same(got, ref)
+    assert torch.equal(stats, stats_ref) and torch.isfinite(stats).all()
+    assert torch.equal(stats[24:], got[-1][2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    hidden, weight, b = _inputs(6, 8, 50, torch.float32, device, True)
+    y = labels(6, 50, device)
+    stats, g = new_stats(6, device), torch.zeros(6, 8, device=device)
+    torch.library.opcheck(_op, (hidden, weight, b, y, stats, g, torch.zeros_like(g), 16, IGNORE, 0.0, 1.0))
+    torch.library.opcheck(_op, (hidden, weight, None, None, stats, g, None, 64, IGNORE, 3.0, 0.5))
+
+
+def test_rejects_bad_input():
+    hidden, weight, b = _inputs(4, 8, 20, torch.float32, "cpu", True)
+    stats, g = new_stats(4, "cpu"), torch.zeros(4, 8)
+    args = dict(hc=hidden, weight=weight, bias=b, labels=None, stats=stats, g=g, gz=None, cols=8, ignore_index=IGNORE,
+                softcap=0.0, logit_scale=1.0)
+
+    def call(**kw):
+        _op(**{**args, **kw})
+
+    cases = [
+        (TypeError, "weight must have the dtype of hc", dict(weight=weight.double())),
+        (ValueError, "weight must be \\[V, 8\\]", dict(weight=weight[:, :5])),
+        (ValueError, "bias must be \\[20\\]", dict(bias=b[:7])),
+        (TypeError, "labels must be int64 or int32", dict(labels=torch.zeros(4))),
+        (ValueError, "labels must have shape \\[4\\]", dict(labels=torch.zeros(3, dtype=torch.long))),
+        (ValueError, "stats must be a contiguous float32 \\[4, 6\\]", dict(stats=stats[:, :5])),
+        (TypeError, "g must be float32", dict(g=g.half())),
+        (ValueError, "gz must be a contiguous float32 \\[4, 8\\]", dict(gz=torch.zeros(8, 4).t())),
+        (ValueError, "g and gz share memory", dict(gz=g)),
+        (ValueError, "cols .* must be >= 1", dict(cols=0)),
+        (ValueError, "hc .* must be a non-empty 2-D", dict(hc=hidden[:0])),
+    ]
+    for exc, msg, kw in cases:
+        with pytest.raises(exc, match=msg):
+            call(**kw)
+
+
+def test_head_chunks_issues_one_op_per_chunk():
+    """The default path: per call the stats and G buffers, per chunk one lm_head_blocks_ and nothing else."""
+    n, h, v = 40, 16, 700
+    hidden, weight, _ = _inputs(n, h, v, torch.float32, "cpu", False)
+    y = labels(n, v, "cpu")
+    with _Ops() as ops:
+        for _ in head_chunks(hidden, weight, None, y, IGNORE, 0.0, 1.0, BlockPlan(20, 256)):
+            pass
+    views = {"slice.Tensor", "select.int", "view.default", "t.default", "alias.default"}
+    assert [name for name in ops.names if name not in views] == (["empty.memory_format"] * 2
+                                                                 + ["lm_head_blocks_.default"] * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_op_equals_python_loop_at_size(dtype, monkeypatch):
+    """CUDA at a size where cuBLAS picks its large-tile kernels and the float32-output GEMM accumulates: 3 token
+    chunks (the last ragged) x 5 blocks of an odd (prime) vocabulary, with bias and Gz; then the two ops' results
+    through the C++ loop and the Python loop, equal bit for bit."""
+    from swiftlora.ops import fused_linear_cross_entropy, token_logprobs
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(lm_head_blocks, "ROW_CHUNK", 512)
+    n, h, v = 1200, 256, 20011
+    hidden, weight, b = _inputs(n, h, v, dtype, "cuda", True)
+    y = labels(n, v, "cuda")
+    budget = 2 * 4096 * 512 * dtype.itemsize / 2**20
+    plan = lm_head_blocks.block_plan(n, v, dtype, budget)
+    assert plan == (512, 4096)
+    for with_gz in (False, True):
+        _assert_same(*_both(hidden, weight, b, y, plan, with_gz, 0.0, 1.0))
+    hidden.requires_grad_(True)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(lm_head_blocks, "NATIVE", native)
+        loss = fused_linear_cross_entropy(hidden, weight, y, b, memory_budget_mb=budget)
+        lp, ent = token_logprobs(hidden, weight, y.clamp_min(0), with_entropy=True, memory_budget_mb=budget)
+        grads = torch.autograd.grad((loss, lp.sum(), ent.sum()), hidden)
+        results.append((loss, lp, ent) + tuple(grads))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_), (a.float() - b_.float()).abs().max()
