@@ -20,7 +20,7 @@ import torch
 from . import harness
 from .ops._nf4 import BLOCKSIZE, K, N, QUICK_K, QUICK_N, quantized_weight, weight_bytes
 
-VARIANTS = "simt,mma,stream,stream-d4,stream-d8,stream-w16"
+VARIANTS = "simt,mma,stream,stream-w8,stream-d4,stream-d8"
 ENV = "SWIFTLORA_NF4_GEMV_VARIANT"
 COPY_TBPS = 3.0
 

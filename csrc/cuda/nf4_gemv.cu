@@ -16,8 +16,9 @@
 // Decode shapes the TMA-streamed kernel takes (nf4_gemv_stream.cu: sm_90+, the same shapes) go there first.
 //
 // Benchmarking knob: SWIFTLORA_NF4_GEMV_VARIANT, read on every call (bench/nf4_gemv_sweep.py times each value):
-// unset or "stream": the streamed kernel, else the tensor-core one, where they apply (default); "stream-d4",
-// "stream-d8", "stream-w16": its other ring shapes (nf4_gemv_stream.h); "mma": the tensor-core kernel where it
+// unset or "stream": the streamed kernel with 16 warps and a 4-stage ring (measured fastest on the H100:
+// bench/NOTES.md), else the tensor-core one, where they apply (default); "stream-w8", "stream-d4", "stream-d8": its
+// 8-warp ring shapes (6, 4, 8 stages; nf4_gemv_stream.h); "mma": the tensor-core kernel where it
 // applies; "simt": the SIMT kernels of this file for every shape (the kernel before the tensor-core one).
 #include <ATen/ops/empty.h>
 #include <cuda_bf16.h>
@@ -262,7 +263,7 @@ bool tiled_fits(const void* packed, const void* x, int64_t k, std::size_t smem) 
 // SWIFTLORA_NF4_GEMV_VARIANT: which kernels a call may take.
 struct GemvVariant {
   bool stream = true;  // the TMA-streamed kernel first, with this ring shape
-  Nf4StreamVariant ring = Nf4StreamVariant::kW8D6;
+  Nf4StreamVariant ring = Nf4StreamVariant::kW16D4;
   bool mma = true;  // else the tensor-core kernel
 };
 
@@ -275,13 +276,13 @@ GemvVariant gemv_variant() {
     v.ring = Nf4StreamVariant::kW8D4;
   } else if (s == "stream-d8") {
     v.ring = Nf4StreamVariant::kW8D8;
-  } else if (s == "stream-w16") {
-    v.ring = Nf4StreamVariant::kW16D4;
+  } else if (s == "stream-w8") {
+    v.ring = Nf4StreamVariant::kW8D6;
   } else if (s == "mma" || s == "simt") {
     v.stream = false;
     v.mma = s == "mma";
   } else {
-    TORCH_CHECK(s == "stream", "SWIFTLORA_NF4_GEMV_VARIANT must be stream, stream-d4, stream-d8, stream-w16, mma or ",
+    TORCH_CHECK(s == "stream", "SWIFTLORA_NF4_GEMV_VARIANT must be stream, stream-w8, stream-d4, stream-d8, mma or ",
                 "simt, got '", s, "'");
   }
   return v;

@@ -9,9 +9,9 @@
 
 namespace swiftlora::cuda {
 
-// Ring shapes the lead can A/B through SWIFTLORA_NF4_GEMV_VARIANT (bench/nf4_gemv_sweep.py):
-// kW8D6 "stream" (8 compute warps, stages of 16 rows x 512 B, 6 stages), kW8D4 "stream-d4", kW8D8 "stream-d8",
-// kW16D4 "stream-w16" (16 compute warps, stages of 16 rows x 1 KB, 4 stages).
+// Ring shapes selectable through SWIFTLORA_NF4_GEMV_VARIANT (bench/nf4_gemv_sweep.py): kW16D4 "stream", the default
+// (16 compute warps, stages of 16 rows x 1 KB, 4 stages: the fastest on the H100), kW8D6 "stream-w8" (8 compute
+// warps, stages of 16 rows x 512 B, 6 stages), kW8D4 "stream-d4", kW8D8 "stream-d8".
 enum class Nf4StreamVariant { kW8D6, kW8D4, kW8D8, kW16D4 };
 
 // Launches y [m, n] = x [m, k] @ dequant(W)ᵀ on `stream` and returns true, or returns false (nothing launched)

@@ -409,7 +409,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       wgmma_wait<0>();  // every fragment buffer is free for the weight steps
 #pragma unroll
       for (int s = 0; s < 4; ++s) pin(a[s]);
-      if (fr.lane == 0) bar_arrive(l.empty(stage));
+      bar_arrive(l.empty(stage));
       ++it;
     }
     int prev = -1;
@@ -459,7 +459,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
         }
 #pragma unroll
         for (int s = s0; s < s0 + kBatch; ++s) pin(a[(s + 2) & 3]);
-        if (s0 + kBatch == 2 && prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));
+        if (s0 + kBatch == 2 && prev >= 0) bar_arrive(l.empty(prev));
       }
       prev = stage;
     }
@@ -468,7 +468,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
     pin(acc[1]);
 #pragma unroll
     for (int s = 0; s < 4; ++s) pin(a[s]);
-    if (prev >= 0 && fr.lane == 0) bar_arrive(l.empty(prev));
+    if (prev >= 0) bar_arrive(l.empty(prev));
     store_tile<kBf16>(p, fr, acc, epi, epi_ptr, f0, t0);
   }
 }
@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       bar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
-      bar_init(l.empty(s), 8);   // one arrival per consumer warp
+      bar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
