@@ -48,6 +48,9 @@ TORCH_LIBRARY(swiftlora, m) {
   // t *= scale, scale float32 [] or [t.size(0)] on the device; rows whose scale is exactly 1 are not touched
   // (so the usual backward with grad_output = 1 costs a launch, not a pass over t).
   m.def("scale_rows_(Tensor(a!) t, Tensor scale) -> ()");
+  // The mean's divisor of cross-entropy from its labels [N] (int64/int32) in one launch: float32 [2] =
+  // (max(#(labels != ignore_index), 1), its reciprocal), on labels' device (no host sync).
+  m.def("mean_divisor(Tensor labels, int ignore_index) -> Tensor");
   // One vocabulary block of an online softmax (a frozen LM head's loss/log-probs accumulated flash-attention style,
   // python/swiftlora/ops/lm_head_blocks.py): block [N, B] holds columns [col0, col0 + B) of the logits; stats
   // float32 [N, 6] = (m, s, Σz, Σe^{z−m}·z, z_label, dz_label) carried across blocks (start: (−inf, 0, 0, 0, 0, 0)),

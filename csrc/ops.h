@@ -23,6 +23,7 @@
   X(softmax_grad_)               \
   X(cross_entropy_fused_)        \
   X(scale_rows_)                 \
+  X(mean_divisor)                \
   X(online_softmax_block_)       \
   X(lm_head_blocks_)             \
   X(nf4_quantize)                \
@@ -60,6 +61,8 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
                                     double z_loss, double softcap, double logit_scale, const at::Tensor& grad_scale);
 // t [N, ...] float, scale float32 [] or [N].
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
+// mean_divisor: labels [N] int64/int32 (N >= 0).
+void check_mean_divisor_args(const at::Tensor& labels);
 // online_softmax_block_: block [N, B] as logits above; stats float32 [N, kOnlineStats] contiguous; pz like block.
 constexpr int64_t kOnlineStats = 6;
 void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,

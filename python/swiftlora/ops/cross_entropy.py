@@ -85,16 +85,27 @@ def rows_of(fn, logits: torch.Tensor, labels: torch.Tensor | None, last: str = "
     return x2, labels.reshape(-1), batch
 
 
-def mean_divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch) -> torch.Tensor:
+def mean_divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch, with_inverse: bool = False):
     """float32 [] on labels' device: num_items_in_batch, or the number of labelled rows (labels != ignore_index); at
-    least 1 (an all-ignored batch gives loss 0 and zero gradient), computed on the device (no host sync)."""
+    least 1 (an all-ignored batch gives loss 0 and zero gradient), computed on the device (no host sync).
+    with_inverse: returns (divisor, 1/divisor or None); counting labels gives both from one kernel (mean_divisor op:
+    the torch expression, ne + sum + clamp + reciprocal, was four launches ahead of every in-place cross-entropy)."""
+    inverse = None
     if num_items_in_batch is None:
-        # counted in float32 directly (one kernel less than sum + cast; exact up to 2^24 labelled rows)
-        return (labels != ignore_index).sum(dtype=torch.float32).clamp_min_(1)
-    if isinstance(num_items_in_batch, torch.Tensor):
+        pair = _lib.mean_divisor(labels, ignore_index)
+        divisor, inverse = pair[0], pair[1]
+    elif isinstance(num_items_in_batch, torch.Tensor):
         n = num_items_in_batch.to(device=labels.device, dtype=torch.float32, non_blocking=True).reshape(())
-        return n.clamp_min(1)
-    return torch.tensor(max(float(num_items_in_batch), 1.0), dtype=torch.float32, device=labels.device)
+        divisor = n.clamp_min(1)
+    else:
+        divisor = torch.tensor(max(float(num_items_in_batch), 1.0), dtype=torch.float32, device=labels.device)
+    return (divisor, inverse) if with_inverse else divisor
+
+
+def mean_divisor_reference(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The mean_divisor op in plain PyTorch: float32 [2] = (max(#labelled rows, 1), its reciprocal)."""
+    d = (labels != ignore_index).sum(dtype=torch.float32).clamp_min(1)
+    return torch.stack((d, d.reciprocal()))
 
 
 def row_loss(stats, valid: torch.Tensor, o: CEOptions, vocab: int) -> torch.Tensor:
@@ -129,14 +140,15 @@ def grad_rows(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) ->
     return g / divisor if o.reduction == "mean" else g
 
 
-def forward_grad_scale(dtype: torch.dtype, divisor: torch.Tensor | None, device):
+def forward_grad_scale(dtype: torch.dtype, divisor: torch.Tensor | None, device, inverse: torch.Tensor | None = None):
     """For a gradient formed in the forward, before the upstream gradient is known: (grad_scale for the kernel,
-    divisor left for the backward). bf16/fp32 take 1/divisor at once; float16 (normal range from 6e-5) stays at unit
-    scale and the backward applies upstream/divisor as one float32 factor, so the probabilities of a large batch
-    are not pushed into fp16's subnormals before a GradScaler's large upstream gradient can lift them."""
+    divisor left for the backward). bf16/fp32 take 1/divisor at once (``inverse`` when the caller has it);
+    float16 (normal range from 6e-5) stays at unit scale and the backward applies upstream/divisor as one float32
+    factor, so the probabilities of a large batch are not pushed into fp16's subnormals before a GradScaler's large
+    upstream gradient can lift them."""
     if divisor is None or dtype == torch.float16:
         return torch.ones((), dtype=torch.float32, device=device), divisor
-    return divisor.reciprocal(), None  # one kernel (IEEE 1/x, as ones / divisor gave)
+    return (divisor.reciprocal() if inverse is None else inverse), None  # IEEE 1/x either way
 
 
 def backward_scale(grad: torch.Tensor, o: CEOptions, divisor: torch.Tensor | None) -> torch.Tensor:
@@ -255,11 +267,11 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, x2, y, o, num_items, inplace):
-        divisor = mean_divisor(y, o.ignore_index, num_items) if o.reduction == "mean" else None
+        divisor, inverse = mean_divisor(y, o.ignore_index, num_items, True) if o.reduction == "mean" else (None, None)
         ctx.o, ctx.inplace, ctx.shape, ctx.used = o, inplace, logits.shape, False
         with below_autograd():
             if inplace:
-                scale, ctx.divisor = forward_grad_scale(x2.dtype, divisor, x2.device)
+                scale, ctx.divisor = forward_grad_scale(x2.dtype, divisor, x2.device, inverse)
                 rows, _ = _lib.cross_entropy_fused_(x2, y, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
                                                     o.logit_scale, scale)
                 if x2.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
@@ -310,6 +322,11 @@ def _(logits, labels, ignore_index, lse, coef, softcap, logit_scale):
 @torch.library.register_fake("swiftlora::softmax_grad_")
 def _(logits, labels, ignore_index, lse, coef, softcap, logit_scale):
     return None
+
+
+@torch.library.register_fake("swiftlora::mean_divisor")
+def _(labels, ignore_index):
+    return labels.new_empty(2, dtype=torch.float32)
 
 
 @torch.library.register_fake("swiftlora::cross_entropy_fused_")

@@ -240,14 +240,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                   and not (o.softcap and o.label_smoothing))
         with below_autograd():
             head = _frozen_head_chunks(h2, weight, bias, y, o, budget) if frozen else None  # first: the GPU's work
-            divisor = mean_divisor(y, o.ignore_index, num_items) if o.reduction == "mean" else None
+            divisor, inverse = (mean_divisor(y, o.ignore_index, num_items, True) if o.reduction == "mean"
+                                else (None, None))
             if ctx.deferred:
                 loss = _loss_chunks(h2, weight, bias, y, o, rows)
                 ctx.save_for_backward(h2, weight, bias, y)
             else:
                 # fp16: unit-scale chunks (see forward_grad_scale); grad_hidden keeps that scale until the
                 # backward, the float32 weight/bias sums take 1/divisor before their cast (they could overflow)
-                scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device)
+                scale, ctx.divisor = forward_grad_scale(h2.dtype, divisor, h2.device, inverse)
                 if frozen:
                     loss, gh = _frozen_head_grad(head, h2, weight, y, o, scale)
                     gw = gb = None
