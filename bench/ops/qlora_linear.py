@@ -9,8 +9,8 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
 Providers: swiftlora (qlora_linear, default plan: one dequantization, then one GEMM), swiftlora_chunked (plan
 chunks=4: the dequantization pipelined under the GEMM in 4 chunks), swiftlora_a64 (default plan, the LoRA columns
-padded to a multiple of 64: K + r' = 4160 instead of 4112), swiftlora_fused (qlora_linear(fused=True): version 2, the sm_90a kernel with the
-dequantization inside the GEMM, to A/B against version 1), torch (its plain-PyTorch reference: dequantize in PyTorch
+padded to a multiple of 64: K + r' = 4160 instead of 4112), swiftlora_fused (qlora_linear(fused=True): the sm_90a kernel with the
+dequantization inside the GEMM, to A/B against the default), torch (its plain-PyTorch reference: dequantize in PyTorch
 ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
 LoRA_W function, what Unsloth runs for o_proj).
 """
@@ -71,7 +71,7 @@ def swiftlora_fused(case: Case, inp: dict):
     p = _lora.projection(inp, "o_proj")
     x = inp["x"]
     return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale, fused=True), _wrt(inp),
-                          [_grad_like(case, x)], notes=[f"v2 forward (qlora_gemm, {_fused_path(x)})"])
+                          [_grad_like(case, x)], notes=[f"fused forward (qlora_gemm, {_fused_path(x)})"])
 
 
 def _fused_path(x: torch.Tensor) -> str:

@@ -1,45 +1,65 @@
-// qlora_gemm on sm_90a (H100/H200), version 2 of qlora_linear's forward: y = x · dequant(W)ᵀ + xa · (s·B)ᵀ
-// (+ bias) with the NF4 dequantization inside the GEMM main loop: no bf16 copy of W is written to global memory.
+// qlora_gemm on sm_90a, version 3: a warp-specialized, persistent wgmma GEMM with the NF4 dequantization in
+// registers. y [M, N] = x [M, K] · dequant(W [N, K])ᵀ + xa [M, R] · lbᵀ [R, N] (+ bias), computed as its
+// transpose tile by tile, yᵀ = W · xᵀ, so W is wgmma's A operand and comes from REGISTERS: a consumer thread turns
+// the packed codes of its fragment straight into bf16/fp16 pairs (no dequantized tile is written anywhere, not even
+// to shared memory), while x is the B operand, read by the tensor cores from a 128-byte-swizzled shared tile.
 //
-// CTA tile 128 (rows of x) × 128 (rows of W) × 64 (k), 256 threads = two warpgroups, each computing 64 × 128 with
-// wgmma.mma_async m64n128k16 (fp32 accumulators, 64 registers a thread). Per k-tile:
-//   - cp.async (16-byte chunks, zero-filled past M/N) brings the x tile (16 KB, bf16/fp16) and the packed W tile
-//     (128 rows × 32 bytes = 4 KB: 4.5 bits a weight with the scales, the point of the fusion) into a 2-stage ring,
-//     the next tile's loads in flight while this one is computed;
-//   - every thread expands 32 codes (16 bytes of one W row, one block scale: blocksize >= 32) into bf16/fp16 in the
-//     shared B tile (NF4 table and the 8-bit absmax map in shared memory, csrc/common/nf4_cuda.cuh);
-//   - fence.proxy.async + barrier, then 4 wgmma k16 steps per warpgroup from K-major, non-swizzled shared layouts
-//     (8-row × 16-byte core matrices: rows 16 B apart, the two k-halves LBO = 128 B apart, 8-row groups SBO = 256 B).
-// The LoRA term is one extra k-tile: A from xa [M, R], B from s·B [N, R] (R <= 64, zero-filled to 64), loaded once.
-// Epilogue: + bias in fp32, one rounding to the output dtype.
-// Floor (x [4096, 4096], W [14336, 4096]): 481 GFLOP, 0.645 ms at 746 TFLOP/s; W read as 29 MB (+ scales).
-// This first version serialises dequantization and MMA within a CTA (no producer/consumer warp specialisation,
-// no swizzle, no TMA): correct, and the baseline for those steps (bench/NOTES.md, "QLoRA ops").
+// CTA: 3 warpgroups. WG0 produces: cp.async of the x tile (128 tokens × 64 k, 16 KB), the packed W tile (256 rows
+// × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
+// decode_scales_kernel) into a 4-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
+// (cp.async.mbarrier.arrive.noinc). WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
+// 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
+// both m blocks) in a byte → (code_hi, code_lo) float2 table replicated per lane (one byte_perm makes the address:
+// the table is 64 KB-aligned), multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product,
+// one rounding to 16 bits) and issues wgmma m64n128k16 with A from those registers, two k16 steps per commit
+// group. A fragments rotate through 4 register buffers (one per k16 step of a k-tile); wgmma.wait_group keeps the
+// previous group in flight while the next is dequantized; a stage is released (its "empty" mbarrier) once the last
+// group reading it has completed.
+// LoRA: one extra k-tile first in each output tile: B = the xa tile (zero-filled past R), A = rows of s·B loaded
+// from global memory straight into the fragment registers, ceil(R / 16) k16 steps.
+// Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
+// tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
+// Epilogue: fp32 + bias, one rounding, stmatrix .trans into a per-warp staging buffer, 16-byte evict-first stores.
+// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16): 0.95 ms against cuBLAS's 0.62 ms on the bf16 weight;
+// without the dequantization (a timing experiment) 0.73 ms: bench/NOTES.md ("QLoRA version 3").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "common/nf4_cuda.cuh"
+#include "common/smem_optin.cuh"
 #include "cuda/qlora_gemm_sm90.h"
 
 namespace swiftlora::cuda::sm90 {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 64, kThreads = 256;
-constexpr int kStages = 2;
-constexpr int kTileA = kBM * kBK * 2;   // bytes of one x tile
-constexpr int kTileB = kBN * kBK * 2;   // bytes of one dequantized W tile (and of the LoRA B tile)
-constexpr int kTileP = kBN * kBK / 2;   // bytes of one packed W tile
-constexpr int kOffP = kStages * kTileA;
-constexpr int kOffB = kOffP + kStages * kTileP;
-constexpr int kOffLB = kOffB + kTileB;
-constexpr int kOffTables = kOffLB + kTileB;
-constexpr int kSmemBytes = kOffTables + static_cast<int>(sizeof(nf4::Nf4Tables));
+constexpr int kBF = 256, kBT = 128, kBK = 64;  // features (W rows), tokens (x rows), k per tile
+constexpr int kStages = 4;
+constexpr int kThreads = 384;
+constexpr int kXBytes = kBT * kBK * 2;  // 16 KB: 128 token rows of 128 bytes, 128B-swizzled
+constexpr int kWBytes = kBF * kBK / 2;  // 8 KB: 256 rows of 32 packed bytes (two 16-byte halves, swizzled)
+constexpr int kSBytes = kBF * 4;        // 1 KB: 256 block scales
+constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;  // 25 KB, a multiple of 1024 (swizzle atoms)
+// byte -> (code_hi, code_lo) float2 table, one copy per lane: entry e of lane l at table + 256·e + 8·l. The table
+// sits at a 64 KB-aligned shared address, so ONE byte_perm of the packed word and the lane's base makes the whole
+// lookup address (byte 1 = e).
+constexpr int kTableBytes = 256 * 256;
+constexpr int kEpiBytes = 8 * kBT * 16 * 2;  // per consumer warp: [128 tokens][16 features] 16-bit
+constexpr int kTailBytes = 2 * kStages * 8 + 16 * 4;  // mbarriers, the 16 NF4 codes
+// Worst case of the layout (kernel prologue): a 64 KB table at the next 64 KB boundary, the stages before it while
+// they fit, the rest, the epilogue buffers and the tail after it.
+constexpr int kSmemBytes = 65536 + kTableBytes + kStages * kStageBytes + kEpiBytes + kTailBytes;
+constexpr int kScalePitch = kBF;        // decoded scales: rows padded to a multiple of the tile's features
+static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
 
 struct Params {
   const uint16_t* x;
   int64_t ldx;
-  nf4::Nf4Args w;
+  const uint8_t* packed;
+  const float* scales;  // [K / 64, pitch] decoded block scales, zero past N
+  int64_t pitch;
   const uint16_t* xa;  // [M, R] (R = 0: none)
   int64_t ldxa;
   const uint16_t* lb;  // [N, R], already scaled
@@ -49,60 +69,102 @@ struct Params {
   int64_t ldy;
   int64_t m, n, k;
   int r;
-  bool y_pairs;  // y rows 4-byte aligned: two outputs per store
+  int tiles_f, tiles;  // feature tiles, all tiles
+  int smem;            // dynamic shared memory bytes (the layout is checked against it)
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// Byte offset of 8 elements (row, k 8·kc .. 8·kc + 7) in a [rows × 64] K-major tile: 4 k16 blocks of rows·32 bytes;
-// in one, 8-row groups 256 B apart (SBO), the two k-halves 128 B apart (LBO), rows 16 B apart.
-__device__ __forceinline__ int tile_offset(int rows, int row, int kc) {
-  return (kc >> 1) * (rows * 32) + (row >> 3) * 256 + (kc & 1) * 128 + (row & 7) * 16;
-}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
 }
-
-// wgmma shared-memory matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32);
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+__device__ __forceinline__ void bar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void bar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase with this parity has completed.
+__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Keeps the compiler from moving accumulator reads/writes across the asynchronous MMA.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Register "uses" the compiler cannot see through: accumulators and A fragments stay in their registers (and are
+// not reused) while an asynchronous wgmma reads or writes them.
 __device__ __forceinline__ void pin(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+__device__ __forceinline__ void pin(uint32_t (&a)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
 
-// D[64 x 128] += A[64 x 16] · B[128 x 16]ᵀ for element type TY ("bf16" or "f16"), both operands K-major in shared
-// memory (descriptors desc_a, desc_b), fp32 accumulators d[64] (d[4j + 2h + c] = row 16·warp + lane/4 + 8h,
-// column 8j + 2·(lane % 4) + c).
-#define SWIFTLORA_WGMMA_M64N128K16(TY)                                                                          \
+// B descriptor of a K-major, 128B-swizzled [rows × 64] bf16/fp16 tile at `addr` (1024-byte aligned, plus 32 bytes
+// per k16 step): 8-row groups 1024 bytes apart (SBO), LBO unused for this layout.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// Where everything lives in the CTA's shared window (computed once from the dynamic base).
+struct Layout {
+  uint32_t lo, hi, table, epi, bars, codes;  // stages [0, nlo) at lo, the rest at hi
+  int nlo;
+  __device__ __forceinline__ uint32_t stage(int s) const {
+    return s < nlo ? lo + s * kStageBytes : hi + (s - nlo) * kStageBytes;
+  }
+  __device__ __forceinline__ uint32_t full(int s) const { return bars + s * 8; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bars + (kStages + s) * 8; }
+};
+
+__device__ __forceinline__ Layout make_layout(uint32_t raw) {
+  Layout l;
+  l.lo = (raw + 1023) & ~1023u;
+  l.table = (raw + 0xFFFF) & ~0xFFFFu;
+  l.nlo = min(static_cast<int>((l.table - l.lo) / kStageBytes), kStages);
+  l.hi = l.table + kTableBytes;
+  l.epi = l.hi + (kStages - l.nlo) * kStageBytes;
+  l.bars = l.epi + kEpiBytes;
+  l.codes = l.bars + 2 * kStages * 8;
+  return l;
+}
+
+// D[64 × 128] += A[64 × 16] (registers) · B[16 × 128] (shared, descriptor), fp32 accumulators.
+#define SWIFTLORA_WGMMA_RS_M64N128K16(TY)                                                                       \
   asm volatile(                                                                                                 \
       "{\n"                                                                                                     \
       ".reg .pred p;\n"                                                                                         \
-      "setp.ne.b32 p, %66, 0;\n"                                                                                \
+      "setp.ne.b32 p, %69, 0;\n"                                                                                \
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                              \
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                 \
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                        \
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                       \
-      "%64, %65, p, 1, 1, 0, 0;\n"                                                                              \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"                                                                \
       "}\n"                                                                                                     \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
@@ -112,14 +174,35 @@ __device__ __forceinline__ void pin(float (&d)[64]) {
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
-      : "l"(desc_a), "l"(desc_b), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
 template <bool kBf16>
-__device__ __forceinline__ void wgmma_k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
   if constexpr (kBf16) {
-    SWIFTLORA_WGMMA_M64N128K16("bf16");
+    SWIFTLORA_WGMMA_RS_M64N128K16("bf16");
   } else {
-    SWIFTLORA_WGMMA_M64N128K16("f16");
+    SWIFTLORA_WGMMA_RS_M64N128K16("f16");
+  }
+}
+#undef SWIFTLORA_WGMMA_RS_M64N128K16
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // lo -> bits 0..15, round to nearest even
+  if constexpr (kBf16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float to_float(uint16_t b) {
+  if constexpr (kBf16) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  } else {
+    return __half2float(__ushort_as_half(b));
   }
 }
 
@@ -132,148 +215,320 @@ __device__ __forceinline__ uint16_t to_bits(float v) {
   }
 }
 
+// Fragment pair of one packed byte: byte j of `word` (codes k = 2b, 2b + 1) -> (code_hi·s, code_lo·s) rounded to
+// 16 bits. lane_table = table + 8·lane (64 KB-aligned table): byte_perm puts the byte in bits 8..15.
 template <bool kBf16>
-__device__ __forceinline__ float from_bits(uint16_t b) {
-  if constexpr (kBf16) {
-    return __bfloat162float(__ushort_as_bfloat16(b));
-  } else {
-    return __half2float(__ushort_as_half(b));
-  }
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t lane_table, float scale) {
+  const uint32_t addr = __byte_perm(word, lane_table, 0x7604u | (static_cast<uint32_t>(j) << 4));
+  float2 c;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(c.x), "=f"(c.y) : "r"(addr));
+  return pack2<kBf16>(nf4::dequant_value(c.x, scale), nf4::dequant_value(c.y, scale));
 }
 
-// cp.async of k-tile t into ring stage `stage`: the x (or, for the LoRA tile, xa) rows and, for a weight tile, the
-// packed codes. Consecutive threads take consecutive 16-byte chunks of a row (coalesced global reads).
-__device__ __forceinline__ void load_tile(const Params& p, uint8_t* smem, int t, int stage, int kt_base, int64_t m0,
-                                          int64_t n0) {
-  const bool lora = t >= kt_base;
-  uint8_t* a = smem + stage * kTileA;
+// ------------------------------------------------------------------------------------------------- producer
+// Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
+// same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
+// pointers, then k-tile increments, so the 56-register producer does not spill.
+__device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt_total, bool lora) {
+  const int tid = threadIdx.x;  // 0..127
+  const int xrow = tid >> 3, xch = tid & 7, wrow = tid >> 1, wh = tid & 1;
+  const uint32_t xdst = xrow * 128 + ((xch ^ (xrow & 7)) << 4);
+  const uint32_t wdst = kXBytes + wrow * 32 + ((wh ^ ((wrow >> 2) & 1)) << 4);
+  const int64_t wstride = p.k / 2;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
+    const int xrows = static_cast<int>(std::min<int64_t>(p.m - t0, kBT)) - xrow;  // rows i with 16·i < xrows
+    const int wrows = static_cast<int>(std::min<int64_t>(p.n - f0, kBF)) - wrow;  // rows i with 64·i < wrows
+    const uint16_t* xsrc = p.x + (t0 + xrow) * p.ldx + xch * 8;
+    const uint8_t* wsrc = p.packed + (f0 + wrow) * wstride + wh * 16;
+    const float* ssrc = p.scales + f0 + tid * 4;
+    for (int kt = 0; kt < kt_total; ++kt, ++it) {
+      const int stage = it % kStages, round = it / kStages;
+      if (round > 0) bar_wait(l.empty(stage), (round - 1) & 1);
+      const uint32_t base = l.stage(stage);
+      if (lora && kt == 0) {  // the xa tile, zero past R
+        const bool in_r = xch * 8 < p.r;
+        const uint16_t* src = p.xa + (t0 + xrow) * p.ldxa + xch * 8;
 #pragma unroll
-  for (int i = 0; i < kBM * 8 / kThreads; ++i) {
-    const int c = threadIdx.x + i * kThreads, kc = c & 7, row = c >> 3;
-    const int64_t gm = m0 + row;
-    const bool valid = gm < p.m && (!lora || kc * 8 < p.r);
-    const uint16_t* src = !valid ? p.x : lora ? p.xa + gm * p.ldxa + kc * 8 : p.x + gm * p.ldx + t * kBK + kc * 8;
-    cp_async16(a + tile_offset(kBM, row, kc), src, valid);
-  }
-  if (!lora) {
-    const int row = threadIdx.x >> 1, h = threadIdx.x & 1;
-    const int64_t gn = n0 + row;
-    const bool valid = gn < p.n;
-    const uint8_t* src = valid ? p.w.packed + (gn * p.k + t * kBK) / 2 + h * 16 : p.w.packed;
-    cp_async16(smem + kOffP + stage * kTileP + row * 32 + h * 16, src, valid);
-  }
-}
-
-// The packed tile of `stage` -> bf16/fp16 B tile: thread = (row, half of the 64 k), 32 codes, one block scale.
-template <bool kBf16>
-__device__ __forceinline__ void dequant_tile(const Params& p, uint8_t* smem, const nf4::Nf4Tables& tables, int t,
-                                             int stage, int64_t n0, float offset) {
-  const int row = threadIdx.x & (kBN - 1), h = threadIdx.x >> 7;
-  const int64_t gn = n0 + row;
-  const uint4 raw = *reinterpret_cast<const uint4*>(smem + kOffP + stage * kTileP + row * 32 + h * 16);
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  const float scale = gn < p.n ? nf4::block_scale(p.w, tables, (gn * p.k + t * kBK + h * 32) >> p.w.log2_blocksize,
-                                                  offset)
-                               : 0.f;
+        for (int i = 0; i < kBT / 16; ++i) {
+          const bool valid = in_r && 16 * i < xrows;
+          cp_async16(base + xdst + i * 2048, valid ? src + 16 * i * p.ldxa : p.xa, valid);
+        }
+      } else {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {  // word q: elements 8q .. 8q + 7 of this half
-    uint16_t v[8];
+        for (int i = 0; i < kBT / 16; ++i) {
+          const bool valid = 16 * i < xrows;
+          cp_async16(base + xdst + i * 2048, valid ? xsrc + 16 * i * p.ldx : p.x, valid);
+        }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t byte = (words[q] >> (8 * j)) & 0xFFu;
-      v[2 * j] = to_bits<kBf16>(nf4::dequant_value(tables.code[nf4::high_nibble(byte)], scale));
-      v[2 * j + 1] = to_bits<kBf16>(nf4::dequant_value(tables.code[nf4::low_nibble(byte)], scale));
+        for (int i = 0; i < kBF / 64; ++i) {
+          const bool valid = 64 * i < wrows;
+          cp_async16(base + wdst + i * 2048, valid ? wsrc + 64 * i * wstride : p.packed, valid);
+        }
+        if (tid < kBF / 4) cp_async16(base + kXBytes + kWBytes + tid * 16, ssrc, true);  // rows padded: in bounds
+        xsrc += kBK;
+        wsrc += kBK / 2;
+        ssrc += p.pitch;
+      }
+      cp_async_arrive_noinc(l.full(stage));
     }
-    uint4 out;
-    out.x = v[0] | (uint32_t{v[1]} << 16);
-    out.y = v[2] | (uint32_t{v[3]} << 16);
-    out.z = v[4] | (uint32_t{v[5]} << 16);
-    out.w = v[6] | (uint32_t{v[7]} << 16);
-    *reinterpret_cast<uint4*>(smem + kOffB + tile_offset(kBN, row, h * 4 + q)) = out;
   }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-template <bool kBf16>
-__device__ __forceinline__ void store_output(const Params& p, const float (&acc)[64], int64_t m0, int64_t n0) {
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+// ------------------------------------------------------------------------------------------------- consumers
+// A consumer thread (warpgroup cw, warp wi, lane = 4g + tq) holds fragment rows 128·cw + 64·mb + 16·wi + g + 8h of
+// the tile's 256 features (m block mb, half h) and accumulates acc[mb][4j + 2h + c] = yᵀ[row][token 8j + 2tq + c].
+struct Frag {
+  int cw, wi, lane, g, tq;
+  __device__ __forceinline__ int row(int mb, int h) const { return 128 * cw + 64 * mb + 16 * wi + g + 8 * h; }
+};
+
+// The packed words of k16 step s for the thread's four rows: (word 2s, word 2s + 1) of each row's 32 bytes.
+__device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag& fr, int s, uint2 (&w)[2][2]) {
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int64_t col = n0 + j * 8 + (lane & 3) * 2;
-    if (col >= p.n) continue;
-    const bool two = col + 1 < p.n;
-    const float b0 = p.bias ? from_bits<kBf16>(p.bias[col]) : 0.f;
-    const float b1 = p.bias && two ? from_bits<kBf16>(p.bias[col + 1]) : 0.f;
+  for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + wg * 64 + warp * 16 + (lane >> 2) + h * 8;
-      if (row >= p.m) continue;
-      uint16_t* dst = p.y + row * p.ldy + col;
-      const uint16_t v0 = to_bits<kBf16>(acc[4 * j + 2 * h] + b0);
-      if (two && p.y_pairs) {
-        *reinterpret_cast<uint32_t*>(dst) = v0 | (uint32_t{to_bits<kBf16>(acc[4 * j + 2 * h + 1] + b1)} << 16);
-      } else {
-        dst[0] = v0;
-        if (two) dst[1] = to_bits<kBf16>(acc[4 * j + 2 * h + 1] + b1);
-      }
+      const int row = fr.row(mb, h);
+      w[mb][h] = *reinterpret_cast<const uint2*>(wtile + row * 32 + (((s >> 1) ^ ((row >> 2) & 1)) << 4) + (s & 1) * 8);
     }
   }
 }
 
-#undef SWIFTLORA_WGMMA_M64N128K16
+// wgmma.mma_async m64n128k16 of both m blocks for one k16 step (A fragments a, B at desc), committed as one group.
+template <bool kBf16>
+__device__ __forceinline__ void mma_step(float (&acc)[2][64], uint32_t (&a)[2][4], uint64_t desc) {
+  wgmma_fence();
+  wgmma_rs<kBf16>(acc[0], a[0], desc);
+  wgmma_rs<kBf16>(acc[1], a[1], desc);
+  wgmma_commit();
+}
+
+// acc (+ bias) -> y through this warp's [128 tokens][16 features] staging buffer, one m block at a time:
+// stmatrix .trans turns the fragments into token rows (the two 16-byte halves swizzled by token bit 2), then each
+// lane stores 16-byte pieces of token rows (2-byte stores where a piece leaves the row's bounds or alignment).
+template <bool kBf16>
+__device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, float (&acc)[2][64], uint32_t buf,
+                                           uint8_t* buf_ptr, int64_t f0, int64_t t0) {
+  const bool vec = (reinterpret_cast<uintptr_t>(p.y) & 15) == 0 && p.ldy % 8 == 0;
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb) {
+    float bias[2] = {0.f, 0.f};
+    if (p.bias) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t f = f0 + fr.row(mb, h);
+        bias[h] = f < p.n ? to_float<kBf16>(p.bias[f]) : 0.f;
+      }
+    }
+    // matrix i of an x4 store = (token block j + i / 2, half i % 2); lane L addresses row L % 8 of matrix L / 8
+    const int li = fr.lane >> 3, lr = fr.lane & 7;
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+      uint32_t r[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int jj = j + (i >> 1), h = i & 1;
+        r[i] = pack2<kBf16>(acc[mb][4 * jj + 2 * h] + bias[h], acc[mb][4 * jj + 2 * h + 1] + bias[h]);
+      }
+      const int t = 8 * (j + (li >> 1)) + lr, hh = li & 1;
+      const uint32_t addr = buf + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4);
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                   "r"(r[1]), "r"(r[2]), "r"(r[3])
+                   : "memory");
+    }
+    __syncwarp();
+    const int64_t fb = f0 + 128 * fr.cw + 64 * mb + 16 * fr.wi;  // this warp's 16 features
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int piece = fr.lane + 32 * i, t = piece >> 1, hh = piece & 1;
+      const int64_t token = t0 + t, f = fb + 8 * hh;
+      if (token < p.m && f < p.n) {
+        const uint4 v = *reinterpret_cast<const uint4*>(buf_ptr + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4));
+        uint16_t* dst = p.y + token * p.ldy + f;
+        if (vec && f + 8 <= p.n) {
+          __stcs(reinterpret_cast<uint4*>(dst), v);
+        } else {
+          const uint16_t* e = reinterpret_cast<const uint16_t*>(&v);
+          for (int q = 0; q < 8 && f + q < p.n; ++q) dst[q] = e[q];
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <bool kBf16, int kBatch>
+__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
+                                        int ktiles, bool lora) {
+  Frag fr;
+  fr.cw = (threadIdx.x >> 7) - 1;
+  fr.wi = (threadIdx.x >> 5) & 3;
+  fr.lane = threadIdx.x & 31;
+  fr.g = fr.lane >> 2;
+  fr.tq = fr.lane & 3;
+  const uint32_t lane_table = l.table + fr.lane * 8;
+  const int lora_steps = (p.r + 15) / 16;
+  const int warp = 4 * fr.cw + fr.wi;
+  const uint32_t epi = l.epi + warp * (kEpiBytes / 8);
+  uint8_t* epi_ptr = smem + (epi - raw);
+  float acc[2][64];
+  uint32_t a[4][2][4] = {};  // [k16 step][m block][fragment register]
+  int it = 0;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[mb][i] = 0.f;
+    }
+    if (lora) {  // first k-tile: A = rows of s·B straight from global memory (tiny, L2-resident), B = the xa tile
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
+            const int64_t f = f0 + fr.row(mb, q & 1);
+            const int kc = 16 * s + 2 * fr.tq + 8 * (q >> 1);
+            a[s][mb][q] = (s < lora_steps && f < p.n && kc < p.r)
+                              ? __ldg(reinterpret_cast<const uint32_t*>(p.lb + f * p.ldlb + kc))
+                              : 0u;
+          }
+        }
+      }
+      const int stage = it % kStages;
+      bar_wait(l.full(stage), (it / kStages) & 1);
+      fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if (s < lora_steps) mma_step<kBf16>(acc, a[s], desc_sw128(l.stage(stage) + s * 32));
+      }
+      wgmma_wait<0>();  // every fragment buffer is free for the weight steps
+#pragma unroll
+      for (int s = 0; s < 4; ++s) pin(a[s]);
+      bar_arrive(l.empty(stage));
+      ++it;
+    }
+    int prev = -1;
+    for (int kt = 0; kt < ktiles; ++kt, ++it) {
+      const int stage = it % kStages;
+      bar_wait(l.full(stage), (it / kStages) & 1);
+      fence_proxy_async();
+      const uint32_t base = l.stage(stage);
+      const uint8_t* wtile = smem + (base - raw) + kXBytes;
+      const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
+      float sc[2][2];
+      uint2 w[2][2][2];  // [step parity][m block][half]: the next step's words are loaded one step ahead
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sc[mb][h] = stile[fr.row(mb, h)];
+      }
+      load_step_words(wtile, fr, 0, w[0]);
+#pragma unroll
+      for (int s0 = 0; s0 < 4; s0 += kBatch) {
+#pragma unroll
+        for (int s = s0; s < s0 + kBatch; ++s) {
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
+              a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
+            }
+          }
+          if (s < 3) load_step_words(wtile, fr, s + 1, w[(s + 1) & 1]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int s = s0; s < s0 + kBatch; ++s) {
+          const uint64_t desc = desc_sw128(base + s * 32);
+          wgmma_rs<kBf16>(acc[0], a[s][0], desc);
+          wgmma_rs<kBf16>(acc[1], a[s][1], desc);
+        }
+        wgmma_commit();
+        // keep 4 / kBatch - 2 groups (two steps) in flight: the group before them has completed, its fragment
+        // buffers may be rewritten, and once it held the previous k-tile's last step, that stage is free
+        if constexpr (kBatch == 1) {
+          wgmma_wait<2>();
+        } else {
+          wgmma_wait<1>();
+        }
+#pragma unroll
+        for (int s = s0; s < s0 + kBatch; ++s) pin(a[(s + 2) & 3]);
+        if (s0 + kBatch == 2 && prev >= 0) bar_arrive(l.empty(prev));
+      }
+      prev = stage;
+    }
+    wgmma_wait<0>();
+    pin(acc[0]);
+    pin(acc[1]);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) pin(a[s]);
+    if (prev >= 0) bar_arrive(l.empty(prev));
+    store_tile<kBf16>(p, fr, acc, epi, epi_ptr, f0, t0);
+  }
+}
 
 #endif  // sm_90a
 
-template <bool kBf16>
-__global__ void __launch_bounds__(kThreads, 1) qlora_gemm_kernel(const Params p) {
+// kBatch: k16 steps per wgmma commit group (1 or 2).
+template <bool kBf16, int kBatch>
+__global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) uint8_t smem[];
-  nf4::Nf4Tables& tables = *reinterpret_cast<nf4::Nf4Tables*>(smem + kOffTables);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int kt_base = static_cast<int>(p.k / kBK);
-  const int kt_total = kt_base + (p.r > 0 ? 1 : 0);
-  nf4::load_tables(tables, p.w);  // visible after the first barrier below
-  const float offset = p.w.nested ? __ldg(p.w.offset) : 0.f;
-  if (p.r > 0) {  // the LoRA B tile [128 rows of s·B, R <= 64 zero-filled], once
-#pragma unroll
-    for (int i = 0; i < kBN * 8 / kThreads; ++i) {
-      const int c = threadIdx.x + i * kThreads, kc = c & 7, row = c >> 3;
-      const int64_t gn = n0 + row;
-      const bool valid = gn < p.n && kc * 8 < p.r;
-      cp_async16(smem + kOffLB + tile_offset(kBN, row, kc), valid ? p.lb + gn * p.ldlb + kc * 8 : p.lb, valid);
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const Layout l = make_layout(raw);
+  if (l.codes + 16 * 4 - raw > static_cast<uint32_t>(p.smem)) __trap();  // cannot happen with a <= 1 KB base
+  float* codes = reinterpret_cast<float*>(smem_raw + (l.codes - raw));
+  if (threadIdx.x == 0) nf4::fill_code_table(codes);
+  __syncthreads();
+  {  // the byte -> (code_hi, code_lo) table, one copy per lane
+    float2* t = reinterpret_cast<float2*>(smem_raw + (l.table - raw));
+    for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
+      const int e = i >> 5;
+      t[i] = make_float2(codes[e >> 4], codes[e & 15]);
     }
   }
-  load_tile(p, smem, 0, 0, kt_base, m0, n0);
-  cp_async_commit();
-
-  float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  const uint32_t a_wg = smem_addr(smem) + (threadIdx.x >> 7) * (64 / 8) * 256;  // this warpgroup's 64 rows
-  for (int t = 0; t < kt_total; ++t) {
-    const int stage = t & 1;
-    if (t + 1 < kt_total) load_tile(p, smem, t + 1, stage ^ 1, kt_base, m0, n0);
-    cp_async_commit();
-    cp_async_wait<1>();  // tile t (and the LoRA B tile) has landed for this thread
-    __syncthreads();     // ... for every thread
-    const bool lora = t >= kt_base;
-    if (!lora) dequant_tile<kBf16>(p, smem, tables, t, stage, n0, offset);
-    fence_proxy_async();  // generic-proxy shared writes (cp.async, st.shared) -> visible to wgmma
-    __syncthreads();
-    const uint32_t a_base = a_wg + stage * kTileA;
-    const uint32_t b_base = smem_addr(smem + (lora ? kOffLB : kOffB));
-    pin(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      wgmma_k16<kBf16>(acc, make_desc(a_base + kk * kBM * 32, 128, 256), make_desc(b_base + kk * kBN * 32, 128, 256));
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      bar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
+      bar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
-    wgmma_commit();
-    wgmma_wait0();
-    pin(acc);
-    __syncthreads();  // the stage and B buffers are free for the next iteration's writes
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  store_output<kBf16>(p, acc, m0, n0);
+  __syncthreads();
+  const bool lora = p.r > 0;
+  const int ktiles = static_cast<int>(p.k / kBK);
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    produce(p, l, ktiles + (lora ? 1 : 0), lora);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    consume<kBf16, kBatch>(p, smem_raw, l, raw, ktiles, lora);
+  }
 #endif
+}
+
+// Decoded block scales [K / 64, pitch]: the fp32 absmax of the block holding (row f, k-tile kt), zero past N.
+__global__ void decode_scales_kernel(nf4::Nf4Args a, int64_t n, int64_t k, int64_t pitch, int64_t total,
+                                     float* __restrict__ out) {
+  const float offset = a.nested ? __ldg(a.offset) : 0.f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t kt = i / pitch, f = i - kt * pitch;
+    float v = 0.f;
+    if (f < n) {
+      const int64_t b = (f * k + kt * kBK) >> a.log2_blocksize;
+      v = a.nested ? nf4::nested_absmax(__ldg(a.code2 + __ldg(a.qabsmax + b)),
+                                        __ldg(a.absmax2 + (b >> nf4::kNestedBlocksizeLog2)), offset)
+                   : __ldg(a.absmax + b);
+    }
+    out[i] = v;
+  }
 }
 
 }  // namespace
@@ -292,6 +547,7 @@ bool supported(const qlora::GemmArgs& a) {
     return aligned_to(t.const_data_ptr(), 16) && (t.size(0) == 1 || t.stride(0) % 8 == 0);
   };
   if (a.k % kBK != 0 || !rows16(a.x) || !aligned_to(a.w.nf4.packed.const_data_ptr(), 16)) return false;
+  if (a.w.nf4.blocksize < kBK || ceil_div(a.n, kBF) * ceil_div(a.m, kBT) >= (int64_t{1} << 31)) return false;
   if (a.r > 0 && (a.r > 64 || a.r % 8 != 0 || !rows16(a.xa) || !rows16(a.lora_b))) return false;
   return true;
 #else
@@ -299,11 +555,21 @@ bool supported(const qlora::GemmArgs& a) {
 #endif
 }
 
-void run(const qlora::GemmArgs& a, at::Tensor& y) {
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch) {
+  const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
+  const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
+  at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
+  const int64_t total = ktiles * pitch;
+  decode_scales_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), int64_t{sm_count()} * 8)),
+                         256, 0, current_stream()>>>(w, a.n, a.k, pitch, total, scales.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
   Params p{};
   p.x = static_cast<const uint16_t*>(a.x.const_data_ptr());
   p.ldx = a.x.stride(0);
-  p.w = nf4::nf4_args(a.w.nf4);
+  p.packed = w.packed;
+  p.scales = scales.const_data_ptr<float>();
+  p.pitch = pitch;
   if (a.r > 0) {
     p.xa = static_cast<const uint16_t*>(a.xa.const_data_ptr());
     p.ldxa = a.xa.stride(0);
@@ -317,17 +583,21 @@ void run(const qlora::GemmArgs& a, at::Tensor& y) {
   p.n = a.n;
   p.k = a.k;
   p.r = static_cast<int>(a.r);
-  p.y_pairs = aligned_to(p.y, 4) && p.ldy % 2 == 0;
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kBN)), static_cast<unsigned>(ceil_div(a.m, kBM)));
+  p.tiles_f = static_cast<int>(ceil_div(a.n, kBF));
+  p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, kBT));
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
+  const int smem = std::min(kSmemBytes, max_optin_smem());  // the layout needs far less than its worst case
+  p.smem = smem;
   auto launch = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<grid, kThreads, kSmemBytes, current_stream()>>>(p);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kThreads, smem, current_stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (a.x.scalar_type() == at::kBFloat16) {
-    launch(qlora_gemm_kernel<true>);
+  const bool bf16 = a.x.scalar_type() == at::kBFloat16;
+  if (batch == 1) {
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 1>) : launch(qlora_gemm_ws_kernel<false, 1>);
   } else {
-    launch(qlora_gemm_kernel<false>);
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2>) : launch(qlora_gemm_ws_kernel<false, 2>);
   }
 }
 

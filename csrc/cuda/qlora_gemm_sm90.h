@@ -1,5 +1,6 @@
-// The sm_90a variants of qlora_gemm (csrc/cuda/qlora_gemm_sm90*.cu): NF4 dequantization inside a wgmma GEMM.
-// csrc/cuda/qlora_linear.cu registers qlora_gemm and calls run() when supported(), else the dequantize + cuBLAS path.
+// The sm_90a kernel of qlora_gemm (csrc/cuda/qlora_gemm_sm90.cu): NF4 dequantized into the registers of a
+// warp-specialized wgmma GEMM. csrc/cuda/qlora_linear.cu registers qlora_gemm and calls run() when supported(), else
+// the dequantize + cuBLAS path.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -7,17 +8,12 @@
 
 namespace swiftlora::cuda::sm90 {
 
-// Built with 90a, running on a compute-capability 9.0 device, 16-bit x, K % 64 == 0, LoRA rank <= 64 and % 8 == 0,
-// 16-byte aligned rows of x / xa / lora_b and of the packed weight.
+// Built with 90a, running on a compute-capability 9.0 device, 16-bit x, K % 64 == 0, blocksize >= 64, LoRA rank
+// <= 64 and % 8 == 0, 16-byte aligned rows of x / xa / lora_b and of the packed weight.
 bool supported(const qlora::GemmArgs& a);
 
-// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias).
-void run(const qlora::GemmArgs& a, at::Tensor& y);
-
-// Version 3 (csrc/cuda/qlora_gemm_sm90_ws.cu): warp-specialized, persistent, W dequantized into wgmma's register
-// A operand. Takes what supported() takes with a blocksize >= 64.
-bool supported_ws(const qlora::GemmArgs& a);
-// batch: k16 steps per wgmma commit group, 1 or 2 (a benchmarking knob; 2 by default).
-void run_ws(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2);
+// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias). batch: k16 steps per wgmma commit group,
+// 1 or 2 (a benchmarking knob; 2 by default).
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2);
 
 }  // namespace swiftlora::cuda::sm90

@@ -2,7 +2,7 @@
 // by the shared kernel (csrc/cuda/nf4_dequant.cu) into a slice of a scratch buffer in the compute dtype (a chunk of
 // the weight panel [W | s·B] or of W), which cuBLAS (through ATen) then reads; chunk i+1 is dequantized on a side
 // stream while chunk i's GEMM runs (csrc/common/qlora_pipeline.h; StreamOverlap below). Also qlora_gemm, dispatched to
-// its sm_90a kernel (version 2: csrc/cuda/qlora_gemm_sm90.cu) where that applies.
+// its sm_90a kernel (version 3: csrc/cuda/qlora_gemm_sm90.cu) where that applies.
 // Dequantization floor: read N·K/2 packed bytes + N·K/blocksize scales, write N·K·E bytes; for W [14336, 4096] bf16
 // that is 29 MB + 117 MB, ~0.05 ms at 3 TB/s (bench/NOTES.md, "QLoRA ops").
 #include <torch/library.h>
@@ -82,16 +82,14 @@ struct StreamOverlap {
   Event fork_, join_, ready_[2], consumed_[2];
 };
 
-// SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (default: the warp-specialized
-// version 3, two k16 steps per wgmma group), "ws1" (the same, one step per group) or "serial" (version 2,
-// dequantization and MMAs one after the other). Returns 0 for serial, else the steps per group.
-int qlora_kernel_asked() {
+// SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (default: two k16 steps per wgmma commit
+// group) or "ws1" (one). Returns the steps per group.
+int qlora_kernel_batch() {
   const char* env = std::getenv("SWIFTLORA_QLORA_GEMM_VARIANT");
   if (env == nullptr || *env == '\0') return 2;
   const std::string v(env);
-  TORCH_CHECK(v == "ws" || v == "ws1" || v == "serial",
-              "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1 or serial, got '", v, "'");
-  return v == "serial" ? 0 : v == "ws1" ? 1 : 2;
+  TORCH_CHECK(v == "ws" || v == "ws1", "SWIFTLORA_QLORA_GEMM_VARIANT must be ws or ws1, got '", v, "'");
+  return v == "ws1" ? 1 : 2;
 }
 
 struct CudaBackend {
@@ -117,12 +115,7 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(x.device());
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
-    const int batch = qlora_kernel_asked();
-    if (batch > 0 && sm90::supported_ws(a)) {
-      sm90::run_ws(a, y, batch);
-    } else {
-      sm90::run(a, y);
-    }
+    sm90::run(a, y, qlora_kernel_batch());
     return qlora::gemm_output_shape(x, y);
   }
 };

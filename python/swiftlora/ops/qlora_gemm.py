@@ -1,9 +1,9 @@
 """One NF4 projection's forward GEMM with the LoRA term: ``y = x @ dequant(W)ᵀ + xa @ lora_bᵀ (+ bias)``.
 
-Kernel: ``torch.ops.swiftlora.qlora_gemm`` (csrc/cuda/qlora_gemm_sm90.cu on sm_90a: the NF4 dequantization runs
-inside a wgmma GEMM main loop, no bf16 copy of W is written; elsewhere, and for shapes that kernel does not take,
-dequantize + GEMM). It is version 2 of :func:`~swiftlora.ops.qlora_linear`'s forward, which uses it with
-``fused=True``; no autograd of its own (qlora_linear's backward recomputes what it needs).
+Kernel: ``torch.ops.swiftlora.qlora_gemm`` (csrc/cuda/qlora_gemm_sm90.cu on sm_90a: a warp-specialized wgmma GEMM
+that dequantizes the NF4 weight into its register operand, no 16-bit copy of W is written; elsewhere, and for
+shapes that kernel does not take, dequantize + GEMM). :func:`~swiftlora.ops.qlora_linear` uses it for its forward
+with ``fused=True``; no autograd of its own (qlora_linear's backward recomputes what it needs).
 """
 from __future__ import annotations
 

@@ -106,8 +106,9 @@ def qlora_linear(x: torch.Tensor, base: BaseWeight, lora_a: torch.Tensor, lora_b
         dropout_mask: bool ``[..., K]`` keep-mask to use instead of drawing one (kept values are scaled by
             ``1 / (1 - dropout_p)``).
         generator: for drawing the mask.
-        fused: the forward through :func:`~swiftlora.ops.qlora_gemm` (version 2: on sm_90a the NF4 dequantization
-            inside the GEMM) instead of dequantize + one cuBLAS GEMM; NF4 bases only. Off by default until measured.
+        fused: the forward through :func:`~swiftlora.ops.qlora_gemm` (on sm_90a the NF4 dequantization inside the
+            GEMM) instead of dequantize + one cuBLAS GEMM; NF4 bases only. Off by default: measured slower on the
+            H100 (bench/NOTES.md, "QLoRA version 3").
     Returns:
         ``[..., N]`` in x's dtype.
     """
@@ -216,7 +217,7 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 class _Spec:
     """The non-tensor half of a call: projections (their base weights and scales), the dropout scale, whether
-    the forward takes qlora_gemm (version 2), and the plan (taken when the call starts, kept for its backward)."""
+    the forward takes qlora_gemm (fused), and the plan (taken when the call starts, kept for its backward)."""
 
     __slots__ = ("projs", "dscale", "fused", "plan")
 
