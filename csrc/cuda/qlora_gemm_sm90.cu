@@ -225,6 +225,26 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, uint32_t 
   return pack2<kBf16>(nf4::dequant_value(c.x, scale), nf4::dequant_value(c.y, scale));
 }
 
+// The same with the scale applied in 16 bits (variant "ws16"): the table holds the code pair already rounded to T
+// (entry e of lane l at table + 256·e + 4·l), one HMUL2 by the scale pair: 3 instructions a pair instead of 5, at
+// the price of two more roundings (the code's and the scale's) than bitsandbytes' fp32 product.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t dequant_pair16(uint32_t word, int j, uint32_t lane_table, uint32_t scale2) {
+  const uint32_t addr = __byte_perm(word, lane_table, 0x7604u | (static_cast<uint32_t>(j) << 4));
+  uint32_t c;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(c) : "r"(addr));
+  uint32_t r;
+  if constexpr (kBf16) {
+    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&c),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&scale2));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&c), *reinterpret_cast<const __half2*>(&scale2));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
+}
+
 // ------------------------------------------------------------------------------------------------- producer
 // Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
 // same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
@@ -360,7 +380,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, floa
   }
 }
 
-template <bool kBf16, int kBatch>
+template <bool kBf16, int kBatch, bool kScale16>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
                                         int ktiles, bool lora) {
   Frag fr;
@@ -369,7 +389,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
   fr.lane = threadIdx.x & 31;
   fr.g = fr.lane >> 2;
   fr.tq = fr.lane & 3;
-  const uint32_t lane_table = l.table + fr.lane * 8;
+  const uint32_t lane_table = l.table + fr.lane * (kScale16 ? 4 : 8);
   const int lora_steps = (p.r + 15) / 16;
   const int warp = 4 * fr.cw + fr.wi;
   const uint32_t epi = l.epi + warp * (kEpiBytes / 8);
@@ -421,11 +441,15 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       const uint8_t* wtile = smem + (base - raw) + kXBytes;
       const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
       float sc[2][2];
+      uint32_t sc2[2][2];  // kScale16: the scale rounded to T, twice
       uint2 w[2][2][2];  // [step parity][m block][half]: the next step's words are loaded one step ahead
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) sc[mb][h] = stile[fr.row(mb, h)];
+        for (int h = 0; h < 2; ++h) {
+          sc[mb][h] = stile[fr.row(mb, h)];
+          if constexpr (kScale16) sc2[mb][h] = pack2<kBf16>(sc[mb][h], sc[mb][h]);
+        }
       }
       load_step_words(wtile, fr, 0, w[0]);
 #pragma unroll
@@ -436,8 +460,13 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
           for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
-              a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
+              if constexpr (kScale16) {
+                a[s][mb][h] = dequant_pair16<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc2[mb][h]);
+                a[s][mb][2 + h] = dequant_pair16<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc2[mb][h]);
+              } else {
+                a[s][mb][h] = dequant_pair<kBf16>(w[s & 1][mb][h].x, fr.tq, lane_table, sc[mb][h]);      // k 16s+2tq
+                a[s][mb][2 + h] = dequant_pair<kBf16>(w[s & 1][mb][h].y, fr.tq, lane_table, sc[mb][h]);  // +8
+              }
             }
           }
           if (s < 3) load_step_words(wtile, fr, s + 1, w[(s + 1) & 1]);
@@ -475,8 +504,8 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 
 #endif  // sm_90a
 
-// kBatch: k16 steps per wgmma commit group (1 or 2).
-template <bool kBf16, int kBatch>
+// kBatch: k16 steps per wgmma commit group (1 or 2); kScale16: the block scale applied in 16 bits ("ws16").
+template <bool kBf16, int kBatch, bool kScale16>
 __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -486,7 +515,13 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
   float* codes = reinterpret_cast<float*>(smem_raw + (l.codes - raw));
   if (threadIdx.x == 0) nf4::fill_code_table(codes);
   __syncthreads();
-  {  // the byte -> (code_hi, code_lo) table, one copy per lane
+  if constexpr (kScale16) {  // the byte -> (code_hi, code_lo) pair rounded to T, one copy per lane (first 128 B)
+    uint32_t* t = reinterpret_cast<uint32_t*>(smem_raw + (l.table - raw));
+    for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
+      const int e = i >> 5;
+      t[e * 64 + (i & 31)] = pack2<kBf16>(codes[e >> 4], codes[e & 15]);
+    }
+  } else {  // the byte -> (code_hi, code_lo) table, one copy per lane
     float2* t = reinterpret_cast<float2*>(smem_raw + (l.table - raw));
     for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
       const int e = i >> 5;
@@ -508,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
     produce(p, l, ktiles + (lora ? 1 : 0), lora);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16, kBatch>(p, smem_raw, l, raw, ktiles, lora);
+    consume<kBf16, kBatch, kScale16>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -555,7 +590,7 @@ bool supported(const qlora::GemmArgs& a) {
 #endif
 }
 
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch) {
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16) {
   const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
   const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
   at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
@@ -594,10 +629,12 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  if (batch == 1) {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 1>) : launch(qlora_gemm_ws_kernel<false, 1>);
+  if (scale16) {
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true>) : launch(qlora_gemm_ws_kernel<false, 2, true>);
+  } else if (batch == 1) {
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 1, false>) : launch(qlora_gemm_ws_kernel<false, 1, false>);
   } else {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 2>) : launch(qlora_gemm_ws_kernel<false, 2>);
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false>) : launch(qlora_gemm_ws_kernel<false, 2, false>);
   }
 }
 

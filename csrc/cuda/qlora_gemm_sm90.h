@@ -12,8 +12,8 @@ namespace swiftlora::cuda::sm90 {
 // <= 64 and % 8 == 0, 16-byte aligned rows of x / xa / lora_b and of the packed weight.
 bool supported(const qlora::GemmArgs& a);
 
-// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias). batch: k16 steps per wgmma commit group,
-// 1 or 2 (a benchmarking knob; 2 by default).
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2);
+// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias). Benchmarking knobs: batch, k16 steps per
+// wgmma commit group (1 or 2); scale16, the block scale applied in 16 bits (batch 2).
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2, bool scale16 = false);
 
 }  // namespace swiftlora::cuda::sm90

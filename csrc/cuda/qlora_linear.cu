@@ -83,13 +83,22 @@ struct StreamOverlap {
 };
 
 // SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (default: two k16 steps per wgmma commit
-// group) or "ws1" (one). Returns the steps per group.
-int qlora_kernel_batch() {
+// group), "ws1" (one), "ws16" (two, the block scale applied in 16 bits: fewer instructions, two more roundings).
+struct QloraKernelVariant {
+  int batch = 2;
+  bool scale16 = false;
+};
+
+QloraKernelVariant qlora_kernel_variant() {
   const char* env = std::getenv("SWIFTLORA_QLORA_GEMM_VARIANT");
-  if (env == nullptr || *env == '\0') return 2;
+  QloraKernelVariant k;
+  if (env == nullptr || *env == '\0') return k;
   const std::string v(env);
-  TORCH_CHECK(v == "ws" || v == "ws1", "SWIFTLORA_QLORA_GEMM_VARIANT must be ws or ws1, got '", v, "'");
-  return v == "ws1" ? 1 : 2;
+  TORCH_CHECK(v == "ws" || v == "ws1" || v == "ws16", "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1 or ws16, got '",
+              v, "'");
+  k.batch = v == "ws1" ? 1 : 2;
+  k.scale16 = v == "ws16";
+  return k;
 }
 
 struct CudaBackend {
@@ -115,7 +124,8 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(x.device());
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
-    sm90::run(a, y, qlora_kernel_batch());
+    const QloraKernelVariant k = qlora_kernel_variant();
+    sm90::run(a, y, k.batch, k.scale16);
     return qlora::gemm_output_shape(x, y);
   }
 };
