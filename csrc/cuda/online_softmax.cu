@@ -4,6 +4,8 @@
 // Floor: N·B·E read + N·B·E written (×2 written with pz); the block was just written by the logits GEMM, so much of
 // it comes from L2.
 #include <ATen/ops/empty.h>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -129,6 +131,93 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
   }
 }
 
+// The common case with the fewest instructions per element: no soft-cap (z = x·scale, dz = scale), no pz, 16-byte
+// vectors, B a multiple of the vector. Same arithmetic in the same order as the kernel above (bit-identical results,
+// tests/ops/test_lm_head_blocks.py); what goes is the per-element work that case does not need: bounds checks
+// (whole vectors instead), the label compare (the label's owner reads the raw logit before the row is overwritten
+// and writes (z, dz) at the end) and the soft-cap selects. The general kernel took ~27.8 µs per [2048, 8192] bf16
+// block (2.4 TB/s; bench/NOTES.md), ~2 ms of token_logprobs' forward + backward.
+template <typename T, typename L>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    online_softmax_block_lean_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t col0,
+                                     int64_t ignore_index, int b, float scale, float max_slack,
+                                     float* __restrict__ stats, float* __restrict__ rescale) {
+  constexpr int VEC = 16 / sizeof(T), NV = kBlockVecs, kStep = kBlockThreads * VEC;
+  __shared__ float scratch[64];
+  const int64_t row = blockIdx.x;
+  T* xr = x + row * x_stride;
+  float* st = stats + row * kOnlineStats;
+  const float m_old = st[0];
+  const int c0 = static_cast<int>(threadIdx.x) * VEC;
+  Vec<T, VEC> xv[NV];
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    if (c0 + u * kStep < b) xv[u] = load_vec<T, VEC>(xr + c0 + u * kStep);
+  }
+  int label = -1;  // the label's column inside this block, kept by the thread that stores it
+  float x_label = 0.f;
+  if (labels != nullptr) {
+    const int64_t l = static_cast<int64_t>(labels[row]);
+    if (l != ignore_index && l >= col0 && l < col0 + b && (l - col0) % kStep / VEC == threadIdx.x) {
+      label = static_cast<int>(l - col0);
+      x_label = static_cast<float>(xr[label]);  // before this thread overwrites the column
+    }
+  }
+  float bm = kNegInf, zsum = 0.f;
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    if (c0 + u * kStep < b) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float z = static_cast<float>(xv[u].v[j]) * scale;
+        bm = fmaxf(bm, z);
+        zsum += z;
+      }
+    }
+  }
+  const float2 mz = block_reduce2<true>(make_float2(bm, zsum), scratch);
+  const float m = online_reference_max(m_old, mz.x, max_slack);
+  const float r = m_old == kNegInf ? 0.f : (m == m_old ? 1.f : __expf(m_old - m));
+  const bool live = m != kNegInf;
+  float s = 0.f, spz = 0.f;
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    const int c = c0 + u * kStep;
+    if (c < b) {
+      Vec<T, VEC> p;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float z = static_cast<float>(xv[u].v[j]) * scale;
+        const float e = live ? __expf(z - m) : 0.f;
+        s += e;
+        spz += e * z;
+        p.v[j] = static_cast<T>(e * scale);
+      }
+      store_vec<T, VEC>(xr + c, p);
+    }
+  }
+  if (label >= 0) st[4] = x_label * scale, st[5] = scale;
+  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
+  if (threadIdx.x == 0) {
+    st[0] = m;
+    st[1] = st[1] * r + sums.x;
+    st[2] += mz.y;
+    st[3] = st[3] * r + sums.y;
+    rescale[row] = r;
+  }
+}
+
+// SWIFTLORA_SOFTMAX_BLOCK_VARIANT, a benchmarking knob read on every call: "lean" (default: the kernel above where
+// it applies) or "general".
+bool lean_kernel_allowed() {
+  const char* env = std::getenv("SWIFTLORA_SOFTMAX_BLOCK_VARIANT");
+  if (env == nullptr || *env == '\0') return true;
+  const std::string v(env);
+  TORCH_CHECK(v == "lean" || v == "general", "SWIFTLORA_SOFTMAX_BLOCK_VARIANT must be lean or general, got '", v,
+              "'");
+  return v == "lean";
+}
+
 at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels_in,
                                      const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
                                      double softcap, double logit_scale) {
@@ -169,8 +258,20 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
         launch(label_tag, with_pz, std::integral_constant<int, 1>{});
       }
     };
+    const bool lean = !pz.has_value() && softcap == 0.0 && aligned && b % kVec == 0 && lean_kernel_allowed();
+    auto launch_lean = [&](auto label_tag) {
+      using L = decltype(label_tag);
+      online_softmax_block_lean_kernel<T, L><<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
+          block.mutable_data_ptr<T>(), block.stride(0), labels.has_value() ? labels->const_data_ptr<L>() : nullptr,
+          col0, ignore_index, static_cast<int>(b), f.scale, online_max_slack(block.scalar_type()),
+          stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     auto with_labels = [&](auto with_pz) {
-      if (labels.has_value() && labels->scalar_type() == at::kInt) {
+      const bool i32 = labels.has_value() && labels->scalar_type() == at::kInt;
+      if (lean) {
+        i32 ? launch_lean(int32_t{}) : launch_lean(int64_t{});
+      } else if (i32) {
         with_vec(int32_t{}, with_pz);
       } else {
         with_vec(int64_t{}, with_pz);

@@ -30,6 +30,38 @@ def _run_blocks(x, y, cols, softcap, scale, with_pz, fn):
     return stats, outs, pzs, rs
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [256, 1000, 4096])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=str)
+def test_lean_block_kernel_equals_general(monkeypatch, dtype, cols, label_dtype):
+    """SWIFTLORA_SOFTMAX_BLOCK_VARIANT: the lean CUDA kernel (no soft-cap, no pz, 16-byte vectors) gives the general
+    kernel's bits: blocks, statistics (from a fresh start and carried over), rescale factors; rows of -inf, extreme
+    values, labels in and out of each block, ignored labels. cols = 1000 with fp32 / 16-bit: whole vectors (the lean
+    path); the vocabulary's last block (V % cols) is narrower."""
+    x = randn(300, 3 * cols + 40, dtype=torch.float32, device="cuda", scale=4.0)
+    x[7] = -torch.inf
+    x[11, :5] = 1e4 if dtype != torch.float16 else 6e4
+    x = x.to(dtype)
+    y = labels(300, x.shape[1], "cuda").to(label_dtype)
+    runs = {}
+    for variant in ("general", "lean"):
+        monkeypatch.setenv("SWIFTLORA_SOFTMAX_BLOCK_VARIANT", variant)
+        runs[variant] = _run_blocks(x, y, cols, 0.0, 0.7, False, _op)
+    (sg, og, _, rg), (sl, ol, _, rl) = runs["general"], runs["lean"]
+    assert torch.equal(sg, sl)
+    assert all(torch.equal(a, b) for a, b in zip(og, ol))
+    assert all(torch.equal(a, b) for a, b in zip(rg, rl))
+
+
+@pytest.mark.gpu
+def test_block_variant_knob_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("SWIFTLORA_SOFTMAX_BLOCK_VARIANT", "fastest")
+    x = randn(4, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="SWIFTLORA_SOFTMAX_BLOCK_VARIANT must be lean or general"):
+        _op(x, new_stats(4, "cuda"), None, None, 0, IGNORE, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
