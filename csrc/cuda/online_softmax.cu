@@ -46,6 +46,19 @@ __device__ __forceinline__ float2 block_reduce2(float2 v, float* scratch) {
   return v;
 }
 
+// The row's block-wide (Σe, Σe·z), then the carried statistics and the rescale factor, by thread 0.
+__device__ __forceinline__ void finish_row(float s, float spz, float m, float r, float zsum, float* st,
+                                           float* rescale, float* scratch) {
+  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
+  if (threadIdx.x == 0) {
+    st[0] = m;
+    st[1] = st[1] * r + sums.x;
+    st[2] += zsum;
+    st[3] = st[3] * r + sums.y;
+    *rescale = r;
+  }
+}
+
 // NV vectors of VEC elements a thread: 16-byte vectors, or single elements (NV 8x larger) for unaligned rows.
 template <typename T, typename L, int VEC, int NV, bool kPz>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
@@ -121,14 +134,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
       }
     }
   }
-  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
-  if (threadIdx.x == 0) {
-    st[0] = m;
-    st[1] = st[1] * r + sums.x;
-    st[2] += mz.y;
-    st[3] = st[3] * r + sums.y;
-    rescale[row] = r;
-  }
+  finish_row(s, spz, m, r, mz.y, st, rescale + row, scratch);
 }
 
 // The common case with the fewest instructions per element: no soft-cap (z = x·scale, dz = scale), no pz, 16-byte
@@ -197,14 +203,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     }
   }
   if (label >= 0) st[4] = x_label * scale, st[5] = scale;
-  const float2 sums = block_reduce2<false>(make_float2(s, spz), scratch);
-  if (threadIdx.x == 0) {
-    st[0] = m;
-    st[1] = st[1] * r + sums.x;
-    st[2] += mz.y;
-    st[3] = st[3] * r + sums.y;
-    rescale[row] = r;
-  }
+  finish_row(s, spz, m, r, mz.y, st, rescale + row, scratch);
 }
 
 // SWIFTLORA_SOFTMAX_BLOCK_VARIANT, a benchmarking knob read on every call: "lean" (default: the kernel above where

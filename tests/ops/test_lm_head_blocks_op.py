@@ -11,7 +11,7 @@ from swiftlora.ops import lm_head_blocks
 from swiftlora.ops.lm_head_blocks import BlockPlan, head_chunks, head_chunks_reference, new_stats
 from tests.helpers import DEVICES, DTYPES, randn
 from tests.ops.ce_helpers import IGNORE, labels
-from tests.ops.test_lm_head_schedule import _Ops, _assert_same, _inputs
+from tests.ops.test_lm_head_schedule import _Ops, _assert_same, _inputs, assert_ops_same_under, at_size_case
 
 _op = torch.ops.swiftlora.lm_head_blocks_
 
@@ -123,25 +123,7 @@ def test_op_equals_python_loop_at_size(dtype, monkeypatch):
     """CUDA at a size where cuBLAS picks its large-tile kernels and the float32-output GEMM accumulates: 3 token
     chunks (the last ragged) x 5 blocks of an odd (prime) vocabulary, with bias and Gz; then the two ops' results
     through the C++ loop and the Python loop, equal bit for bit."""
-    from swiftlora.ops import fused_linear_cross_entropy, token_logprobs
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    monkeypatch.setattr(lm_head_blocks, "ROW_CHUNK", 512)
-    n, h, v = 1200, 256, 20011
-    hidden, weight, b = _inputs(n, h, v, dtype, "cuda", True)
-    y = labels(n, v, "cuda")
-    budget = 2 * 4096 * 512 * dtype.itemsize / 2**20
-    plan = lm_head_blocks.block_plan(n, v, dtype, budget)
-    assert plan == (512, 4096)
+    hidden, weight, b, y, budget, plan = at_size_case(dtype, monkeypatch)
     for with_gz in (False, True):
         _assert_same(*_both(hidden, weight, b, y, plan, with_gz, 0.0, 1.0))
-    hidden.requires_grad_(True)
-    results = []
-    for native in (True, False):
-        monkeypatch.setattr(lm_head_blocks, "NATIVE", native)
-        loss = fused_linear_cross_entropy(hidden, weight, y, b, memory_budget_mb=budget)
-        lp, ent = token_logprobs(hidden, weight, y.clamp_min(0), with_entropy=True, memory_budget_mb=budget)
-        grads = torch.autograd.grad((loss, lp.sum(), ent.sum()), hidden)
-        results.append((loss, lp, ent) + tuple(grads))
-    for a, b_ in zip(*results):
-        assert torch.equal(a, b_), (a.float() - b_.float()).abs().max()
+    assert_ops_same_under(monkeypatch, "NATIVE", (True, False), hidden, weight, b, y, budget)

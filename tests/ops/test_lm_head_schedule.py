@@ -153,13 +153,9 @@ def test_work_per_block_is_four_ops():
     assert sorted(work[2:]) == sorted(one_chunk * 2), work
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_overlap_is_bit_identical_at_size(dtype, monkeypatch):
-    """Blocks big enough for the side stream's softmax to run beside the GEMMs: 3 token chunks (the last ragged),
-    5 blocks over an odd (prime) vocabulary; the overlapped sums and the gradients of the ops equal the one-stream
-    ones bit for bit."""
-    from swiftlora.ops import fused_linear_cross_entropy, token_logprobs
+def at_size_case(dtype, monkeypatch):
+    """CUDA inputs where cuBLAS picks its large-tile kernels: 3 token chunks of 512 (the last ragged) x 5 blocks of
+    4096 over an odd (prime) vocabulary, with a bias: (hidden, weight, bias, labels, budget, plan)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(lm_head_blocks, "ROW_CHUNK", 512)
@@ -169,19 +165,37 @@ def test_overlap_is_bit_identical_at_size(dtype, monkeypatch):
     budget = 2 * 4096 * 512 * dtype.itemsize / 2**20
     plan = block_plan(n, v, dtype, budget)
     assert plan == (512, 4096)
-    for with_gz in (False, True):
-        _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=True),
-                     _schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=False))
+    return hidden, weight, b, y, budget, plan
+
+
+def assert_ops_same_under(monkeypatch, flag, values, hidden, weight, bias, y, budget):
+    """fused_linear_cross_entropy and token_logprobs (with entropy): the same bits (values and the gradient w.r.t.
+    hidden) for every value of the switch lm_head_blocks.<flag>."""
+    from swiftlora.ops import fused_linear_cross_entropy, token_logprobs
+
     hidden.requires_grad_(True)
     results = []
-    for overlap in (True, False):
-        monkeypatch.setattr(lm_head_blocks, "OVERLAP", overlap)
-        loss = fused_linear_cross_entropy(hidden, weight, y, b, memory_budget_mb=budget)
+    for value in values:
+        monkeypatch.setattr(lm_head_blocks, flag, value)
+        loss = fused_linear_cross_entropy(hidden, weight, y, bias, memory_budget_mb=budget)
         lp, ent = token_logprobs(hidden, weight, y.clamp_min(0), with_entropy=True, memory_budget_mb=budget)
         grads = torch.autograd.grad((loss, lp.sum(), ent.sum()), hidden)
         results.append((loss, lp, ent) + tuple(grads))
-    for a, b_ in zip(*results):
-        assert torch.equal(a, b_), (a.float() - b_.float()).abs().max()
+    for a, b in zip(*results):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_overlap_is_bit_identical_at_size(dtype, monkeypatch):
+    """Blocks big enough for the side stream's softmax to run beside the GEMMs: 3 token chunks (the last ragged),
+    5 blocks over an odd (prime) vocabulary; the overlapped sums and the gradients of the ops equal the one-stream
+    ones bit for bit."""
+    hidden, weight, b, y, budget, plan = at_size_case(dtype, monkeypatch)
+    for with_gz in (False, True):
+        _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=True),
+                     _schedule(hidden, weight, b, y, plan, with_gz, 0.0, 1.0, overlap=False))
+    assert_ops_same_under(monkeypatch, "OVERLAP", (True, False), hidden, weight, b, y, budget)
 
 
 @pytest.mark.gpu
