@@ -89,6 +89,7 @@ struct RingCursor {
   }
 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // used by the sm_90 kernel body only
 __device__ __forceinline__ uint32_t lds16(uint32_t addr) {
   unsigned short v;
   asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
@@ -100,6 +101,7 @@ __device__ __forceinline__ float2 lds64f(uint32_t addr) {
   asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
+#endif
 
 // Up to N items i0, i0 + stride, ... (below count) held in registers between their loads and their stores.
 template <int N, typename V>
@@ -121,9 +123,11 @@ struct Batch {
   }
 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void compute_barrier(int threads) {  // the compute warps only (barrier 1)
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }
+#endif
 
 template <typename T, bool Nested, int W, int D>
 __global__ void __launch_bounds__((W + 1) * 32, 1)
