@@ -31,6 +31,7 @@
 #include "common/nf4_cuda.cuh"
 #include "common/smem_optin.cuh"
 #include "cuda/qlora_gemm_sm90.h"
+#include "cuda/tma_bulk.cuh"
 
 namespace swiftlora::cuda::sm90 {
 namespace {
@@ -83,24 +84,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void bar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the phase with this parity has completed.
-__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -265,7 +248,7 @@ __device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt
     const float* ssrc = p.scales + f0 + tid * 4;
     for (int kt = 0; kt < kt_total; ++kt, ++it) {
       const int stage = it % kStages, round = it / kStages;
-      if (round > 0) bar_wait(l.empty(stage), (round - 1) & 1);
+      if (round > 0) tma::mbar_wait(l.empty(stage), (round - 1) & 1);
       const uint32_t base = l.stage(stage);
       if (lora && kt == 0) {  // the xa tile, zero past R
         const bool in_r = xch * 8 < p.r;
@@ -420,7 +403,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
         }
       }
       const int stage = it % kStages;
-      bar_wait(l.full(stage), (it / kStages) & 1);
+      tma::mbar_wait(l.full(stage), (it / kStages) & 1);
       fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
@@ -429,13 +412,13 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       wgmma_wait<0>();  // every fragment buffer is free for the weight steps
 #pragma unroll
       for (int s = 0; s < 4; ++s) pin(a[s]);
-      bar_arrive(l.empty(stage));
+      tma::mbar_arrive(l.empty(stage));
       ++it;
     }
     int prev = -1;
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
       const int stage = it % kStages;
-      bar_wait(l.full(stage), (it / kStages) & 1);
+      tma::mbar_wait(l.full(stage), (it / kStages) & 1);
       fence_proxy_async();
       const uint32_t base = l.stage(stage);
       const uint8_t* wtile = smem + (base - raw) + kXBytes;
@@ -488,7 +471,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
         }
 #pragma unroll
         for (int s = s0; s < s0 + kBatch; ++s) pin(a[(s + 2) & 3]);
-        if (s0 + kBatch == 2 && prev >= 0) bar_arrive(l.empty(prev));
+        if (s0 + kBatch == 2 && prev >= 0) tma::mbar_arrive(l.empty(prev));
       }
       prev = stage;
     }
@@ -497,7 +480,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
     pin(acc[1]);
 #pragma unroll
     for (int s = 0; s < 4; ++s) pin(a[s]);
-    if (prev >= 0) bar_arrive(l.empty(prev));
+    if (prev >= 0) tma::mbar_arrive(l.empty(prev));
     store_tile<kBf16>(p, fr, acc, epi, epi_ptr, f0, t0);
   }
 }
@@ -530,10 +513,10 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      bar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
-      bar_init(l.empty(s), 256);  // every consumer thread releases its own reads
+      tma::mbar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
+      tma::mbar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    tma::fence_mbar_init();
   }
   __syncthreads();
   const bool lora = p.r > 0;
@@ -573,11 +556,8 @@ bool supported(const qlora::GemmArgs& a) {
   if (!a.x.is_cuda()) return false;
   const auto dt = a.x.scalar_type();
   if (dt != at::kBFloat16 && dt != at::kHalf) return false;
-  int major = 0, minor = 0;
-  const int dev = a.x.get_device();
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  if (major != 9 || minor != 0) return false;
+  // cached per device (the caller's CUDAGuard makes x's device current): no driver query per call
+  if (device_major() != 9 || cached_attribute(cudaDevAttrComputeCapabilityMinor) != 0) return false;
   auto rows16 = [](const at::Tensor& t) {  // 16-byte aligned rows of 16-bit elements
     return aligned_to(t.const_data_ptr(), 16) && (t.size(0) == 1 || t.stride(0) % 8 == 0);
   };
