@@ -59,6 +59,14 @@ __device__ __forceinline__ void finish_row(float s, float spz, float m, float r,
   }
 }
 
+// z (and dz) as Transform gives them, but x·scale rounded on its own, never contracted into the add that follows,
+// whose contraction the compiler may choose differently here and in the lean kernel below; the two must agree bitwise.
+__device__ __forceinline__ float block_z(const Transform& f, float x, float& dz) {
+  if (f.cap > 0.f) return f.z_and_dz(x, dz);
+  dz = f.scale;
+  return __fmul_rn(x, f.scale);
+}
+
 // NV vectors of VEC elements a thread: 16-byte vectors, or single elements (NV 8x larger) for unaligned rows.
 template <typename T, typename L, int VEC, int NV, bool kPz>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
@@ -95,7 +103,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (c0 + u * kStep + j < b) {
-        const float z = f.z(static_cast<float>(xv[u].v[j]));
+        float dz;
+        const float z = block_z(f, static_cast<float>(xv[u].v[j]), dz);
         bm = fmaxf(bm, z);
         zsum += z;
       }
@@ -113,10 +122,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float dz;
-      const float z = f.z_and_dz(static_cast<float>(xv[u].v[j]), dz);
+      const float z = block_z(f, static_cast<float>(xv[u].v[j]), dz);
       const float e = (c + j < b && m != kNegInf) ? __expf(z - m) : 0.f;
       s += e;
-      spz += e * z;
+      spz = fmaf(e, z, spz);  // the fma written out, as in the lean kernel
       if (c + j == label) st[4] = z, st[5] = dz;  // one thread of the block owns the label's column
       p.v[j] = static_cast<T>(e * dz);
       if constexpr (kPz) q.v[j] = static_cast<T>(e * z * dz);
@@ -175,7 +184,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     if (c0 + u * kStep < b) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float z = static_cast<float>(xv[u].v[j]) * scale;
+        const float z = __fmul_rn(static_cast<float>(xv[u].v[j]), scale);
         bm = fmaxf(bm, z);
         zsum += z;
       }
@@ -193,16 +202,16 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
       Vec<T, VEC> p;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float z = static_cast<float>(xv[u].v[j]) * scale;
+        const float z = __fmul_rn(static_cast<float>(xv[u].v[j]), scale);
         const float e = live ? __expf(z - m) : 0.f;
         s += e;
-        spz += e * z;
+        spz = fmaf(e, z, spz);
         p.v[j] = static_cast<T>(e * scale);
       }
       store_vec<T, VEC>(xr + c, p);
     }
   }
-  if (label >= 0) st[4] = x_label * scale, st[5] = scale;
+  if (label >= 0) st[4] = __fmul_rn(x_label, scale), st[5] = scale;
   finish_row(s, spz, m, r, mz.y, st, rescale + row, scratch);
 }
 
