@@ -7,7 +7,8 @@
 // CTA: 3 warpgroups. WG0 produces: cp.async of the x tile (128 tokens × 64 k, 16 KB), the packed W tile (256 rows
 // × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
 // decode_scales_kernel) into a 4-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
-// (cp.async.mbarrier.arrive.noinc). WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
+// (cp.async.mbarrier.arrive.noinc); in the tma variants (the default) one thread of WG0 issues the same three pieces
+// as TMA copies instead (produce_tma), which freed ~30% of the kernel's instructions. WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
 // 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
 // both m blocks) in a byte → (code_hi, code_lo) float2 table replicated per lane (one byte_perm makes the address:
 // the table is 64 KB-aligned), multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product,
@@ -20,8 +21,10 @@
 // Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
 // tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
 // Epilogue: fp32 + bias, one rounding, stmatrix .trans into a per-warp staging buffer, 16-byte evict-first stores.
-// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16): 0.95 ms against cuBLAS's 0.62 ms on the bf16 weight;
-// without the dequantization (a timing experiment) 0.73 ms: bench/NOTES.md ("QLoRA version 3").
+// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16): tma16 0.834 ms against cuBLAS's 0.668 ms on the bf16
+// weight in the same run (1.25x); bench/NOTES.md ("QLoRA version 3").
+#include <cuda.h>  // CUtensorMap (the encoder comes from the runtime's driver entry point: no libcuda link)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -56,6 +59,7 @@ constexpr int kScalePitch = kBF;        // decoded scales: rows padded to a mult
 static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
 
 struct Params {
+  CUtensorMap tx, tw, txa;  // TMA variants: x [M, K], packed W [N, K/2] bytes, xa [M, R] (kTma; else unused)
   const uint16_t* x;
   int64_t ldx;
   const uint8_t* packed;
@@ -84,6 +88,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// A 2-D box of a tensor map (coordinates: inner element, row) into shared memory, completing its bytes on `bar`;
+// rows and columns outside the tensor arrive as zeros (the box's full size is still counted).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -280,6 +293,32 @@ __device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// The TMA producer (variants tma / tma16), one thread: per stage one arrive.expect_tx and three copies (the x box
+// and the W box, which TMA swizzles into exactly the layouts above: 128B for x, 32B for W's two 16-byte halves,
+// and the scales' 1 KB row); the LoRA k-tile is the xa box, zero past R. The cp.async producer above spends ~180
+// instructions per k-tile in each of its four warps (ncu, bench/NOTES.md), on the consumers' schedulers.
+__device__ __forceinline__ void produce_tma(const Params& p, const Layout& l, int kt_total, bool lora) {
+  int it = 0;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int f0 = (tile % p.tiles_f) * kBF, t0 = (tile / p.tiles_f) * kBT;
+    for (int kt = 0; kt < kt_total; ++kt, ++it) {
+      const int stage = it % kStages, round = it / kStages;
+      if (round > 0) tma::mbar_wait(l.empty(stage), (round - 1) & 1);
+      const uint32_t base = l.stage(stage), full = l.full(stage);
+      if (lora && kt == 0) {
+        tma::mbar_arrive_expect_tx(full, kXBytes);
+        tma_load_2d(base, &p.txa, 0, t0, full);
+      } else {
+        const int k = kt - (lora ? 1 : 0);
+        tma::mbar_arrive_expect_tx(full, kXBytes + kWBytes + kSBytes);
+        tma_load_2d(base, &p.tx, k * kBK, t0, full);
+        tma_load_2d(base + kXBytes, &p.tw, k * (kBK / 2), f0, full);
+        tma::bulk_copy(base + kXBytes + kWBytes, p.scales + static_cast<int64_t>(k) * p.pitch + f0, kSBytes, full);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------- consumers
 // A consumer thread (warpgroup cw, warp wi, lane = 4g + tq) holds fragment rows 128·cw + 64·mb + 16·wi + g + 8h of
 // the tile's 256 features (m block mb, half h) and accumulates acc[mb][4j + 2h + c] = yᵀ[row][token 8j + 2tq + c].
@@ -363,7 +402,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, floa
   }
 }
 
-template <bool kBf16, int kBatch, bool kScale16>
+template <bool kBf16, int kBatch, bool kScale16, bool kTma>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
                                         int ktiles, bool lora) {
   Frag fr;
@@ -404,7 +443,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       }
       const int stage = it % kStages;
       tma::mbar_wait(l.full(stage), (it / kStages) & 1);
-      fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
+      if constexpr (!kTma) fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         if (s < lora_steps) mma_step<kBf16>(acc, a[s], desc_sw128(l.stage(stage) + s * 32));
@@ -419,7 +458,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
       const int stage = it % kStages;
       tma::mbar_wait(l.full(stage), (it / kStages) & 1);
-      fence_proxy_async();
+      if constexpr (!kTma) fence_proxy_async();
       const uint32_t base = l.stage(stage);
       const uint8_t* wtile = smem + (base - raw) + kXBytes;
       const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
@@ -487,9 +526,10 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 
 #endif  // sm_90a
 
-// kBatch: k16 steps per wgmma commit group (1 or 2); kScale16: the block scale applied in 16 bits ("ws16").
-template <bool kBf16, int kBatch, bool kScale16>
-__global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params p) {
+// kBatch: k16 steps per wgmma commit group (1 or 2); kScale16: the block scale applied in 16 bits ("ws16");
+// kTma: the one-thread TMA producer (p's tensor maps) instead of the cp.async warpgroup.
+template <bool kBf16, int kBatch, bool kScale16, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
@@ -513,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      tma::mbar_init(l.full(s), 128);  // one asynchronous arrival per producer thread
+      tma::mbar_init(l.full(s), kTma ? 1 : 128);  // the TMA thread's expect_tx, or one per cp.async thread
       tma::mbar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
     tma::fence_mbar_init();
@@ -523,10 +563,14 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const Params
   const int ktiles = static_cast<int>(p.k / kBK);
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-    produce(p, l, ktiles + (lora ? 1 : 0), lora);
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) produce_tma(p, l, ktiles + (lora ? 1 : 0), lora);
+    } else {
+      produce(p, l, ktiles + (lora ? 1 : 0), lora);
+    }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16, kBatch, kScale16>(p, smem_raw, l, raw, ktiles, lora);
+    consume<kBf16, kBatch, kScale16, kTma>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -547,6 +591,39 @@ __global__ void decode_scales_kernel(nf4::Nf4Args a, int64_t n, int64_t k, int64
     }
     out[i] = v;
   }
+}
+
+// cuTensorMapEncodeTiled through the runtime (the driver's entry point, looked up once).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(q == cudaDriverEntryPointSuccess && f != nullptr,
+                "qlora_gemm: the CUDA driver does not provide cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A row-major [rows, inner] tensor (row pitch in bytes, a multiple of 16) read in [box_rows, box_inner] boxes.
+CUtensorMap tensor_map_2d(const void* ptr, CUtensorMapDataType type, int64_t inner, int64_t rows, int64_t pitch,
+                          uint32_t box_inner, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(pitch)};
+  const cuuint32_t box[2] = {box_inner, box_rows};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(&m, type, 2, const_cast<void*>(ptr), dims, strides, box, unit,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "qlora_gemm: cuTensorMapEncodeTiled failed with error ", static_cast<int>(r));
+  return m;
+}
+
+// The row pitch a tensor map needs: the stride, or (one row, whose stride may be anything) the row's own bytes.
+int64_t map_pitch(const at::Tensor& t) {
+  return t.size(0) == 1 ? ceil_div(t.size(1) * 2, int64_t{16}) * 16 : t.stride(0) * 2;
 }
 
 }  // namespace
@@ -570,7 +647,7 @@ bool supported(const qlora::GemmArgs& a) {
 #endif
 }
 
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16) {
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool use_tma) {
   const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
   const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
   at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
@@ -600,6 +677,16 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16) {
   p.r = static_cast<int>(a.r);
   p.tiles_f = static_cast<int>(ceil_div(a.n, kBF));
   p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, kBT));
+  if (use_tma) {
+    p.tx = tensor_map_2d(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.k, a.m, map_pitch(a.x), kBK, kBT,
+                         CU_TENSOR_MAP_SWIZZLE_128B);
+    p.tw = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.k / 2, a.n, a.k / 2, kBK / 2, kBF,
+                         CU_TENSOR_MAP_SWIZZLE_32B);
+    if (a.r > 0) {
+      p.txa = tensor_map_2d(p.xa, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.r, a.m, map_pitch(a.xa), kBK, kBT,
+                            CU_TENSOR_MAP_SWIZZLE_128B);
+    }
+  }
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
   const int smem = std::min(kSmemBytes, max_optin_smem());  // the layout needs far less than its worst case
   p.smem = smem;
@@ -609,12 +696,18 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  if (scale16) {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true>) : launch(qlora_gemm_ws_kernel<false, 2, true>);
+  if (use_tma) {
+    if (scale16) {
+      bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true, true>) : launch(qlora_gemm_ws_kernel<false, 2, true, true>);
+    } else {
+      bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false, true>) : launch(qlora_gemm_ws_kernel<false, 2, false, true>);
+    }
+  } else if (scale16) {
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true, false>) : launch(qlora_gemm_ws_kernel<false, 2, true, false>);
   } else if (batch == 1) {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 1, false>) : launch(qlora_gemm_ws_kernel<false, 1, false>);
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 1, false, false>) : launch(qlora_gemm_ws_kernel<false, 1, false, false>);
   } else {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false>) : launch(qlora_gemm_ws_kernel<false, 2, false>);
+    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false, false>) : launch(qlora_gemm_ws_kernel<false, 2, false, false>);
   }
 }
 
