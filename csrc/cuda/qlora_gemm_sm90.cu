@@ -8,7 +8,8 @@
 // × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
 // decode_scales_kernel) into a 4-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
 // (cp.async.mbarrier.arrive.noinc); in the tma variants (the default) one thread of WG0 issues the same three pieces
-// as TMA copies instead (produce_tma), which freed ~30% of the kernel's instructions. WG1 and WG2 consume: each owns 128 of the 256 features (two m64 blocks) × the
+// as TMA copies instead (produce_tma), which freed ~30% of the kernel's instructions. WG1 and WG2 consume: each
+// owns 128 of the 256 features (two m64 blocks) × the
 // 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
 // both m blocks) in a byte → (code_hi, code_lo) float2 table replicated per lane (one byte_perm makes the address:
 // the table is 64 KB-aligned), multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product,
@@ -29,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cuda_utils.cuh"
 #include "common/nf4_cuda.cuh"
@@ -39,24 +41,36 @@
 namespace swiftlora::cuda::sm90 {
 namespace {
 
-constexpr int kBF = 256, kBT = 128, kBK = 64;  // features (W rows), tokens (x rows), k per tile
-constexpr int kStages = 4;
+constexpr int kBK = 64;  // k per tile
 constexpr int kThreads = 384;
-constexpr int kXBytes = kBT * kBK * 2;  // 16 KB: 128 token rows of 128 bytes, 128B-swizzled
-constexpr int kWBytes = kBF * kBK / 2;  // 8 KB: 256 rows of 32 packed bytes (two 16-byte halves, swizzled)
-constexpr int kSBytes = kBF * 4;        // 1 KB: 256 block scales
-constexpr int kStageBytes = kXBytes + kWBytes + kSBytes;  // 25 KB, a multiple of 1024 (swizzle atoms)
 // byte -> (code_hi, code_lo) float2 table, one copy per lane: entry e of lane l at table + 256·e + 8·l. The table
 // sits at a 64 KB-aligned shared address, so ONE byte_perm of the packed word and the lane's base makes the whole
 // lookup address (byte 1 = e).
 constexpr int kTableBytes = 256 * 256;
-constexpr int kEpiBytes = 8 * kBT * 16 * 2;  // per consumer warp: [128 tokens][16 features] 16-bit
-constexpr int kTailBytes = 2 * kStages * 8 + 16 * 4;  // mbarriers, the 16 NF4 codes
-// Worst case of the layout (kernel prologue): a 64 KB table at the next 64 KB boundary, the stages before it while
-// they fit, the rest, the epilogue buffers and the tail after it.
-constexpr int kSmemBytes = 65536 + kTableBytes + kStages * kStageBytes + kEpiBytes + kTailBytes;
-constexpr int kScalePitch = kBF;        // decoded scales: rows padded to a multiple of the tile's features
-static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
+constexpr int kScalePitch = 256;  // decoded scales: rows padded to a multiple of every tile's features
+
+// Tile geometry. Standard: 256 features × 128 tokens, each consumer warpgroup two m64 blocks × n128. Wide (variants
+// tmaw / tma16w): 128 features × 256 tokens, each consumer one m64 block × n256, so every dequantized pair feeds
+// twice the tokens and the consumers' dequantization per MAC halves; its x box doubles, so 3 stages, and the
+// epilogue goes through 64-token slices, which keeps the whole layout inside the 227 KB.
+template <bool kWide>
+struct Geo {
+  static constexpr int kMB = kWide ? 1 : 2;               // m64 blocks per consumer
+  static constexpr int kBF = 128 * kMB, kBT = 256 / kMB;  // features (W rows), tokens (x rows, wgmma N)
+  static constexpr int kAcc = kBT / 2;                    // fp32 accumulators per m block and thread
+  static constexpr int kStages = kWide ? 3 : 4;
+  static constexpr int kXBytes = kBT * kBK * 2;  // token rows of 128 bytes, 128B-swizzled
+  static constexpr int kWBytes = kBF * kBK / 2;  // feature rows of 32 packed bytes (two 16-byte halves, swizzled)
+  static constexpr int kSBytes = kBF * 4;        // the rows' block scales
+  static constexpr int kStageBytes = (kXBytes + kWBytes + kSBytes + 1023) / 1024 * 1024;  // swizzle atoms
+  static constexpr int kEpiTokens = kWide ? 64 : 128;  // tokens per epilogue slice
+  static constexpr int kEpiBytes = 8 * kEpiTokens * 16 * 2;  // 8 consumer warps: [slice tokens][16 features]
+  static constexpr int kTailBytes = 2 * kStages * 8 + 16 * 4;  // mbarriers, the 16 NF4 codes
+  // Worst case of the layout (kernel prologue): a 64 KB table at the next 64 KB boundary, everything after it.
+  static constexpr int kSmemBytes = 65536 + kTableBytes + kStages * kStageBytes + kEpiBytes + kTailBytes;
+  static_assert(kStageBytes % 1024 == 0 && kXBytes % 1024 == 0, "stages keep the 1024-byte swizzle alignment");
+  static_assert(kMB * kAcc == 128, "128 fp32 accumulators a consumer thread, whichever the geometry");
+};
 
 struct Params {
   CUtensorMap tx, tw, txa;  // TMA variants: x [M, K], packed W [N, K/2] bytes, xa [M, R] (kTma; else unused)
@@ -107,13 +121,15 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Register "uses" the compiler cannot see through: accumulators and A fragments stay in their registers (and are
 // not reused) while an asynchronous wgmma reads or writes them.
-__device__ __forceinline__ void pin(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void pin(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-__device__ __forceinline__ void pin(uint32_t (&a)[2][4]) {
+template <int MB>
+__device__ __forceinline__ void pin(uint32_t (&a)[MB][4]) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < MB; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
   }
@@ -126,26 +142,34 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
-// Where everything lives in the CTA's shared window (computed once from the dynamic base).
+// Where everything lives in the CTA's shared window (computed once from the dynamic base): the stages below the
+// 64 KB-aligned table while they fit, the epilogue buffers and barriers in what is left below it if they fit
+// (the wide geometry needs that to stay inside 227 KB), the rest above the table.
+template <bool kWide>
 struct Layout {
-  uint32_t lo, hi, table, epi, bars, codes;  // stages [0, nlo) at lo, the rest at hi
+  using G = Geo<kWide>;
+  uint32_t lo, hi, table, epi, bars, codes, end;  // stages [0, nlo) at lo, the rest at hi
   int nlo;
   __device__ __forceinline__ uint32_t stage(int s) const {
-    return s < nlo ? lo + s * kStageBytes : hi + (s - nlo) * kStageBytes;
+    return s < nlo ? lo + s * G::kStageBytes : hi + (s - nlo) * G::kStageBytes;
   }
   __device__ __forceinline__ uint32_t full(int s) const { return bars + s * 8; }
-  __device__ __forceinline__ uint32_t empty(int s) const { return bars + (kStages + s) * 8; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bars + (G::kStages + s) * 8; }
 };
 
-__device__ __forceinline__ Layout make_layout(uint32_t raw) {
-  Layout l;
+template <bool kWide>
+__device__ __forceinline__ Layout<kWide> make_layout(uint32_t raw) {
+  using G = Geo<kWide>;
+  Layout<kWide> l;
   l.lo = (raw + 1023) & ~1023u;
   l.table = (raw + 0xFFFF) & ~0xFFFFu;
-  l.nlo = min(static_cast<int>((l.table - l.lo) / kStageBytes), kStages);
+  l.nlo = min(static_cast<int>((l.table - l.lo) / G::kStageBytes), G::kStages);
   l.hi = l.table + kTableBytes;
-  l.epi = l.hi + (kStages - l.nlo) * kStageBytes;
-  l.bars = l.epi + kEpiBytes;
-  l.codes = l.bars + 2 * kStages * 8;
+  const uint32_t below = l.lo + l.nlo * G::kStageBytes, above = l.hi + (G::kStages - l.nlo) * G::kStageBytes;
+  l.epi = below + G::kEpiBytes + G::kTailBytes <= l.table ? below : above;
+  l.bars = l.epi + G::kEpiBytes;
+  l.codes = l.bars + 2 * G::kStages * 8;
+  l.end = max(l.codes + 16 * 4, above);
   return l;
 }
 
@@ -181,6 +205,54 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
   }
 }
 #undef SWIFTLORA_WGMMA_RS_M64N128K16
+
+// D[64 × 256] += A[64 × 16] (registers) · B[16 × 256] (shared, descriptor), fp32 accumulators (the wide tile).
+#define SWIFTLORA_WGMMA_RS_M64N256K16(TY) \
+  asm volatile( \
+      "{\n" \
+      ".reg .pred p;\n" \
+      "setp.ne.b32 p, %133, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, " \
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n" \
+      "}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), \
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), \
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), \
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), \
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), \
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), \
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), \
+        "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
+        "+f"(d[126]), "+f"(d[127]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (kBf16) {
+    SWIFTLORA_WGMMA_RS_M64N256K16("bf16");
+  } else {
+    SWIFTLORA_WGMMA_RS_M64N256K16("f16");
+  }
+}
+#undef SWIFTLORA_WGMMA_RS_M64N256K16
 
 template <bool kBf16>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // lo -> bits 0..15, round to nearest even
@@ -245,44 +317,47 @@ __device__ __forceinline__ uint32_t dequant_pair16(uint32_t word, int j, uint32_
 // Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
 // same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
 // pointers, then k-tile increments, so the 56-register producer does not spill.
-__device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt_total, bool lora) {
+__device__ __forceinline__ void produce(const Params& p, const Layout<false>& l, int kt_total, bool lora) {
+  using G = Geo<false>;
   const int tid = threadIdx.x;  // 0..127
   const int xrow = tid >> 3, xch = tid & 7, wrow = tid >> 1, wh = tid & 1;
   const uint32_t xdst = xrow * 128 + ((xch ^ (xrow & 7)) << 4);
-  const uint32_t wdst = kXBytes + wrow * 32 + ((wh ^ ((wrow >> 2) & 1)) << 4);
+  const uint32_t wdst = G::kXBytes + wrow * 32 + ((wh ^ ((wrow >> 2) & 1)) << 4);
   const int64_t wstride = p.k / 2;
   int it = 0;
   for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
-    const int xrows = static_cast<int>(std::min<int64_t>(p.m - t0, kBT)) - xrow;  // rows i with 16·i < xrows
-    const int wrows = static_cast<int>(std::min<int64_t>(p.n - f0, kBF)) - wrow;  // rows i with 64·i < wrows
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * G::kBF;
+    const int64_t t0 = static_cast<int64_t>(tile / p.tiles_f) * G::kBT;
+    const int xrows = static_cast<int>(std::min<int64_t>(p.m - t0, G::kBT)) - xrow;  // rows i with 16·i < xrows
+    const int wrows = static_cast<int>(std::min<int64_t>(p.n - f0, G::kBF)) - wrow;  // rows i with 64·i < wrows
     const uint16_t* xsrc = p.x + (t0 + xrow) * p.ldx + xch * 8;
     const uint8_t* wsrc = p.packed + (f0 + wrow) * wstride + wh * 16;
     const float* ssrc = p.scales + f0 + tid * 4;
     for (int kt = 0; kt < kt_total; ++kt, ++it) {
-      const int stage = it % kStages, round = it / kStages;
+      const int stage = it % G::kStages, round = it / G::kStages;
       if (round > 0) tma::mbar_wait(l.empty(stage), (round - 1) & 1);
       const uint32_t base = l.stage(stage);
       if (lora && kt == 0) {  // the xa tile, zero past R
         const bool in_r = xch * 8 < p.r;
         const uint16_t* src = p.xa + (t0 + xrow) * p.ldxa + xch * 8;
 #pragma unroll
-        for (int i = 0; i < kBT / 16; ++i) {
+        for (int i = 0; i < G::kBT / 16; ++i) {
           const bool valid = in_r && 16 * i < xrows;
           cp_async16(base + xdst + i * 2048, valid ? src + 16 * i * p.ldxa : p.xa, valid);
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < kBT / 16; ++i) {
+        for (int i = 0; i < G::kBT / 16; ++i) {
           const bool valid = 16 * i < xrows;
           cp_async16(base + xdst + i * 2048, valid ? xsrc + 16 * i * p.ldx : p.x, valid);
         }
 #pragma unroll
-        for (int i = 0; i < kBF / 64; ++i) {
+        for (int i = 0; i < G::kBF / 64; ++i) {
           const bool valid = 64 * i < wrows;
           cp_async16(base + wdst + i * 2048, valid ? wsrc + 64 * i * wstride : p.packed, valid);
         }
-        if (tid < kBF / 4) cp_async16(base + kXBytes + kWBytes + tid * 16, ssrc, true);  // rows padded: in bounds
+        // rows padded: in bounds
+        if (tid < G::kBF / 4) cp_async16(base + G::kXBytes + G::kWBytes + tid * 16, ssrc, true);
         xsrc += kBK;
         wsrc += kBK / 2;
         ssrc += p.pitch;
@@ -297,40 +372,45 @@ __device__ __forceinline__ void produce(const Params& p, const Layout& l, int kt
 // and the W box, which TMA swizzles into exactly the layouts above: 128B for x, 32B for W's two 16-byte halves,
 // and the scales' 1 KB row); the LoRA k-tile is the xa box, zero past R. The cp.async producer above spends ~180
 // instructions per k-tile in each of its four warps (ncu, bench/NOTES.md), on the consumers' schedulers.
-__device__ __forceinline__ void produce_tma(const Params& p, const Layout& l, int kt_total, bool lora) {
+template <bool kWide>
+__device__ __forceinline__ void produce_tma(const Params& p, const Layout<kWide>& l, int kt_total, bool lora) {
+  using G = Geo<kWide>;
   int it = 0;
   for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int f0 = (tile % p.tiles_f) * kBF, t0 = (tile / p.tiles_f) * kBT;
+    const int f0 = (tile % p.tiles_f) * G::kBF, t0 = (tile / p.tiles_f) * G::kBT;
     for (int kt = 0; kt < kt_total; ++kt, ++it) {
-      const int stage = it % kStages, round = it / kStages;
+      const int stage = it % G::kStages, round = it / G::kStages;
       if (round > 0) tma::mbar_wait(l.empty(stage), (round - 1) & 1);
       const uint32_t base = l.stage(stage), full = l.full(stage);
       if (lora && kt == 0) {
-        tma::mbar_arrive_expect_tx(full, kXBytes);
+        tma::mbar_arrive_expect_tx(full, G::kXBytes);
         tma_load_2d(base, &p.txa, 0, t0, full);
       } else {
         const int k = kt - (lora ? 1 : 0);
-        tma::mbar_arrive_expect_tx(full, kXBytes + kWBytes + kSBytes);
+        tma::mbar_arrive_expect_tx(full, G::kXBytes + G::kWBytes + G::kSBytes);
         tma_load_2d(base, &p.tx, k * kBK, t0, full);
-        tma_load_2d(base + kXBytes, &p.tw, k * (kBK / 2), f0, full);
-        tma::bulk_copy(base + kXBytes + kWBytes, p.scales + static_cast<int64_t>(k) * p.pitch + f0, kSBytes, full);
+        tma_load_2d(base + G::kXBytes, &p.tw, k * (kBK / 2), f0, full);
+        tma::bulk_copy(base + G::kXBytes + G::kWBytes, p.scales + static_cast<int64_t>(k) * p.pitch + f0, G::kSBytes,
+                       full);
       }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------- consumers
-// A consumer thread (warpgroup cw, warp wi, lane = 4g + tq) holds fragment rows 128·cw + 64·mb + 16·wi + g + 8h of
-// the tile's 256 features (m block mb, half h) and accumulates acc[mb][4j + 2h + c] = yᵀ[row][token 8j + 2tq + c].
+// A consumer thread (warpgroup cw, warp wi, lane = 4g + tq) holds fragment rows fbase + 64·mb + 16·wi + g + 8h of
+// the tile's features (fbase = cw · kBF / 2; m block mb, half h) and accumulates
+// acc[mb][4j + 2h + c] = yᵀ[row][token 8j + 2tq + c].
 struct Frag {
-  int cw, wi, lane, g, tq;
-  __device__ __forceinline__ int row(int mb, int h) const { return 128 * cw + 64 * mb + 16 * wi + g + 8 * h; }
+  int cw, wi, lane, g, tq, fbase;
+  __device__ __forceinline__ int row(int mb, int h) const { return fbase + 64 * mb + 16 * wi + g + 8 * h; }
 };
 
-// The packed words of k16 step s for the thread's four rows: (word 2s, word 2s + 1) of each row's 32 bytes.
-__device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag& fr, int s, uint2 (&w)[2][2]) {
+// The packed words of k16 step s for the thread's rows: (word 2s, word 2s + 1) of each row's 32 bytes.
+template <int MB>
+__device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag& fr, int s, uint2 (&w)[MB][2]) {
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb) {
+  for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = fr.row(mb, h);
@@ -339,24 +419,27 @@ __device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag
   }
 }
 
-// wgmma.mma_async m64n128k16 of both m blocks for one k16 step (A fragments a, B at desc), committed as one group.
-template <bool kBf16>
-__device__ __forceinline__ void mma_step(float (&acc)[2][64], uint32_t (&a)[2][4], uint64_t desc) {
+// wgmma.mma_async m64nNk16 of every m block for one k16 step (A fragments a, B at desc), committed as one group.
+template <bool kBf16, int MB, int N>
+__device__ __forceinline__ void mma_step(float (&acc)[MB][N], uint32_t (&a)[MB][4], uint64_t desc) {
   wgmma_fence();
-  wgmma_rs<kBf16>(acc[0], a[0], desc);
-  wgmma_rs<kBf16>(acc[1], a[1], desc);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[mb], desc);
   wgmma_commit();
 }
 
-// acc (+ bias) -> y through this warp's [128 tokens][16 features] staging buffer, one m block at a time:
-// stmatrix .trans turns the fragments into token rows (the two 16-byte halves swizzled by token bit 2), then each
-// lane stores 16-byte pieces of token rows (2-byte stores where a piece leaves the row's bounds or alignment).
-template <bool kBf16>
-__device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, float (&acc)[2][64], uint32_t buf,
+// acc (+ bias) -> y through this warp's [slice tokens][16 features] staging buffer, one m block and token slice at
+// a time: stmatrix .trans turns the fragments into token rows (the two 16-byte halves swizzled by token bit 2), then
+// each lane stores 16-byte pieces of token rows (2-byte stores where a piece leaves the row's bounds or alignment).
+template <bool kBf16, bool kWide>
+__device__ __forceinline__ void store_tile(const Params& p, const Frag& fr,
+                                           float (&acc)[Geo<kWide>::kMB][Geo<kWide>::kAcc], uint32_t buf,
                                            uint8_t* buf_ptr, int64_t f0, int64_t t0) {
+  using G = Geo<kWide>;
+  constexpr int kSlices = G::kBT / G::kEpiTokens, kBlocks = G::kEpiTokens / 8;  // 8-token blocks per slice
   const bool vec = (reinterpret_cast<uintptr_t>(p.y) & 15) == 0 && p.ldy % 8 == 0;
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb) {
+  for (int mb = 0; mb < G::kMB; ++mb) {
     float bias[2] = {0.f, 0.f};
     if (p.bias) {
 #pragma unroll
@@ -368,69 +451,76 @@ __device__ __forceinline__ void store_tile(const Params& p, const Frag& fr, floa
     // matrix i of an x4 store = (token block j + i / 2, half i % 2); lane L addresses row L % 8 of matrix L / 8
     const int li = fr.lane >> 3, lr = fr.lane & 7;
 #pragma unroll
-    for (int j = 0; j < 16; j += 2) {
-      uint32_t r[4];
+    for (int q = 0; q < kSlices; ++q) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int jj = j + (i >> 1), h = i & 1;
-        r[i] = pack2<kBf16>(acc[mb][4 * jj + 2 * h] + bias[h], acc[mb][4 * jj + 2 * h + 1] + bias[h]);
+      for (int j = 0; j < kBlocks; j += 2) {
+        uint32_t r[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int jj = q * kBlocks + j + (i >> 1), h = i & 1;
+          r[i] = pack2<kBf16>(acc[mb][4 * jj + 2 * h] + bias[h], acc[mb][4 * jj + 2 * h + 1] + bias[h]);
+        }
+        const int t = 8 * (j + (li >> 1)) + lr, hh = li & 1;
+        const uint32_t addr = buf + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                     "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                     : "memory");
       }
-      const int t = 8 * (j + (li >> 1)) + lr, hh = li & 1;
-      const uint32_t addr = buf + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4);
-      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
-                   "r"(r[1]), "r"(r[2]), "r"(r[3])
-                   : "memory");
-    }
-    __syncwarp();
-    const int64_t fb = f0 + 128 * fr.cw + 64 * mb + 16 * fr.wi;  // this warp's 16 features
+      __syncwarp();
+      const int64_t fb = f0 + fr.fbase + 64 * mb + 16 * fr.wi;  // this warp's 16 features
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int piece = fr.lane + 32 * i, t = piece >> 1, hh = piece & 1;
-      const int64_t token = t0 + t, f = fb + 8 * hh;
-      if (token < p.m && f < p.n) {
-        const uint4 v = *reinterpret_cast<const uint4*>(buf_ptr + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4));
-        uint16_t* dst = p.y + token * p.ldy + f;
-        if (vec && f + 8 <= p.n) {
-          __stcs(reinterpret_cast<uint4*>(dst), v);
-        } else {
-          const uint16_t* e = reinterpret_cast<const uint16_t*>(&v);
-          for (int q = 0; q < 8 && f + q < p.n; ++q) dst[q] = e[q];
+      for (int i = 0; i < G::kEpiTokens / 16; ++i) {
+        const int piece = fr.lane + 32 * i, t = piece >> 1, hh = piece & 1;
+        const int64_t token = t0 + q * G::kEpiTokens + t, f = fb + 8 * hh;
+        if (token < p.m && f < p.n) {
+          const uint4 v = *reinterpret_cast<const uint4*>(buf_ptr + t * 32 + ((hh ^ ((t >> 2) & 1)) << 4));
+          uint16_t* dst = p.y + token * p.ldy + f;
+          if (vec && f + 8 <= p.n) {
+            __stcs(reinterpret_cast<uint4*>(dst), v);
+          } else {
+            const uint16_t* e = reinterpret_cast<const uint16_t*>(&v);
+            for (int c = 0; c < 8 && f + c < p.n; ++c) dst[c] = e[c];
+          }
         }
       }
+      __syncwarp();
     }
-    __syncwarp();
   }
 }
 
-template <bool kBf16, int kBatch, bool kScale16, bool kTma>
-__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout& l, uint32_t raw,
+template <bool kBf16, int kBatch, bool kScale16, bool kTma, bool kWide>
+__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout<kWide>& l, uint32_t raw,
                                         int ktiles, bool lora) {
+  using G = Geo<kWide>;
+  constexpr int MB = G::kMB;
   Frag fr;
   fr.cw = (threadIdx.x >> 7) - 1;
   fr.wi = (threadIdx.x >> 5) & 3;
   fr.lane = threadIdx.x & 31;
   fr.g = fr.lane >> 2;
   fr.tq = fr.lane & 3;
+  fr.fbase = fr.cw * (G::kBF / 2);
   const uint32_t lane_table = l.table + fr.lane * (kScale16 ? 4 : 8);
   const int lora_steps = (p.r + 15) / 16;
   const int warp = 4 * fr.cw + fr.wi;
-  const uint32_t epi = l.epi + warp * (kEpiBytes / 8);
+  const uint32_t epi = l.epi + warp * (G::kEpiBytes / 8);
   uint8_t* epi_ptr = smem + (epi - raw);
-  float acc[2][64];
-  uint32_t a[4][2][4] = {};  // [k16 step][m block][fragment register]
+  float acc[MB][G::kAcc];
+  uint32_t a[4][MB][4] = {};  // [k16 step][m block][fragment register]
   int it = 0;
   for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * kBF, t0 = static_cast<int64_t>(tile / p.tiles_f) * kBT;
+    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * G::kBF;
+    const int64_t t0 = static_cast<int64_t>(tile / p.tiles_f) * G::kBT;
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb) {
+    for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[mb][i] = 0.f;
+      for (int i = 0; i < G::kAcc; ++i) acc[mb][i] = 0.f;
     }
     if (lora) {  // first k-tile: A = rows of s·B straight from global memory (tiny, L2-resident), B = the xa tile
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) {
+        for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
             const int64_t f = f0 + fr.row(mb, q & 1);
@@ -441,8 +531,8 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
           }
         }
       }
-      const int stage = it % kStages;
-      tma::mbar_wait(l.full(stage), (it / kStages) & 1);
+      const int stage = it % G::kStages;
+      tma::mbar_wait(l.full(stage), (it / G::kStages) & 1);
       if constexpr (!kTma) fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
@@ -456,17 +546,17 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
     }
     int prev = -1;
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
-      const int stage = it % kStages;
-      tma::mbar_wait(l.full(stage), (it / kStages) & 1);
+      const int stage = it % G::kStages;
+      tma::mbar_wait(l.full(stage), (it / G::kStages) & 1);
       if constexpr (!kTma) fence_proxy_async();
       const uint32_t base = l.stage(stage);
-      const uint8_t* wtile = smem + (base - raw) + kXBytes;
-      const float* stile = reinterpret_cast<const float*>(wtile + kWBytes);
-      float sc[2][2];
-      uint32_t sc2[2][2];  // kScale16: the scale rounded to T, twice
-      uint2 w[2][2][2];  // [step parity][m block][half]: the next step's words are loaded one step ahead
+      const uint8_t* wtile = smem + (base - raw) + G::kXBytes;
+      const float* stile = reinterpret_cast<const float*>(wtile + G::kWBytes);
+      float sc[MB][2];
+      uint32_t sc2[MB][2];  // kScale16: the scale rounded to T, twice
+      uint2 w[2][MB][2];  // [step parity][m block][half]: the next step's words are loaded one step ahead
 #pragma unroll
-      for (int mb = 0; mb < 2; ++mb) {
+      for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           sc[mb][h] = stile[fr.row(mb, h)];
@@ -479,7 +569,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 #pragma unroll
         for (int s = s0; s < s0 + kBatch; ++s) {
 #pragma unroll
-          for (int mb = 0; mb < 2; ++mb) {
+          for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               if constexpr (kScale16) {
@@ -497,8 +587,8 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 #pragma unroll
         for (int s = s0; s < s0 + kBatch; ++s) {
           const uint64_t desc = desc_sw128(base + s * 32);
-          wgmma_rs<kBf16>(acc[0], a[s][0], desc);
-          wgmma_rs<kBf16>(acc[1], a[s][1], desc);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[s][mb], desc);
         }
         wgmma_commit();
         // keep 4 / kBatch - 2 groups (two steps) in flight: the group before them has completed, its fragment
@@ -515,26 +605,28 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       prev = stage;
     }
     wgmma_wait<0>();
-    pin(acc[0]);
-    pin(acc[1]);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) pin(acc[mb]);
 #pragma unroll
     for (int s = 0; s < 4; ++s) pin(a[s]);
     if (prev >= 0) tma::mbar_arrive(l.empty(prev));
-    store_tile<kBf16>(p, fr, acc, epi, epi_ptr, f0, t0);
+    store_tile<kBf16, kWide>(p, fr, acc, epi, epi_ptr, f0, t0);
   }
 }
 
 #endif  // sm_90a
 
 // kBatch: k16 steps per wgmma commit group (1 or 2); kScale16: the block scale applied in 16 bits ("ws16");
-// kTma: the one-thread TMA producer (p's tensor maps) instead of the cp.async warpgroup.
-template <bool kBf16, int kBatch, bool kScale16, bool kTma>
+// kTma: the one-thread TMA producer (p's tensor maps) instead of the cp.async warpgroup; kWide: the 128 × 256
+// geometry (Geo; TMA only).
+template <bool kBf16, int kBatch, bool kScale16, bool kTma, bool kWide>
 __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid_constant__ Params p) {
+  static_assert(kTma || !kWide, "the wide geometry has only the TMA producer");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  const Layout l = make_layout(raw);
-  if (l.codes + 16 * 4 - raw > static_cast<uint32_t>(p.smem)) __trap();  // cannot happen with a <= 1 KB base
+  const Layout<kWide> l = make_layout<kWide>(raw);
+  if (l.end - raw > static_cast<uint32_t>(p.smem)) __trap();  // cannot happen with a <= 1 KB base
   float* codes = reinterpret_cast<float*>(smem_raw + (l.codes - raw));
   if (threadIdx.x == 0) nf4::fill_code_table(codes);
   __syncthreads();
@@ -552,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid
     }
   }
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < Geo<kWide>::kStages; ++s) {
       tma::mbar_init(l.full(s), kTma ? 1 : 128);  // the TMA thread's expect_tx, or one per cp.async thread
       tma::mbar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
@@ -570,7 +662,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16, kBatch, kScale16, kTma>(p, smem_raw, l, raw, ktiles, lora);
+    consume<kBf16, kBatch, kScale16, kTma, kWide>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -639,7 +731,9 @@ bool supported(const qlora::GemmArgs& a) {
     return aligned_to(t.const_data_ptr(), 16) && (t.size(0) == 1 || t.stride(0) % 8 == 0);
   };
   if (a.k % kBK != 0 || !rows16(a.x) || !aligned_to(a.w.nf4.packed.const_data_ptr(), 16)) return false;
-  if (a.w.nf4.blocksize < kBK || ceil_div(a.n, kBF) * ceil_div(a.m, kBT) >= (int64_t{1} << 31)) return false;
+  if (a.w.nf4.blocksize < kBK || ceil_div(a.n, int64_t{128}) * ceil_div(a.m, int64_t{128}) >= (int64_t{1} << 31)) {
+    return false;  // tile counts in int (both geometries)
+  }
   if (a.r > 0 && (a.r > 64 || a.r % 8 != 0 || !rows16(a.xa) || !rows16(a.lora_b))) return false;
   return true;
 #else
@@ -647,7 +741,9 @@ bool supported(const qlora::GemmArgs& a) {
 #endif
 }
 
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool use_tma) {
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool use_tma, bool wide) {
+  TORCH_CHECK(!wide || (use_tma && batch == 2), "qlora_gemm: the wide tile exists only with the TMA producer");
+  const int bf = wide ? Geo<true>::kBF : Geo<false>::kBF, bt = wide ? Geo<true>::kBT : Geo<false>::kBT;
   const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
   const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
   at::Tensor scales = at::empty({ktiles, pitch}, a.x.options().dtype(at::kFloat));
@@ -675,20 +771,21 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool 
   p.n = a.n;
   p.k = a.k;
   p.r = static_cast<int>(a.r);
-  p.tiles_f = static_cast<int>(ceil_div(a.n, kBF));
-  p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, kBT));
+  p.tiles_f = static_cast<int>(ceil_div(a.n, int64_t{bf}));
+  p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, int64_t{bt}));
   if (use_tma) {
-    p.tx = tensor_map_2d(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.k, a.m, map_pitch(a.x), kBK, kBT,
+    p.tx = tensor_map_2d(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.k, a.m, map_pitch(a.x), kBK, bt,
                          CU_TENSOR_MAP_SWIZZLE_128B);
-    p.tw = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.k / 2, a.n, a.k / 2, kBK / 2, kBF,
+    p.tw = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.k / 2, a.n, a.k / 2, kBK / 2, bf,
                          CU_TENSOR_MAP_SWIZZLE_32B);
     if (a.r > 0) {
-      p.txa = tensor_map_2d(p.xa, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.r, a.m, map_pitch(a.xa), kBK, kBT,
+      p.txa = tensor_map_2d(p.xa, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.r, a.m, map_pitch(a.xa), kBK, bt,
                             CU_TENSOR_MAP_SWIZZLE_128B);
     }
   }
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
-  const int smem = std::min(kSmemBytes, max_optin_smem());  // the layout needs far less than its worst case
+  // the layout needs far less than its worst case
+  const int smem = std::min(wide ? Geo<true>::kSmemBytes : Geo<false>::kSmemBytes, max_optin_smem());
   p.smem = smem;
   auto launch = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -696,19 +793,31 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  if (use_tma) {
-    if (scale16) {
-      bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true, true>) : launch(qlora_gemm_ws_kernel<false, 2, true, true>);
+  // <bf16, k16 steps per commit group, 16-bit scale, TMA, wide>
+  auto pick = [&](auto b16, auto s16, auto tma, auto wd) {
+    constexpr bool kB = decltype(b16)::value, kS = decltype(s16)::value, kT = decltype(tma)::value;
+    constexpr bool kW = decltype(wd)::value;
+    if constexpr (!kT) {
+      batch == 1 && !kS ? launch(qlora_gemm_ws_kernel<kB, 1, false, false, false>)
+                        : launch(qlora_gemm_ws_kernel<kB, 2, kS, false, false>);
     } else {
-      bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false, true>) : launch(qlora_gemm_ws_kernel<false, 2, false, true>);
+      launch(qlora_gemm_ws_kernel<kB, 2, kS, true, kW>);
     }
-  } else if (scale16) {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, true, false>) : launch(qlora_gemm_ws_kernel<false, 2, true, false>);
-  } else if (batch == 1) {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 1, false, false>) : launch(qlora_gemm_ws_kernel<false, 1, false, false>);
-  } else {
-    bf16 ? launch(qlora_gemm_ws_kernel<true, 2, false, false>) : launch(qlora_gemm_ws_kernel<false, 2, false, false>);
-  }
+  };
+  auto with_geometry = [&](auto b16, auto s16, auto tma) {
+    if constexpr (decltype(tma)::value) {
+      wide ? pick(b16, s16, tma, std::true_type{}) : pick(b16, s16, tma, std::false_type{});
+    } else {
+      pick(b16, s16, tma, std::false_type{});
+    }
+  };
+  auto with_producer = [&](auto b16, auto s16) {
+    use_tma ? with_geometry(b16, s16, std::true_type{}) : with_geometry(b16, s16, std::false_type{});
+  };
+  auto with_scale = [&](auto b16) {
+    scale16 ? with_producer(b16, std::true_type{}) : with_producer(b16, std::false_type{});
+  };
+  bf16 ? with_scale(std::true_type{}) : with_scale(std::false_type{});
 }
 
 }  // namespace swiftlora::cuda::sm90

@@ -14,7 +14,8 @@ bool supported(const qlora::GemmArgs& a);
 
 // y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias). Benchmarking knobs: batch, k16 steps per
 // wgmma commit group (1 or 2); scale16, the block scale applied in 16 bits (batch 2); use_tma, the one-thread TMA
-// producer (batch 2).
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2, bool scale16 = false, bool use_tma = false);
+// producer (batch 2); wide, the 128-feature × 256-token tile (TMA only).
+void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2, bool scale16 = false, bool use_tma = false,
+         bool wide = false);
 
 }  // namespace swiftlora::cuda::sm90

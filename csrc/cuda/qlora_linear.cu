@@ -86,11 +86,13 @@ struct StreamOverlap {
 // a cp.async producer warpgroup), "ws1" (one), "ws16" (two, the block scale applied in 16 bits: fewer instructions,
 // two more roundings, an error still below a bf16 GEMM's on the dequantized weight); "tma" and "tma16" (default):
 // "ws" and "ws16" fed by a one-thread TMA producer (H100: tma16 0.834 ms, ws16 0.878, tma 0.958, ws 1.003 at
-// x [4096, 4096], W [14336, 4096], r = 16; bench/NOTES.md).
+// x [4096, 4096], W [14336, 4096], r = 16; bench/NOTES.md); "tmaw" and "tma16w": those on the 128-feature ×
+// 256-token tile (half the dequantization per MAC).
 struct QloraKernelVariant {
   int batch = 2;
   bool scale16 = true;
   bool tma = true;
+  bool wide = false;
 };
 
 QloraKernelVariant qlora_kernel_variant() {
@@ -98,11 +100,12 @@ QloraKernelVariant qlora_kernel_variant() {
   QloraKernelVariant k;
   if (env == nullptr || *env == '\0') return k;
   const std::string v(env);
-  TORCH_CHECK(v == "ws" || v == "ws1" || v == "ws16" || v == "tma" || v == "tma16",
-              "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1, ws16, tma or tma16, got '", v, "'");
+  TORCH_CHECK(v == "ws" || v == "ws1" || v == "ws16" || v == "tma" || v == "tma16" || v == "tmaw" || v == "tma16w",
+              "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1, ws16, tma, tma16, tmaw or tma16w, got '", v, "'");
   k.batch = v == "ws1" ? 1 : 2;
-  k.scale16 = v == "ws16" || v == "tma16";
-  k.tma = v == "tma" || v == "tma16";
+  k.scale16 = v == "ws16" || v == "tma16" || v == "tma16w";
+  k.tma = v.rfind("tma", 0) == 0;
+  k.wide = v == "tmaw" || v == "tma16w";
   return k;
 }
 
@@ -130,7 +133,7 @@ struct CudaBackend {
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
     const QloraKernelVariant k = qlora_kernel_variant();
-    sm90::run(a, y, k.batch, k.scale16, k.tma);
+    sm90::run(a, y, k.batch, k.scale16, k.tma, k.wide);
     return qlora::gemm_output_shape(x, y);
   }
 };

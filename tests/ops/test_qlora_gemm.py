@@ -96,16 +96,17 @@ def test_bad_input_raises_clear_errors(device):
 
 
 # The sm_90a kernel's variants (SWIFTLORA_QLORA_GEMM_VARIANT): two / one k16 steps per commit group, the 16-bit
-# scale multiply (held to the same error bound as the exact ones), and both fed by TMA boxes (tma, tma16; M = 1 has
-# a tensor map whose row pitch is not x's stride). Shapes cross the 256-feature x 128-token tiles' edges, more tiles than SMs (the persistent loop and
-# the stage ring's phases wrapping across tiles), R = 0 / 8 / 16 / 48 / 64, plain and double-quantized absmax.
+# scale multiply (held to the same error bound as the exact ones), both fed by TMA boxes (tma, tma16; M = 1 has a
+# tensor map whose row pitch is not x's stride), and the 128-feature x 256-token tile (tmaw, tma16w). Shapes cross
+# the tiles' edges, more tiles than SMs (the persistent loop and the stage ring's phases wrapping across tiles),
+# R = 0 / 8 / 16 / 48 / 64, plain and double-quantized absmax.
 VARIANT_SHAPES = [(3, 64, 40, 16), (130, 256, 200, 8), (64, 128, 129, 64), (9, 192, 72, 0), (1000, 1024, 1100, 16),
                   (2048, 512, 4352, 16), (1024, 256, 8200, 0), (257, 4096, 4096, 48), (129, 320, 264, 24),
                   (1, 128, 300, 16)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ws", "ws1", "ws16", "tma", "tma16"])
+@pytest.mark.parametrize("variant", ["ws", "ws1", "ws16", "tma", "tma16", "tmaw", "tma16w"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
 def test_cuda_kernel_variants(monkeypatch, variant, dtype, shape):
@@ -132,5 +133,5 @@ def test_cuda_variant_knob_rejects_unknown(monkeypatch):
     x, w, xa, lb, b = _inputs((8, 64, 40, 16), torch.bfloat16, "cuda", bias=False)
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the knob is read only where the sm_90a kernels run")
-    with pytest.raises(RuntimeError, match="SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1, ws16, tma or tma16"):
+    with pytest.raises(RuntimeError, match="SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1, ws16, tma, tma16, tmaw or"):
         qlora_gemm(x, w, xa, lb, b)
