@@ -57,9 +57,12 @@ TORCH_LIBRARY(swiftlora, m) {
   // s = Σe^{z−m} under a running reference max m (it moves to a block's max only when that passes m by 16, 8 for
   // float16: csrc/common/online_softmax.h). Overwrites block with P_j = e^{z_j−m}·dz_j/dx_j, writes
   // e^{z_j−m}·z_j·dz_j/dx_j into pz when given, and returns e^{m_before − m} float32 [N], the factor that rescales
-  // sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32).
+  // sums over earlier blocks. On CUDA B ≤ 8192 (16-bit) or 4096 (float32). With g_rescale float32 [N], it also
+  // multiplies row i of g (and of gz) float32 [N, H] contiguous by g_rescale[i], rows whose factor is exactly 1
+  // untouched (scale_rows_'s semantics and bits): lm_head_blocks_ folds the previous block's rescale in here.
   m.def("online_softmax_block_(Tensor(a!) block, Tensor(b!) stats, Tensor? labels, Tensor(c!)? pz, int col0, "
-        "int ignore_index, float softcap, float logit_scale) -> Tensor");
+        "int ignore_index, float softcap, float logit_scale, Tensor(d!)? g=None, Tensor(e!)? gz=None, "
+        "Tensor? g_rescale=None) -> Tensor");
   // A frozen LM head's whole vocabulary loop for one token chunk hc [C, H] (head_chunks in lm_head_blocks.py): per
   // block of `cols` columns, logits = hc @ W_bᵀ (+ bias_b), online_softmax_block_, G = r·G + P @ W_b (float32).
   // Overwrites stats [C, 6] (the final row statistics, as online_softmax_block_'s), g [C, H] = Σ_b e^{z−m}·dz·W_b

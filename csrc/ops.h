@@ -63,11 +63,15 @@ void check_cross_entropy_fused_args(const at::Tensor& logits, const at::Tensor& 
 void check_scale_rows_args(const at::Tensor& t, const at::Tensor& scale);
 // mean_divisor: labels [N] int64/int32 (N >= 0).
 void check_mean_divisor_args(const at::Tensor& labels);
-// online_softmax_block_: block [N, B] as logits above; stats float32 [N, kOnlineStats] contiguous; pz like block.
+// online_softmax_block_: block [N, B] as logits above; stats float32 [N, kOnlineStats] contiguous; pz like block;
+// g and gz float32 [N, H] contiguous, given with g_rescale float32 [N] contiguous (g required, gz optional); the
+// written tensors share no memory.
 constexpr int64_t kOnlineStats = 6;
 void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& pz,
-                                     int64_t col0, double softcap, double logit_scale);
+                                     int64_t col0, double softcap, double logit_scale,
+                                     const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& gz,
+                                     const std::optional<at::Tensor>& g_rescale);
 // lm_head_blocks_: hc [C, H] float, weight [V, H] and bias [V] of hc's dtype, labels [C] int64/int32, stats float32
 // [C, kOnlineStats] contiguous, g and gz float32 [C, H] contiguous, cols >= 1.
 void check_lm_head_blocks_args(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

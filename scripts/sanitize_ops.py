@@ -74,18 +74,23 @@ def cross_entropy_family():
 
 
 def softmax_block():
-    """online_softmax_block_ alone (lm_head_family runs it between cuBLAS GEMMs)."""
+    """online_softmax_block_ alone (lm_head_family runs it between cuBLAS GEMMs): the general kernel (pz, an odd
+    width: scalar rows) and the lean one (no pz, 16-byte rows), each also rescaling rows of g (and gz)."""
     from swiftlora.ops.lm_head_blocks import new_stats, online_softmax_block_reference
 
-    block = torch.randn(37, 1003, device=DEV, dtype=BF16) * 3
     y = torch.randint(0, 2000, (37,), device=DEV)
-    outs = []
-    for fn in (torch.ops.swiftlora.online_softmax_block_, online_softmax_block_reference):
-        b, stats, pz = block.clone(), new_stats(37, DEV), torch.empty_like(block)
-        r = fn(b, stats, y, pz, 500, -100, 0.0, 1.0)
-        outs.append((b, stats, pz, r))
-    for name, a, b in zip(("block", "stats", "pz", "rescale"), *outs):
-        check(f"online_softmax_block_ {name}", a, b, 2e-2)
+    factor = torch.where(torch.arange(37, device=DEV) % 3 == 0, 0.5, 1.0)
+    for width, with_pz in ((1003, True), (1000, False)):
+        block, g = torch.randn(37, width, device=DEV, dtype=BF16) * 3, torch.randn(37, 77, device=DEV)
+        outs = []
+        for fn in (torch.ops.swiftlora.online_softmax_block_, online_softmax_block_reference):
+            b, stats, gc = block.clone(), new_stats(37, DEV), g.clone()
+            pz, gz = (torch.empty_like(block), -g) if with_pz else (None, None)
+            r = fn(b, stats, y, pz, 500, -100, 0.0, 1.0, gc, gz, factor)
+            outs.append({"block": b, "stats": stats, "pz": pz, "rescale": r, "g": gc, "gz": gz})
+        for name, a in outs[0].items():
+            if a is not None:
+                check(f"online_softmax_block_ {width} {name}", a, outs[1][name], 2e-2)
 
 
 def lm_head_family():

@@ -1,12 +1,14 @@
 // lm_head_blocks_: one token chunk's whole vocabulary loop of a frozen LM head (python/swiftlora/ops/
 // lm_head_blocks.py, head_chunks), as host code shared by the CPU and CUDA backends (csrc/cuda/lm_head_blocks.cu
-// registers the same function with the CUDA GEMM choice). Why in C++: per vocabulary block the loop issues four
+// registers the same function with the CUDA GEMM choice). Why in C++: per vocabulary block the loop issues three
 // launches that each take ~0.06 ms of GPU time; from Python (~30 us of host time per op call) the host fell behind
-// the GPU and the GPU idled (bench/NOTES.md, "The block loop in C++"). The order of the calls is exactly the Python
-// loop's, on one stream, so the sums are bit-identical to head_chunks_reference:
-//   per block j: logits GEMM into buffer j % 2 (mm, or addmm with the bias slice); online_softmax_block_ on it;
-//   then block j−1's accumulation: G (and Gz) scaled by block j−1's rescale (j−1 > 0), G += P_{j−1} @ W_{j−1} in
-//   float32 (compat::addmm_fp32_); after the loop, the last block's accumulation.
+// the GPU and the GPU idled (bench/NOTES.md, "The block loop in C++"). The calls are the Python loop's, on one
+// stream, except that block j−1's rescale of G rides in block j's softmax launch instead of a scale_rows_ launch
+// of its own (same multiply, same G state), so the sums are bit-identical to head_chunks_reference:
+//   per block j: logits GEMM into buffer j % 2 (mm, or addmm with the bias slice); online_softmax_block_ on it,
+//   which also scales G (and Gz) by block j−1's rescale (j ≥ 2); then block j−1's accumulation
+//   G += P_{j−1} @ W_{j−1} in float32 (compat::addmm_fp32_); after the loop, the last block's rescale (scale_rows_,
+//   one per chunk) and accumulation.
 // Our kernels are called through the dispatcher (typed handles looked up once; ~1 us each), below autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
@@ -73,7 +75,9 @@ namespace {
 
 // The backend's kernels, through the dispatcher (the signatures the CPU and CUDA implementations register).
 using SoftmaxBlockFn = at::Tensor(at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, int64_t, int64_t, double, double);
+                                  const std::optional<at::Tensor>&, int64_t, int64_t, double, double,
+                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&);
 using ScaleRowsFn = void(at::Tensor&, const at::Tensor&);
 
 const c10::TypedOperatorHandle<SoftmaxBlockFn>& softmax_block_op() {
@@ -121,15 +125,17 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
   const at::Tensor bufs = at::empty({std::min<int64_t>(nblocks, 2), slot}, hc.options());
   const at::Tensor pzs = gz.defined() ? at::empty_like(bufs) : at::Tensor();
 
-  auto accumulate = [&](const Pending& b) {
+  // rescale: G (and Gz) times b.r first, unless the next block's softmax already did it
+  auto accumulate = [&](const Pending& b, bool rescale) {
     const at::Tensor w = weight.narrow(0, b.j * cols, b.p.size(1));
     for (const auto& [acc_ptr, p] : {std::pair<at::Tensor*, const at::Tensor*>{&g, &b.p}, {&gz, &b.pz}}) {
       at::Tensor& acc = *acc_ptr;
       if (!acc.defined()) continue;
-      if (b.j > 0) scale_rows_op().call(acc, b.r);
+      if (rescale) scale_rows_op().call(acc, b.r);
       compat::addmm_fp32_(acc, *p, w, fp32_out_gemm);
     }
   };
+  const std::optional<at::Tensor> g_opt(g), gz_opt = gz.defined() ? std::optional<at::Tensor>(gz) : std::nullopt;
   Pending pending;
   for (int64_t j = 0; j < nblocks; ++j) {
     const int64_t v0 = j * cols, width = std::min(cols, vocab - v0);
@@ -143,11 +149,17 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
     const std::optional<at::Tensor> pz =
         pzs.defined() ? std::optional<at::Tensor>(pzs.select(0, j % 2).narrow(0, 0, c * width).view({c, width}))
                       : std::nullopt;
-    at::Tensor r = softmax_block_op().call(block, stats, labels, pz, v0, ignore_index, softcap, logit_scale);
-    if (pending.j >= 0) accumulate(pending);  // the previous block, while this block's softmax runs
+    // Block j−1's rescale, folded into this launch (j ≥ 2; block 0 has none). On the one stream, G holds the sum
+    // through block j−2 here (its accumulation was issued before), and block j−1's accumulation, issued next,
+    // needs r_{j−1}·G + P_{j−1} @ W_{j−1}: the same G, scaled by the same float32 multiply, as scale_rows_ gave.
+    const bool fold = pending.j >= 1;
+    at::Tensor r = softmax_block_op().call(block, stats, labels, pz, v0, ignore_index, softcap, logit_scale,
+                                           fold ? g_opt : std::nullopt, fold ? gz_opt : std::nullopt,
+                                           fold ? std::optional<at::Tensor>(pending.r) : std::nullopt);
+    if (pending.j >= 0) accumulate(pending, false);  // the previous block, while this block's softmax runs
     pending = Pending{j, block, pz.has_value() ? *pz : at::Tensor(), std::move(r)};
   }
-  accumulate(pending);
+  accumulate(pending, pending.j > 0);  // no softmax after the last block to carry its rescale
 }
 
 namespace {

@@ -3,7 +3,9 @@
 // G = Σ_blocks P @ W_block like flash attention's output): per row, the running statistics (m, s, Σz, Σe^{z−m}z,
 // z_label, dz_label) take the block in, the block is overwritten with P_j = e^{z_j − m}·dz_j/dx_j under the
 // running reference max m (common/online_softmax.h: it moves only when a block's max passes it by a slack), and the factor e^{m_old − m} by which earlier blocks' accumulations must be rescaled is returned.
-// One row per task, two passes over the block row (max, then exponentials), float32 math.
+// With g_rescale, the op also scales rows of g (and gz) by it, as scale_rows_ would (lm_head_blocks_ passes the
+// previous block's factor, saving that launch). One row per task, two passes over the block row (max, then
+// exponentials), float32 math.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -18,10 +20,55 @@
 #include "ops.h"
 
 namespace swiftlora {
+namespace {
+
+// g, gz and g_rescale (the rescale of sums over earlier blocks that the op applies on the side); block, stats and pz
+// already checked.
+void check_block_rescale_args(const at::Tensor& block, const at::Tensor& stats, const std::optional<at::Tensor>& pz,
+                              const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& gz,
+                              const std::optional<at::Tensor>& g_rescale) {
+  constexpr const char* op = "online_softmax_block_";
+  TORCH_CHECK_VALUE(g.has_value() == g_rescale.has_value(), op, ": g and g_rescale come together (g is scaled by ",
+                    "g_rescale), got ", g.has_value() ? "g" : "g_rescale", " alone");
+  TORCH_CHECK_VALUE(!gz.has_value() || g.has_value(), op, ": gz is scaled beside g, so it needs g and g_rescale");
+  if (!g.has_value()) return;
+  const int64_t n = block.size(0);
+  check_same_device(block, *g_rescale, op, "block", "g_rescale");
+  TORCH_CHECK_TYPE(g_rescale->scalar_type() == at::kFloat, op, ": g_rescale must be float32, got ",
+                   g_rescale->scalar_type());
+  TORCH_CHECK_VALUE(g_rescale->dim() == 1 && g_rescale->size(0) == n && g_rescale->is_contiguous(), op,
+                    ": g_rescale must be a contiguous float32 [", n, "] (one factor per row of block), got shape ",
+                    g_rescale->sizes(), " strides ", g_rescale->strides());
+  const at::Tensor* written[] = {&block, &stats, pz.has_value() ? &*pz : nullptr, &*g, gz.has_value() ? &*gz : nullptr};
+  const char* names[] = {"block", "stats", "pz", "g", "gz"};
+  for (int k = 3; k < 5; ++k) {
+    if (written[k] == nullptr) continue;
+    const at::Tensor& t = *written[k];
+    check_same_device(block, t, op, "block", names[k]);
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", names[k], " must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == n && t.is_contiguous(), op, ": ", names[k],
+                      " must be a contiguous float32 [", n, ", H] (rows of block), got shape ", t.sizes(), " strides ",
+                      t.strides());
+    if (k == 4) check_same_shape(*g, t, op, "g", "gz");
+    for (int o = 0; o < k; ++o) {
+      if (written[o] != nullptr) check_no_overlap(*written[o], t, op, names[o], names[k]);
+    }
+  }
+  for (int k = 0; k < 5; ++k) {  // g_rescale is read while the op writes these
+    if (written[k] == nullptr) continue;
+    const at::MemOverlapStatus s = at::get_overlap_status(*written[k], *g_rescale);
+    TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": g_rescale and ",
+                      names[k], " share memory, but ", names[k], " is written in place; pass separate buffers");
+  }
+}
+
+}  // namespace
 
 void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& stats,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& pz,
-                                     int64_t col0, double softcap, double logit_scale) {
+                                     int64_t col0, double softcap, double logit_scale,
+                                     const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& gz,
+                                     const std::optional<at::Tensor>& g_rescale) {
   constexpr const char* op = "online_softmax_block_";
   check_softmax_args(op, block, labels, softcap, logit_scale);
   const int64_t n = block.size(0);
@@ -32,13 +79,15 @@ void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& 
                     "] (m, s, sum z, sum e^(z-m) z, z_label, dz_label), got shape ", stats.sizes(), " strides ",
                     stats.strides());
   TORCH_CHECK_VALUE(col0 >= 0, op, ": col0 (the block's first vocabulary column) must be >= 0, got ", col0);
-  if (!pz.has_value()) return;
-  check_same_device(block, *pz, op, "block", "pz");
-  TORCH_CHECK_TYPE(pz->scalar_type() == block.scalar_type(), op, ": pz must have block's dtype (",
-                   block.scalar_type(), "), got ", pz->scalar_type());
-  TORCH_CHECK_VALUE(pz->sizes() == block.sizes() && pz->stride(1) == 1, op, ": pz must have block's shape ",
-                    block.sizes(), " with unit column stride, got shape ", pz->sizes(), " strides ", pz->strides());
-  TORCH_CHECK_VALUE(n == 1 || pz->stride(0) >= pz->size(1), op, ": pz is written, so its rows must not overlap");
+  if (pz.has_value()) {
+    check_same_device(block, *pz, op, "block", "pz");
+    TORCH_CHECK_TYPE(pz->scalar_type() == block.scalar_type(), op, ": pz must have block's dtype (",
+                     block.scalar_type(), "), got ", pz->scalar_type());
+    TORCH_CHECK_VALUE(pz->sizes() == block.sizes() && pz->stride(1) == 1, op, ": pz must have block's shape ",
+                      block.sizes(), " with unit column stride, got shape ", pz->sizes(), " strides ", pz->strides());
+    TORCH_CHECK_VALUE(n == 1 || pz->stride(0) >= pz->size(1), op, ": pz is written, so its rows must not overlap");
+  }
+  check_block_rescale_args(block, stats, pz, g, gz, g_rescale);
 }
 
 namespace {
@@ -74,11 +123,25 @@ void block_row(T* x, T* pz, int64_t b, int64_t label, float* st, float& rescale,
   rescale = r;
 }
 
+// Row r of g (and gz) times its factor, as scale_rows_ does it (rows whose factor is exactly 1 untouched).
+void rescale_row(float* g, float* gz, int64_t h, float s) {
+  if (s == 1.f) return;
+  for (float* t : {g, gz}) {
+    if (t == nullptr) continue;
+    for (int64_t k = 0; k < h; ++k) t[k] = t[k] * s;
+  }
+}
+
 at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels,
                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index, double softcap,
-                                    double logit_scale) {
-  check_online_softmax_block_args(block, stats, labels, pz, col0, softcap, logit_scale);
+                                    double logit_scale, const std::optional<at::Tensor>& g,
+                                    const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale) {
+  check_online_softmax_block_args(block, stats, labels, pz, col0, softcap, logit_scale, g, gz, g_rescale);
   const int64_t n = block.size(0), b = block.size(1), xs = block.stride(0);
+  const int64_t h = g.has_value() ? g->size(1) : 0;
+  float* gp = g.has_value() ? g->mutable_data_ptr<float>() : nullptr;
+  float* gzp = gz.has_value() ? gz->mutable_data_ptr<float>() : nullptr;
+  const float* grp = g_rescale.has_value() ? g_rescale->const_data_ptr<float>() : nullptr;
   const int64_t ps = pz.has_value() ? pz->stride(0) : 0;
   at::Tensor rescale = at::empty({n}, stats.options());
   const at::Tensor lab = labels.has_value() ? labels->to(at::kLong).contiguous() : at::Tensor();
@@ -95,6 +158,7 @@ at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const 
         const int64_t l = lp == nullptr || lp[r] == ignore_index ? -1 : lp[r] - col0;
         block_row(xp + r * xs, pp == nullptr ? nullptr : pp + r * ps, b, l >= 0 && l < b ? l : -1,
                   sp + r * kOnlineStats, rp[r], tf, slack);
+        if (grp != nullptr) rescale_row(gp + r * h, gzp == nullptr ? nullptr : gzp + r * h, h, grp[r]);
       }
     });
   });

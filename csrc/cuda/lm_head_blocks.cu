@@ -1,7 +1,8 @@
 // lm_head_blocks_ on CUDA: the host loop of csrc/cpu/lm_head_blocks.cpp (shared with the CPU) with cuBLAS's
 // float32-output 16-bit GEMM for the accumulation where the device has it (sm80+, as _compat.addmm_fp32_ decides).
-// No kernel of its own: it issues the logits GEMMs, online_softmax_block_ and scale_rows_ kernels and the
-// accumulating GEMMs, ~4 launches per vocabulary block, from C++ instead of Python.
+// No kernel of its own: it issues the logits GEMMs, online_softmax_block_ kernels (which also apply the previous
+// block's rescale of G) and the accumulating GEMMs, 3 launches per vocabulary block plus one scale_rows_ per chunk,
+// from C++ instead of Python.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

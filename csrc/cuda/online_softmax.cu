@@ -2,7 +2,8 @@
 // row of the vocabulary block; each thread holds up to kBlockVecs 16-byte vectors of the row in registers (as
 // single elements when rows are not 16-byte aligned), so the row is read once and written once (plus pz when asked) whatever the two reductions (max, then Σe) need.
 // Floor: N·B·E read + N·B·E written (×2 written with pz); the block was just written by the logits GEMM, so much of
-// it comes from L2.
+// it comes from L2. With g_rescale, the row's CTA also scales its row of g (and gz) [N, H] float32, which costs a
+// load of the factor when it is exactly 1 (almost always: lm_head_blocks_ passes the previous block's rescale).
 #include <ATen/ops/empty.h>
 #include <cstdlib>
 #include <string>
@@ -59,6 +60,19 @@ __device__ __forceinline__ void finish_row(float s, float spz, float m, float r,
   }
 }
 
+// Row `row` of g (and gz) [N, h] times s, as scale_rows_ does it (one float32 multiply). Called only for a factor
+// other than 1, which is uniform per CTA. Not inlined: inlined, its loop made ptxas spill twice as much in the
+// unaligned 16-bit kernels (~136 -> ~290 bytes; ptxas -v), although it runs after the row's work.
+__device__ __noinline__ void rescale_row(float* __restrict__ g, float* __restrict__ gz, int64_t row, int h,
+                                         float s) {
+  float* gr = g + row * h;
+  float* gzr = gz == nullptr ? nullptr : gz + row * h;
+  for (int k = static_cast<int>(threadIdx.x); k < h; k += kBlockThreads) {
+    gr[k] = gr[k] * s;
+    if (gzr != nullptr) gzr[k] = gzr[k] * s;
+  }
+}
+
 // z (and dz) as Transform gives them, but x·scale rounded on its own, never contracted into the add that follows,
 // whose contraction the compiler may choose differently here and in the lean kernel below; the two must agree bitwise.
 __device__ __forceinline__ float block_z(const Transform& f, float x, float& dz) {
@@ -72,12 +86,14 @@ template <typename T, typename L, int VEC, int NV, bool kPz>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     online_softmax_block_kernel(T* x, int64_t x_stride, T* pz, int64_t pz_stride, const L* __restrict__ labels,
                                 int64_t col0, int64_t ignore_index, int b, Transform f, float max_slack,
-                                float* __restrict__ stats, float* __restrict__ rescale) {
-  __shared__ float scratch[64];
+                                float* __restrict__ stats, float* __restrict__ rescale, float* __restrict__ g,
+                                float* __restrict__ gz, const float* __restrict__ g_rescale, int h) {
+  __shared__ float scratch[64], g_scale;
   const int64_t row = blockIdx.x;
   T* xr = x + row * x_stride;
   float* st = stats + row * kOnlineStats;
   const float m_old = st[0];  // loaded early: its latency hides behind the row's
+  const float gs = g_rescale != nullptr && threadIdx.x == 0 ? g_rescale[row] : 1.f;  // likewise, by one thread
   int label = -1;  // the label's column inside this block
   if (labels != nullptr) {
     const int64_t l = static_cast<int64_t>(labels[row]);
@@ -97,6 +113,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
       for (int j = 0; j < VEC; ++j) xv[u].v[j] = c + j < b ? xr[c + j] : T(0);
     }
   }
+  if (threadIdx.x == 0) g_scale = gs;  // read after the reductions' barriers
   float bm = kNegInf, zsum = 0.f;
 #pragma unroll
   for (int u = 0; u < NV; ++u) {
@@ -144,6 +161,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     }
   }
   finish_row(s, spz, m, r, mz.y, st, rescale + row, scratch);
+  if (g_scale != 1.f) rescale_row(g, gz, row, h, g_scale);  // 1 without g
 }
 
 // The common case with the fewest instructions per element: no soft-cap (z = x·scale, dz = scale), no pz, 16-byte
@@ -156,19 +174,22 @@ template <typename T, typename L>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     online_softmax_block_lean_kernel(T* x, int64_t x_stride, const L* __restrict__ labels, int64_t col0,
                                      int64_t ignore_index, int b, float scale, float max_slack,
-                                     float* __restrict__ stats, float* __restrict__ rescale) {
+                                     float* __restrict__ stats, float* __restrict__ rescale, float* __restrict__ g,
+                                     float* __restrict__ gz, const float* __restrict__ g_rescale, int h) {
   constexpr int VEC = 16 / sizeof(T), NV = kBlockVecs, kStep = kBlockThreads * VEC;
-  __shared__ float scratch[64];
+  __shared__ float scratch[64], g_scale;
   const int64_t row = blockIdx.x;
   T* xr = x + row * x_stride;
   float* st = stats + row * kOnlineStats;
   const float m_old = st[0];
+  const float gs = g_rescale != nullptr && threadIdx.x == 0 ? g_rescale[row] : 1.f;
   const int c0 = static_cast<int>(threadIdx.x) * VEC;
   Vec<T, VEC> xv[NV];
 #pragma unroll
   for (int u = 0; u < NV; ++u) {
     if (c0 + u * kStep < b) xv[u] = load_vec<T, VEC>(xr + c0 + u * kStep);
   }
+  if (threadIdx.x == 0) g_scale = gs;
   int label = -1;  // the label's column inside this block, kept by the thread that stores it
   float x_label = 0.f;
   if (labels != nullptr) {
@@ -213,6 +234,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
   }
   if (label >= 0) st[4] = __fmul_rn(x_label, scale), st[5] = scale;
   finish_row(s, spz, m, r, mz.y, st, rescale + row, scratch);
+  if (g_scale != 1.f) rescale_row(g, gz, row, h, g_scale);  // 1 without g
 }
 
 // SWIFTLORA_SOFTMAX_BLOCK_VARIANT, a benchmarking knob read on every call: "lean" (default: the kernel above where
@@ -228,15 +250,21 @@ bool lean_kernel_allowed() {
 
 at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels_in,
                                      const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
-                                     double softcap, double logit_scale) {
+                                     double softcap, double logit_scale, const std::optional<at::Tensor>& g,
+                                     const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale) {
   constexpr const char* op = "online_softmax_block_";
-  check_online_softmax_block_args(block, stats, labels_in, pz, col0, softcap, logit_scale);
+  check_online_softmax_block_args(block, stats, labels_in, pz, col0, softcap, logit_scale, g, gz, g_rescale);
   const c10::cuda::CUDAGuard guard(block.device());
   const int64_t n = block.size(0), b = block.size(1);
   const int64_t cap = kBlockThreads * kBlockVecs * (16 / block.element_size());
   TORCH_CHECK_VALUE(b <= cap, op, ": on CUDA a block has at most ", cap, " columns for ", block.scalar_type(),
                     ", got ", b);
   TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(), op, ": too many rows (", n, ")");
+  const int64_t h = g.has_value() ? g->size(1) : 0;
+  TORCH_CHECK_VALUE(h <= std::numeric_limits<int>::max(), op, ": g has too many columns (", h, ")");
+  float* gp = g.has_value() ? g->mutable_data_ptr<float>() : nullptr;
+  float* gzp = gz.has_value() ? gz->mutable_data_ptr<float>() : nullptr;
+  const float* grp = g_rescale.has_value() ? g_rescale->const_data_ptr<float>() : nullptr;
   at::Tensor rescale = at::empty({n}, stats.options());
   const std::optional<at::Tensor> labels =
       labels_in.has_value() ? std::optional<at::Tensor>(labels_in->contiguous()) : std::nullopt;
@@ -256,7 +284,8 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
           <<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
               block.mutable_data_ptr<T>(), block.stride(0), pz.has_value() ? pz->mutable_data_ptr<T>() : nullptr,
               pz.has_value() ? pz->stride(0) : 0, lp, col0, ignore_index, static_cast<int>(b), f,
-              online_max_slack(block.scalar_type()), stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+              online_max_slack(block.scalar_type()), stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>(),
+              gp, gzp, grp, static_cast<int>(h));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     auto with_vec = [&](auto label_tag, auto with_pz) {
@@ -272,7 +301,7 @@ at::Tensor online_softmax_block_cuda(at::Tensor& block, at::Tensor& stats, const
       online_softmax_block_lean_kernel<T, L><<<static_cast<unsigned>(n), kBlockThreads, 0, current_stream()>>>(
           block.mutable_data_ptr<T>(), block.stride(0), labels.has_value() ? labels->const_data_ptr<L>() : nullptr,
           col0, ignore_index, static_cast<int>(b), f.scale, online_max_slack(block.scalar_type()),
-          stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>());
+          stats.mutable_data_ptr<float>(), rescale.mutable_data_ptr<float>(), gp, gzp, grp, static_cast<int>(h));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     auto with_labels = [&](auto with_pz) {

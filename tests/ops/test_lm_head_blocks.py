@@ -1,6 +1,7 @@
 """The frozen-head vocabulary-block path (ops/lm_head_blocks.py): online_softmax_block_ against its reference and
-opcheck; block_plan; and fused_linear_cross_entropy / token_logprobs through many blocks (a small memory budget)
-against their float64 references, with every option, ignored and out-of-block labels, odd sizes."""
+opcheck (with and without the rescale of g / gz it can apply); block_plan; and fused_linear_cross_entropy /
+token_logprobs through many blocks (a small memory budget) against their float64 references, with every option,
+ignored and out-of-block labels, odd sizes."""
 from __future__ import annotations
 
 import pytest
@@ -68,6 +69,32 @@ def _first_diffs(a, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_gz", [False, True], ids=["g", "g+gz"])
+def test_lean_block_kernel_equals_general_with_g_rescale(monkeypatch, dtype, with_gz):
+    """With g_rescale the two CUDA kernels still agree bitwise on everything they write (block, statistics, rescale,
+    and the scaled rows of g and gz), and their g and gz equal scale_rows_'s bits."""
+    n, b, h = 300, 1000, 77
+    x = randn(n, b, dtype=torch.float32, device="cuda", scale=4.0).to(dtype)
+    y = labels(n, 2 * b, "cuda")  # about half in this block (columns b..2b)
+    g0, gz0, factor = _g_inputs(n, h, "cuda")
+    stats0 = new_stats(n, "cuda")
+    _op(randn(n, b, dtype=dtype, device="cuda"), stats0, None, None, 0, IGNORE, 0.0, 0.7)  # a carried max
+    runs = {}
+    for variant in ("general", "lean"):
+        monkeypatch.setenv("SWIFTLORA_SOFTMAX_BLOCK_VARIANT", variant)
+        block, stats, g, gz = x.clone(), stats0.clone(), g0.clone(), gz0.clone() if with_gz else None
+        r = _op(block, stats, y, None, b, IGNORE, 0.0, 0.7, g, gz, factor)
+        runs[variant] = (block, stats, r, g) + ((gz,) if with_gz else ())
+    for a, c in zip(runs["general"], runs["lean"]):
+        assert torch.equal(a.view(torch.int8), c.view(torch.int8))
+    for got, want in zip(runs["lean"][3:], (g0, gz0)):
+        want = want.clone()
+        torch.ops.swiftlora.scale_rows_(want, factor)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.gpu
 def test_block_variant_knob_rejects_unknown(monkeypatch):
     monkeypatch.setenv("SWIFTLORA_SOFTMAX_BLOCK_VARIANT", "fastest")
     x = randn(4, 64, dtype=torch.bfloat16, device="cuda")
@@ -115,6 +142,106 @@ def test_block_op_rejects_bad_input():
         _op(block, stats, None, None, -1, IGNORE, 0.0, 1.0)
     with pytest.raises(TypeError, match="pz must have block's dtype"):
         _op(block, stats, None, block.double(), 0, IGNORE, 0.0, 1.0)
+
+
+def _g_inputs(n, h, device):
+    """(g, gz, factor): float32 [n, h] sums with a NaN and a -0.0 in rows whose factor is 1, and factors 1, 0.5, 0,
+    random and 1 (most rows, as in the online softmax)."""
+    g, gz = randn(n, h, device=device, scale=5.0), randn(n, h, device=device)
+    factor = torch.ones(n, device=device)
+    factor[1], factor[2], factor[4::7] = 0.5, 0.0, torch.rand(len(range(4, n, 7)), device=device)
+    g[0, 3], gz[0, 5], g[3, 1] = torch.nan, torch.nan, -0.0
+    g[2, 0] = torch.inf  # times 0: NaN, as scale_rows_ gives
+    return g, gz, factor
+
+
+def _bits(t):
+    return t.view(torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_pz", [False, True])
+@pytest.mark.parametrize("with_gz", [False, True], ids=["g", "g+gz"])
+def test_block_op_rescales_g(device, dtype, with_pz, with_gz):
+    """g_rescale: g (and gz) scaled per row with scale_rows_'s bits and the reference's values, rows whose factor is
+    exactly 1 untouched bit for bit (a NaN, a -0.0); what the op writes otherwise is unchanged, bit for bit. On CUDA
+    without pz the lean kernel runs, with pz the general one."""
+    n, b, h = 37, 264, 45
+    x = randn(n, b, dtype=dtype, device=device, scale=3.0)
+    y = labels(n, b, device)
+    g0, gz0, factor = _g_inputs(n, h, device)
+    outs = {}
+    for name, fn, extra in (("plain", _op, False), ("op", _op, True), ("ref", online_softmax_block_reference, True)):
+        block, stats = x.clone(), new_stats(n, device)
+        pz = torch.full_like(block, torch.nan) if with_pz else None
+        g, gz = g0.clone(), gz0.clone() if with_gz else None
+        args = (g, gz, factor) if extra else ()
+        r = fn(block, stats, y, pz, 0, IGNORE, 0.0, 0.7, *args)
+        outs[name] = (block, stats, pz, r, g, gz)
+    plain, got, ref = outs["plain"], outs["op"], outs["ref"]
+    for a, c in zip(got[:4], plain[:4]):
+        assert (a is None and c is None) or torch.equal(a.view(torch.int8), c.view(torch.int8))
+    for k, start in ((4, g0), (5, gz0)):
+        if got[k] is None:
+            assert not with_gz and k == 5
+            continue
+        want = start.clone()
+        torch.ops.swiftlora.scale_rows_(want, factor)
+        assert torch.equal(_bits(got[k]), _bits(want))
+        assert torch.equal(_bits(got[k]), _bits(ref[k]))
+        ones = factor == 1
+        assert torch.equal(_bits(got[k][ones]), _bits(start[ones]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_op_opcheck_with_g_rescale(device):
+    block = randn(6, 50, device=device)
+    g, gz, factor = _g_inputs(6, 9, device)
+    g[0, 3] = gz[0, 5] = g[2, 0] = 1.0  # no NaN in or out: opcheck compares its runs' values
+    y = labels(6, 200, device)
+    torch.library.opcheck(_op, (block, new_stats(6, device), y, torch.empty_like(block), 40, IGNORE, 0.0, 1.0),
+                          {"g": g, "gz": gz, "g_rescale": factor})
+    torch.library.opcheck(_op, (block, new_stats(6, device), None, None, 0, IGNORE, 2.0, 0.5, g, None, factor))
+
+
+def test_block_op_rejects_bad_g_rescale():
+    block, stats = randn(4, 10), new_stats(4, "cpu")
+    g, factor = torch.zeros(4, 7), torch.ones(4)
+
+    def call(g=None, gz=None, g_rescale=None, stats=stats):
+        _op(block, stats, None, None, 0, IGNORE, 0.0, 1.0, g, gz, g_rescale)
+
+    with pytest.raises(ValueError, match="g and g_rescale come together .*got g alone"):
+        call(g)
+    with pytest.raises(ValueError, match="got g_rescale alone"):
+        call(g_rescale=factor)
+    with pytest.raises(ValueError, match="gz is scaled beside g"):
+        call(gz=g)
+    with pytest.raises(TypeError, match="g_rescale must be float32"):
+        call(g, g_rescale=factor.double())
+    with pytest.raises(ValueError, match="g_rescale must be a contiguous float32 \\[4\\]"):
+        call(g, g_rescale=torch.ones(5))
+    with pytest.raises(ValueError, match="g_rescale must be a contiguous"):
+        call(g, g_rescale=torch.ones(4, 2)[:, 0])
+    with pytest.raises(TypeError, match="g must be float32"):
+        call(g.half(), g_rescale=factor)
+    with pytest.raises(ValueError, match="g must be a contiguous float32 \\[4, H\\]"):
+        call(torch.zeros(5, 7), g_rescale=factor)
+    with pytest.raises(ValueError, match="g must be a contiguous"):
+        call(torch.zeros(7, 4).t(), g_rescale=factor)
+    with pytest.raises(TypeError, match="gz must be float32"):
+        call(g, g.bfloat16(), factor)
+    with pytest.raises(ValueError, match="gz must have the shape of g"):
+        call(g, torch.zeros(4, 8), factor)
+    with pytest.raises(ValueError, match="stats and g share memory"):
+        call(stats, g_rescale=factor)
+    with pytest.raises(ValueError, match="g and gz share memory"):
+        call(g, g, factor)
+    with pytest.raises(ValueError, match="g_rescale and g share memory"):
+        call(g, g_rescale=g.view(-1)[:4])
+    with pytest.raises(ValueError, match="g_rescale and stats share memory"):
+        call(g, g_rescale=stats.view(-1)[4:8])
 
 
 def test_block_plan_rule():

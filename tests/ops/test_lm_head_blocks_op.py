@@ -1,7 +1,8 @@
 """lm_head_blocks_ (csrc/cpu/lm_head_blocks.cpp): one token chunk's whole vocabulary loop in C++. Its sums must equal,
-bit for bit, those of the Python loop it replaces (head_chunks_reference, the same ops in the same order on one
-stream): every dtype, with and without bias, labels None / with ignored rows, with Gz, one block and several, odd
-sizes, int32 labels, a running max that moves in a later block; plus opcheck, bad input and the ops per chunk."""
+bit for bit, those of the Python loop it replaces (head_chunks_reference, the same float32 operations in the same
+order on one stream, the rescales of G folded into the next block's softmax launch): every dtype, with and without
+bias, labels None / with ignored rows, with Gz, one block and several, odd sizes, int32 labels, a running max that
+moves in a middle and in the last block; plus opcheck, bad input, the ops per chunk and per block."""
 from __future__ import annotations
 
 import pytest
@@ -115,6 +116,35 @@ def test_head_chunks_issues_one_op_per_chunk():
     views = {"slice.Tensor", "select.int", "view.default", "t.default", "alias.default"}
     assert [name for name in ops.names if name not in views] == (["empty.memory_format"] * 2
                                                                  + ["lm_head_blocks_.default"] * 2)
+
+
+@pytest.mark.parametrize("with_gz", [False, True], ids=["g", "g+gz"])
+def test_work_per_block_is_three_ops(with_gz):
+    """The C++ loop (lm_head_blocks_, its direct calls seen by the profiler): per block the logits GEMM, the softmax
+    and the accumulation (one per sum), the rescale of block j−1 riding in block j's softmax (its g, gz and g_rescale
+    given from block 2 on), so one scale_rows_ per sum per chunk, for the last block. Per chunk: the resets of stats
+    and G (and Gz) and the buffer allocations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c, h, v, cols = 20, 16, 1000, 256  # 4 blocks, the last ragged
+    hidden, weight, _ = _inputs(c, h, v, torch.float32, "cpu", False)
+    stats, g = new_stats(c, "cpu"), torch.empty(c, h)
+    gz = torch.empty_like(g) if with_gz else None
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _op(hidden, weight, None, labels(c, v, "cpu"), stats, g, gz, cols, IGNORE, 0.0, 1.0)
+    top = next(e for e in prof.events() if e.name == "swiftlora::lm_head_blocks_")
+    views = {"aten::select", "aten::narrow", "aten::slice", "aten::as_strided", "aten::t", "aten::transpose",
+             "aten::view"}
+    calls = [e for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.id == top.id
+             and e.name not in views]
+    sums = 2 if with_gz else 1
+    sm, acc = "swiftlora::online_softmax_block_", ["aten::addmm_"] * sums
+    per_chunk = ["aten::zero_", "aten::fill_"] + ["aten::zero_"] * sums + ["aten::empty", "aten::empty_like"][:sums]
+    last = ["swiftlora::scale_rows_", "aten::addmm_"] * sums
+    assert [e.name for e in calls] == per_chunk + ["aten::mm", sm] + (["aten::mm", sm] + acc) * 3 + last
+    folded = [e.input_shapes[-3:] for e in calls if e.name == sm]
+    gshape = [c, h]
+    assert folded == [[[], [], []]] * 2 + [[gshape, gshape if with_gz else [], [c]]] * 2, folded
 
 
 @pytest.mark.gpu

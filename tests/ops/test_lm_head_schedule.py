@@ -1,7 +1,8 @@
 """head_chunks' schedule (ops/lm_head_blocks.py): two block buffers, the next block's GEMM issued before the previous
 block's accumulation, and on CUDA the block softmax on a side stream. Its sums must equal, bit for bit, those of the
 plain one-block-at-a-time order; several token chunks (the reused stats/G buffers), odd vocabularies, a bias, a
-running max that moves in a later block (scale_rows_ with r != 1); and the work per block is exactly its four ops."""
+running max that moves in a middle and in the last block (scale_rows_ with r != 1); and the work per block of the
+Python loop is exactly its four ops."""
 from __future__ import annotations
 
 import pytest
@@ -23,9 +24,9 @@ _lib = torch.ops.swiftlora
 
 def _one_block_at_a_time(h2, weight, bias, y, plan, with_gz, softcap, scale):
     """The order before the two-buffer schedule: per block, GEMM, softmax, rescale, accumulate, in one stream.
-    Returns the chunks' sums and whether some row's running max moved after its first block (a rescale r != 1)."""
+    Returns the chunks' sums and the blocks (after the first) where some row's running max moved (a rescale r != 1)."""
     n, hdim = h2.shape
-    out, moved = [], False
+    out, moved = [], set()
     for s in range(0, n, plan.rows):
         e = min(s + plan.rows, n)
         hc = h2[s:e]
@@ -37,7 +38,8 @@ def _one_block_at_a_time(h2, weight, bias, y, plan, with_gz, softcap, scale):
             block = torch.mm(hc, wb.t()) if bias is None else torch.addmm(bias[v0:v0 + plan.cols], hc, wb.t())
             pz = torch.empty_like(block) if with_gz else None
             r = _lib.online_softmax_block_(block, stats, y[s:e], pz, v0, IGNORE, softcap, scale)
-            moved = moved or bool(v0 and (r != 1).any())
+            if v0 and (r != 1).any():
+                moved.add(v0 // plan.cols)
             for acc, p in ((g, block), (gz, pz)):
                 if acc is not None:
                     if v0:
@@ -57,6 +59,9 @@ def _inputs(n, h, v, dtype, device, bias):
     hidden = randn(n, h, dtype=dtype, device=device)
     weight = randn(v, h, dtype=dtype, device=device, scale=h**-0.5)
     weight[v - 7] *= 40  # a column far above the rest in the last block: the running max moves there (r != 1)
+    # and row 0's logit 40 in a middle block (of 3 or more): its max moves there, a rescale that the C++ loop folds
+    # into the next block's softmax
+    weight[v // 3] = hidden[0] * (40 / hidden[0].float().norm() ** 2)
     b = randn(v, dtype=dtype, device=device) if bias else None
     return hidden, weight, b
 
@@ -87,7 +92,7 @@ def test_schedule_equals_one_block_at_a_time(device, dtype, bias, with_gz, monke
     assert plan == (16, 256)
     softcap = 30.0 if with_gz else 0.0  # wide enough for the max to jump by more than 16
     ref, moved = _one_block_at_a_time(hidden, weight, b, y, plan, with_gz, softcap, 0.8)
-    assert moved  # the rescale path (scale_rows_ with r != 1) runs
+    assert moved >= {1, 3}, moved  # rescales r != 1 in a middle block (folded in C++) and the last
     sequential = _schedule(hidden, weight, b, y, plan, with_gz, softcap, 0.8, overlap=False)
     _assert_same(sequential, ref, exact=device == "cpu")
     _assert_same(_schedule(hidden, weight, b, y, plan, with_gz, softcap, 0.8, overlap=True), sequential)  # CUDA: overlapped
@@ -131,11 +136,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_work_per_block_is_four_ops():
-    """The Python loop (head_chunks_reference; lm_head_blocks_ issues the same ops from C++): per block the logits
-    GEMM (into a preallocated buffer), the softmax, the rescale (not for the first block) and the accumulation, and
-    nothing else that computes: no per-block allocation, copy or Python-side tensor math. Per chunk: the resets of
-    stats and G and one buffer allocation."""
+def test_python_loop_work_per_block_is_four_ops():
+    """The Python loop (head_chunks_reference): per block the logits GEMM (into a preallocated buffer), the softmax,
+    the rescale (not for the first block) and the accumulation, and nothing else that computes: no per-block
+    allocation, copy or Python-side tensor math. Per chunk: the resets of stats and G and one buffer allocation.
+    (lm_head_blocks_ folds the rescale into the softmax: test_lm_head_blocks_op.py::test_work_per_block_is_three_ops.)
+    """
     n, h, v, cols = 40, 16, 700, 256  # 2 chunks of 20 rows, 3 blocks
     hidden, weight, _ = _inputs(n, h, v, torch.float32, "cpu", False)
     y = labels(n, v, "cpu")

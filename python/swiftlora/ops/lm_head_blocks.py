@@ -53,8 +53,19 @@ def block_plan(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float) 
     return BlockPlan(rows, max(cols, 1))
 
 
-def online_softmax_block_reference(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale):
-    """Plain PyTorch (float32) version of ``online_softmax_block_``, same in-place contract; returns the rescale."""
+def online_softmax_block_reference(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale,
+                                   g=None, gz=None, g_rescale=None):
+    """Plain PyTorch (float32) version of ``online_softmax_block_``, same in-place contract; returns the rescale.
+
+    With ``g_rescale`` (float32 [N]) it also multiplies row i of ``g`` (and ``gz``), float32 [N, H], by
+    ``g_rescale[i]``, leaving rows whose factor is exactly 1 untouched, as ``scale_rows_`` does."""
+    if (g is None) != (g_rescale is None) or (gz is not None and g is None):
+        raise ValueError("online_softmax_block_: g and g_rescale come together; gz needs them")
+    if g_rescale is not None:
+        keep = (g_rescale == 1)[:, None]
+        for t in (g, gz):
+            if t is not None:
+                t.copy_(torch.where(keep, t, t * g_rescale[:, None]))
     x = block.to(torch.float32)
     if softcap:
         u = x * (logit_scale / softcap)
@@ -134,7 +145,9 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     rescale + accumulation, into the other of two block buffers. One ``lm_head_blocks_`` call per chunk runs the
     whole vocabulary loop from C++ (the host no longer falls behind the GPU's ~0.06 ms launches); with ``overlap``
     (default: CUDA and ``OVERLAP``, off) head_chunks_reference runs it from Python with the softmax kernels on a
-    side stream. Both issue the same ops in the same order on every buffer, so the sums are bit-identical.
+    side stream. Both apply the same float32 operations to every buffer in the same order (the C++ loop does each
+    rescale of G inside the next block's softmax launch instead of a scale_rows_ launch), so the sums are
+    bit-identical.
 
     ``stats``: an optional float32 ``[N, 6]`` buffer that keeps every chunk's statistics (rows start:end), so the
     caller can turn them into per-row results once per call; by default one ``[rows, 6]`` buffer is reused.
@@ -285,5 +298,5 @@ def _(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit
 
 
 @torch.library.register_fake("swiftlora::online_softmax_block_")
-def _(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale):
+def _(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale, g=None, gz=None, g_rescale=None):
     return block.new_empty(block.shape[0], dtype=torch.float32)
