@@ -84,10 +84,11 @@ struct StreamOverlap {
 
 // SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (two k16 steps per wgmma commit group,
 // a cp.async producer warpgroup), "ws1" (one), "ws16" (two, the block scale applied in 16 bits: fewer instructions,
-// two more roundings, an error still below a bf16 GEMM's on the dequantized weight); "tma" and "tma16" (default):
-// "ws" and "ws16" fed by a one-thread TMA producer (H100: tma16 0.834 ms, ws16 0.878, tma 0.958, ws 1.003 at
-// x [4096, 4096], W [14336, 4096], r = 16; bench/NOTES.md); "tmaw" and "tma16w": those on the 128-feature ×
-// 256-token tile (half the dequantization per MAC).
+// two more roundings, an error still below a bf16 GEMM's on the dequantized weight); "tma" and "tma16": "ws" and
+// "ws16" fed by a one-thread TMA producer; "tmaw" and "tma16w": those on the 128-feature × 256-token tile (half the
+// dequantization per MAC). Default: tma16w for more than 128 rows of x, else tma16 (a 256-token tile would be mostly
+// padding). H100, x [4096, 4096], W [14336, 4096], r = 16, cuBLAS 0.624 ms in the same run: tma16w 0.698 ms,
+// tma16 0.795, ws16 0.843, tmaw 0.808, tma 1.062 (bench/NOTES.md, "QLoRA version 3 fed by TMA").
 struct QloraKernelVariant {
   int batch = 2;
   bool scale16 = true;
@@ -95,9 +96,10 @@ struct QloraKernelVariant {
   bool wide = false;
 };
 
-QloraKernelVariant qlora_kernel_variant() {
+QloraKernelVariant qlora_kernel_variant(int64_t rows) {
   const char* env = std::getenv("SWIFTLORA_QLORA_GEMM_VARIANT");
   QloraKernelVariant k;
+  k.wide = rows > 128;
   if (env == nullptr || *env == '\0') return k;
   const std::string v(env);
   TORCH_CHECK(v == "ws" || v == "ws1" || v == "ws16" || v == "tma" || v == "tma16" || v == "tmaw" || v == "tma16w",
@@ -132,7 +134,7 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(x.device());
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
-    const QloraKernelVariant k = qlora_kernel_variant();
+    const QloraKernelVariant k = qlora_kernel_variant(a.m);
     sm90::run(a, y, k.batch, k.scale16, k.tma, k.wide);
     return qlora::gemm_output_shape(x, y);
   }
