@@ -123,10 +123,11 @@ def nf4_kernels():
             x = torch.randn(m, k, device=DEV, dtype=BF16)
             check(f"nf4_gemv M={m} {n}x{k}", ops.nf4_gemv(x, *nf.tensors(), blocksize=64, out_features=n).cpu(),
                   x.cpu().double() @ ref.t(), 2e-2)
-        x, xa = torch.randn(70, k, device=DEV, dtype=BF16), torch.randn(70, 16, device=DEV, dtype=BF16)
-        b = torch.randn(n, 16, device=DEV, dtype=BF16) * 0.05
-        want = x.cpu().double() @ ref.t() + xa.cpu().double() @ b.cpu().double().t()
-        check(f"qlora_gemm {n}x{k}", ops.qlora_gemm(x, nf, xa, b).cpu(), want, 2e-2)
+        for m in (70, 300):  # the 256-feature x 128-token tile, and the wide 128 x 256 one (above 128 rows)
+            x, xa = torch.randn(m, k, device=DEV, dtype=BF16), torch.randn(m, 16, device=DEV, dtype=BF16)
+            b = torch.randn(n, 16, device=DEV, dtype=BF16) * 0.05
+            want = x.cpu().double() @ ref.t() + xa.cpu().double() @ b.cpu().double().t()
+            check(f"qlora_gemm M={m} {n}x{k}", ops.qlora_gemm(x, nf, xa, b).cpu(), want, 2e-2)
 
 
 def lora_family():
