@@ -26,13 +26,15 @@ inline const std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>>& addmm_dtype
 // acc += a @ b with acc float32 and a, b possibly 16-bit, accumulating in float32, deciding exactly as
 // _compat.addmm_fp32_ does: one addmm when all are float32; the dtype_out GEMM when `fp32_out_gemm` (the backend
 // says its GEMMs have it: CUDA sm80+) and the overload exists; else through float32 copies of a and b.
-inline void addmm_fp32_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool fp32_out_gemm) {
+// beta = 0: acc's old contents are ignored (not read: NaN in them does not propagate), as addmm documents.
+inline void addmm_fp32_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool fp32_out_gemm,
+                        double beta = 1.0) {
   if (a.scalar_type() == acc.scalar_type() && b.scalar_type() == acc.scalar_type()) {
-    acc.addmm_(a, b);
+    acc.addmm_(a, b, beta);
   } else if (fp32_out_gemm && a.scalar_type() == b.scalar_type() && addmm_dtype_out().has_value()) {
-    addmm_dtype_out()->call(acc, a, b, at::kFloat, 1, 1, acc);
+    addmm_dtype_out()->call(acc, a, b, at::kFloat, beta, 1, acc);
   } else {
-    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()));
+    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()), beta);
   }
 }
 

@@ -7,8 +7,9 @@
 // of its own (same multiply, same G state), so the sums are bit-identical to head_chunks_reference:
 //   per block j: logits GEMM into buffer j % 2 (mm, or addmm with the bias slice); online_softmax_block_ on it,
 //   which also scales G (and Gz) by block j−1's rescale (j ≥ 2); then block j−1's accumulation
-//   G += P_{j−1} @ W_{j−1} in float32 (compat::addmm_fp32_); after the loop, the last block's rescale (scale_rows_,
-//   one per chunk) and accumulation.
+//   G += P_{j−1} @ W_{j−1} in float32 (compat::addmm_fp32_; block 0's with beta = 0 overwrites G, so G needs no
+//   reset); after the loop, the last block's rescale (scale_rows_, one per chunk) and accumulation. The statistics
+//   are reset right after block 0's GEMM.
 // Our kernels are called through the dispatcher (typed handles looked up once; ~1 us each), below autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
@@ -114,11 +115,8 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
       labels_in.has_value() ? std::optional<at::Tensor>(labels_in->contiguous()) : std::nullopt;
   at::Tensor gz = gz_in.has_value() ? *gz_in : at::Tensor();
 
-  // the starting statistics (m = −inf, the rest 0) and sums, as lm_head_blocks.reset_stats_
-  stats.zero_();
-  stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
-  g.zero_();
-  if (gz.defined()) gz.zero_();
+  // G (and Gz) need no reset: block 0's accumulation overwrites them (beta = 0, old contents not read); the
+  // statistics are reset after block 0's GEMM (which does not read them), so the GPU starts on the GEMM at once
   // two block buffers (one for a single block), each 256-byte aligned whatever C: 128 elements of 2 bytes, as
   // head_chunks_reference allocates them
   const int64_t slot = (c * cols + 127) / 128 * 128;
@@ -132,7 +130,7 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
       at::Tensor& acc = *acc_ptr;
       if (!acc.defined()) continue;
       if (rescale) scale_rows_op().call(acc, b.r);
-      compat::addmm_fp32_(acc, *p, w, fp32_out_gemm);
+      compat::addmm_fp32_(acc, *p, w, fp32_out_gemm, b.j == 0 ? 0.0 : 1.0);
     }
   };
   const std::optional<at::Tensor> g_opt(g), gz_opt = gz.defined() ? std::optional<at::Tensor>(gz) : std::nullopt;
@@ -145,6 +143,10 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
       at::addmm_out(block, bias->narrow(0, v0, width), hc, wt);
     } else {
       at::mm_out(block, hc, wt);
+    }
+    if (j == 0) {  // the starting statistics (m = −inf, the rest 0), as lm_head_blocks.reset_stats_
+      stats.zero_();
+      stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
     }
     const std::optional<at::Tensor> pz =
         pzs.defined() ? std::optional<at::Tensor>(pzs.select(0, j % 2).narrow(0, 0, c * width).view({c, width}))

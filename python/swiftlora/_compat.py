@@ -60,8 +60,9 @@ def bump_version(t) -> None:
     torch.autograd.graph.increment_version(t)
 
 
-def addmm_fp32_(acc, a, b) -> None:
-    """``acc += a @ b`` with ``acc`` float32 and ``a``, ``b`` possibly 16-bit, accumulating in float32.
+def addmm_fp32_(acc, a, b, beta: float = 1.0) -> None:
+    """``acc = beta·acc + a @ b`` with ``acc`` float32 and ``a``, ``b`` possibly 16-bit, accumulating in float32
+    (beta = 0: acc's old contents are not read, NaN in them included, as addmm documents).
 
     CUDA with torch's ``addmm(out_dtype=float32)`` (sm80+, torch >= 2.8) does it in one GEMM without a temporary;
     otherwise the operands are upcast (a temporary of each operand's size, not of ``acc``'s).
@@ -69,11 +70,11 @@ def addmm_fp32_(acc, a, b) -> None:
     import torch
 
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif acc.is_cuda and a.dtype == b.dtype and _addmm_out_dtype_ok(acc.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
 
 
 _ADDMM_OUT_DTYPE: dict = {}

@@ -231,14 +231,14 @@ def head_chunks_reference(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             if acc is not None:
                 if j:
                     _lib.scale_rows_(acc, r)
-                addmm_fp32_(acc, p, wbs[j])
+                addmm_fp32_(acc, p, wbs[j], beta=1.0 if j else 0.0)  # block 0 overwrites: G needs no reset
 
     try:
         for s in range(0, n, plan.rows):
             e = min(s + plan.rows, n)
             c = e - s
             hc, yc = h2[s:e], None if labels is None else labels[s:e]
-            stats_c, g_c, gz_c = reset_stats_(stats[s:e] if all_stats else stats[:c]), g[:c].zero_(), None if gz is None else gz[:c].zero_()
+            stats_c, g_c, gz_c = stats[s:e] if all_stats else stats[:c], g[:c], None if gz is None else gz[:c]
             # per chunk, so that the caller's work on the chunk's sums does not coexist with them; each buffer
             # starts 256-byte aligned whatever the chunk's size (cuBLAS and the kernel's 16-byte loads)
             bufs = torch.empty(nbuf, -(-c * (spans[0][1] - spans[0][0]) // 128) * 128, dtype=h2.dtype, device=dev)
@@ -250,6 +250,8 @@ def head_chunks_reference(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                     torch.mm(hc, wbts[j], out=block)
                 else:
                     torch.addmm(bbs[j], hc, wbts[j], out=block)
+                if j == 0:  # after block 0's GEMM, which does not read them (lm_head_blocks_ does the same)
+                    reset_stats_(stats_c)
                 pz = None if pzs is None else pzs[j % 2, :c * (v1 - v0)].view(c, v1 - v0)
                 r, done = softmax(j, block, stats_c, yc, pz)
                 if pending is not None:  # the previous block, while this block's softmax runs
