@@ -4,26 +4,27 @@
 // the packed codes of its fragment straight into bf16/fp16 pairs (no dequantized tile is written anywhere, not even
 // to shared memory), while x is the B operand, read by the tensor cores from a 128-byte-swizzled shared tile.
 //
-// CTA: 3 warpgroups. WG0 produces: cp.async of the x tile (128 tokens × 64 k, 16 KB), the packed W tile (256 rows
-// × 32 bytes, 8 KB) and the tile's block scales (256 floats, pre-decoded once per call into [K/64, N'] by
-// decode_scales_kernel) into a 4-stage ring; each producer thread's copies arrive on the stage's "full" mbarrier
-// (cp.async.mbarrier.arrive.noinc); in the tma variants (the default) one thread of WG0 issues the same three pieces
-// as TMA copies instead (produce_tma), which freed ~30% of the kernel's instructions. WG1 and WG2 consume: each
-// owns 128 of the 256 features (two m64 blocks) × the
-// 128 tokens, 2 × 64 fp32 accumulators a thread. Per k16 step a thread looks up 8 packed bytes (rows g, g + 8 of
-// both m blocks) in a byte → (code_hi, code_lo) float2 table replicated per lane (one byte_perm makes the address:
-// the table is 64 KB-aligned), multiplies by the row's block scale in fp32 (bitsandbytes' rounding: one product,
-// one rounding to 16 bits) and issues wgmma m64n128k16 with A from those registers, two k16 steps per commit
-// group. A fragments rotate through 4 register buffers (one per k16 step of a k-tile); wgmma.wait_group keeps the
-// previous group in flight while the next is dequantized; a stage is released (its "empty" mbarrier) once the last
-// group reading it has completed.
+// CTA: 3 warpgroups. WG0 produces into a ring of stages (full / empty mbarriers): the x tile (tokens × 64 k), the
+// packed W tile (feature rows × 32 bytes) and the tile's block scales (pre-decoded once per call into [K/64, N'] by
+// decode_scales_kernel). Variants ws*: WG0's 128 threads issue cp.async and arrive with
+// cp.async.mbarrier.arrive.noinc. Variants tma* (the default): one thread issues the three pieces as TMA copies
+// (produce_tma), which freed ~30% of the kernel's instructions.
+// WG1 and WG2 consume. Tile geometry (Geo): 256 features × 128 tokens (each consumer two m64 blocks × n128), or,
+// for more than 128 rows of x (the default there), 128 × 256 (one m64 block × n256: half the dequantization per
+// MAC); 128 fp32 accumulators a thread either way. Per k16 step a thread looks up the packed bytes of its fragment
+// rows (g, g + 8 of each m block) in a byte → (code_hi, code_lo) table replicated per lane (one byte_perm makes
+// the address: the table is 64 KB-aligned), applies the row's block scale (fp32, bitsandbytes' rounding; or one
+// HMUL2 in 16 bits, the *16 variants) and issues wgmma with A from those registers, two k16 steps per commit group.
+// A fragments rotate through 4 register buffers (one per k16 step of a k-tile); wgmma.wait_group keeps the previous
+// group in flight while the next is dequantized; a stage is released (its "empty" mbarrier) once the last group
+// reading it has completed.
 // LoRA: one extra k-tile first in each output tile: B = the xa tile (zero-filled past R), A = rows of s·B loaded
 // from global memory straight into the fragment registers, ceil(R / 16) k16 steps.
 // Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
 // tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
 // Epilogue: fp32 + bias, one rounding, stmatrix .trans into a per-warp staging buffer, 16-byte evict-first stores.
-// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16): tma16 0.834 ms against cuBLAS's 0.668 ms on the bf16
-// weight in the same run (1.25x); bench/NOTES.md ("QLoRA version 3").
+// Measured (H100, x [4096, 4096], W [14336, 4096], r = 16, cuBLAS on the bf16 weight 0.624 ms in the same run):
+// tma16w 0.698 ms (1.12x), tma16 0.795 ms; bench/NOTES.md ("The wide tile, measured").
 #include <cuda.h>  // CUtensorMap (the encoder comes from the runtime's driver entry point: no libcuda link)
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
