@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace swiftlora {
 
 inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
@@ -68,10 +70,11 @@ inline at::Tensor writable_rows(const at::Tensor& t, const char* op, const char*
 
 // Two tensors an op writes must not share elements (views of disjoint parts of one buffer are fine).
 inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
-                             const char* nb) {
+                             const char* nb, bool a_written = true) {
   const at::MemOverlapStatus s = at::get_overlap_status(a, b);
   TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": ", na, " and ",
-                    nb, " share memory, but both are written in place; pass separate buffers");
+                    nb, " share memory, but ", a_written ? "both are" : std::string(nb) + " is",
+                    " written in place; pass separate buffers");
 }
 
 }  // namespace swiftlora

@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/scale_rows.h"
 #include "cpu/softmax_transform.h"
 #include "ops.h"
 
@@ -290,6 +291,8 @@ void scale_rows_2d(at::Tensor& rows, const float* sp, int64_t s_stride) {
   });
 }
 
+}  // namespace
+
 void scale_rows_inplace_cpu(at::Tensor& t, const at::Tensor& scale_in) {
   check_scale_rows_args(t, scale_in);
   at::assert_no_internal_overlap(t);
@@ -311,7 +314,6 @@ void scale_rows_inplace_cpu(at::Tensor& t, const at::Tensor& scale_in) {
   }
 }
 
-}  // namespace
 }  // namespace swiftlora
 
 TORCH_LIBRARY_IMPL(swiftlora, CPU, m) {

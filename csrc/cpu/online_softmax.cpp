@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/online_softmax.h"
+#include "cpu/scale_rows.h"
 #include "cpu/softmax_transform.h"
 #include "ops.h"
 
@@ -55,10 +56,7 @@ void check_block_rescale_args(const at::Tensor& block, const at::Tensor& stats, 
     }
   }
   for (int k = 0; k < 5; ++k) {  // g_rescale is read while the op writes these
-    if (written[k] == nullptr) continue;
-    const at::MemOverlapStatus s = at::get_overlap_status(*written[k], *g_rescale);
-    TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": g_rescale and ",
-                      names[k], " share memory, but ", names[k], " is written in place; pass separate buffers");
+    if (written[k] != nullptr) check_no_overlap(*g_rescale, *written[k], op, "g_rescale", names[k], false);
   }
 }
 
@@ -123,25 +121,12 @@ void block_row(T* x, T* pz, int64_t b, int64_t label, float* st, float& rescale,
   rescale = r;
 }
 
-// Row r of g (and gz) times its factor, as scale_rows_ does it (rows whose factor is exactly 1 untouched).
-void rescale_row(float* g, float* gz, int64_t h, float s) {
-  if (s == 1.f) return;
-  for (float* t : {g, gz}) {
-    if (t == nullptr) continue;
-    for (int64_t k = 0; k < h; ++k) t[k] = t[k] * s;
-  }
-}
-
 at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels,
                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index, double softcap,
                                     double logit_scale, const std::optional<at::Tensor>& g,
                                     const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale) {
   check_online_softmax_block_args(block, stats, labels, pz, col0, softcap, logit_scale, g, gz, g_rescale);
   const int64_t n = block.size(0), b = block.size(1), xs = block.stride(0);
-  const int64_t h = g.has_value() ? g->size(1) : 0;
-  float* gp = g.has_value() ? g->mutable_data_ptr<float>() : nullptr;
-  float* gzp = gz.has_value() ? gz->mutable_data_ptr<float>() : nullptr;
-  const float* grp = g_rescale.has_value() ? g_rescale->const_data_ptr<float>() : nullptr;
   const int64_t ps = pz.has_value() ? pz->stride(0) : 0;
   at::Tensor rescale = at::empty({n}, stats.options());
   const at::Tensor lab = labels.has_value() ? labels->to(at::kLong).contiguous() : at::Tensor();
@@ -158,10 +143,15 @@ at::Tensor online_softmax_block_cpu(at::Tensor& block, at::Tensor& stats, const 
         const int64_t l = lp == nullptr || lp[r] == ignore_index ? -1 : lp[r] - col0;
         block_row(xp + r * xs, pp == nullptr ? nullptr : pp + r * ps, b, l >= 0 && l < b ? l : -1,
                   sp + r * kOnlineStats, rp[r], tf, slack);
-        if (grp != nullptr) rescale_row(gp + r * h, gzp == nullptr ? nullptr : gzp + r * h, h, grp[r]);
       }
     });
   });
+  // the sums over earlier blocks: scale_rows_ itself (on the CPU no launch to save, so no second loop)
+  for (const std::optional<at::Tensor>* t : {&g, &gz}) {
+    if (!t->has_value() || !g_rescale.has_value()) continue;
+    at::Tensor acc = **t;
+    scale_rows_inplace_cpu(acc, *g_rescale);
+  }
   return rescale;
 }
 

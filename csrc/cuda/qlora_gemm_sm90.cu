@@ -794,31 +794,25 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  // <bf16, k16 steps per commit group, 16-bit scale, TMA, wide>
-  auto pick = [&](auto b16, auto s16, auto tma, auto wd) {
-    constexpr bool kB = decltype(b16)::value, kS = decltype(s16)::value, kT = decltype(tma)::value;
-    constexpr bool kW = decltype(wd)::value;
-    if constexpr (!kT) {
-      batch == 1 && !kS ? launch(qlora_gemm_ws_kernel<kB, 1, false, false, false>)
-                        : launch(qlora_gemm_ws_kernel<kB, 2, kS, false, false>);
+  // qlora_gemm_ws_kernel<bf16, k16 steps per commit group, 16-bit scale, TMA, wide>
+  auto launch_dtype = [&](auto b16) {
+    constexpr bool kB = decltype(b16)::value;
+    if (!use_tma) {
+      if (scale16) {
+        launch(qlora_gemm_ws_kernel<kB, 2, true, false, false>);
+      } else {
+        batch == 1 ? launch(qlora_gemm_ws_kernel<kB, 1, false, false, false>)
+                   : launch(qlora_gemm_ws_kernel<kB, 2, false, false, false>);
+      }
+    } else if (wide) {
+      scale16 ? launch(qlora_gemm_ws_kernel<kB, 2, true, true, true>)
+              : launch(qlora_gemm_ws_kernel<kB, 2, false, true, true>);
     } else {
-      launch(qlora_gemm_ws_kernel<kB, 2, kS, true, kW>);
+      scale16 ? launch(qlora_gemm_ws_kernel<kB, 2, true, true, false>)
+              : launch(qlora_gemm_ws_kernel<kB, 2, false, true, false>);
     }
   };
-  auto with_geometry = [&](auto b16, auto s16, auto tma) {
-    if constexpr (decltype(tma)::value) {
-      wide ? pick(b16, s16, tma, std::true_type{}) : pick(b16, s16, tma, std::false_type{});
-    } else {
-      pick(b16, s16, tma, std::false_type{});
-    }
-  };
-  auto with_producer = [&](auto b16, auto s16) {
-    use_tma ? with_geometry(b16, s16, std::true_type{}) : with_geometry(b16, s16, std::false_type{});
-  };
-  auto with_scale = [&](auto b16) {
-    scale16 ? with_producer(b16, std::true_type{}) : with_producer(b16, std::false_type{});
-  };
-  bf16 ? with_scale(std::true_type{}) : with_scale(std::false_type{});
+  bf16 ? launch_dtype(std::true_type{}) : launch_dtype(std::false_type{});
 }
 
 }  // namespace swiftlora::cuda::sm90
