@@ -26,12 +26,12 @@ from . import harness, ops
 from .ops.common import Unavailable, rel_err
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# An op spec may lack swiftlora_inplace / swiftlora_fused (qlora_linear's version 2) / swiftlora_chunked and swiftlora_a64
-# (the QLoRA ops' plans: 4 pipelined chunks, LoRA columns padded to 64); "gemm" is the yardstick of the fused LM-head
-# and QLoRA ops (their matmuls alone).
+# An op spec may lack swiftlora_inplace / swiftlora_v1, swiftlora_chunked and swiftlora_a64 (the QLoRA ops' plans
+# beside the default: dequantize + one cuBLAS GEMM, 4 pipelined chunks, LoRA columns padded to 64); "gemm" is the
+# yardstick of the fused LM-head and QLoRA ops (their matmuls alone).
 # swiftlora_overlap: the frozen LM head's vocabulary blocks with each softmax on a side stream (lm_head_blocks.OVERLAP);
 # swiftlora_pyloop: the same blocks issued from a Python loop instead of the C++ op (lm_head_blocks.NATIVE off).
-LOCAL_PROVIDERS = ("swiftlora", "swiftlora_chunked", "swiftlora_a64", "swiftlora_inplace", "swiftlora_fused",
+LOCAL_PROVIDERS = ("swiftlora", "swiftlora_v1", "swiftlora_chunked", "swiftlora_a64", "swiftlora_inplace",
                    "swiftlora_overlap", "swiftlora_pyloop", "torch", "gemm")
 PEER_PROVIDERS = ("liger", "unsloth", "bitsandbytes", "peft")  # peft: PEFT LoRA over bitsandbytes (QLoRA ops)
 FOUNDATION_PEERS = ("liger", "unsloth")  # the peers the foundation ops are compared with
@@ -389,8 +389,8 @@ def qlora_targets(get, add, device: str) -> None:
         found = [r for r in (row(op, pass_, p)[0] for p in providers) if r]
         return (min(found, key=lambda r: r["wall_ms"]), "") if found else row(op, pass_, "swiftlora")
 
-    plans = ("swiftlora", "swiftlora_chunked", "swiftlora_a64")
-    mine, why = best("qlora_linear", "fwd", plans + ("swiftlora_fused",))
+    plans = ("swiftlora", "swiftlora_v1", "swiftlora_chunked", "swiftlora_a64")
+    mine, why = best("qlora_linear", "fwd", plans)
     g, gwhy = row("qlora_linear", "fwd", "gemm")
     ok = None if mine is None or g is None else mine["wall_ms"] / g["wall_ms"] <= 1.10
     add("qlora_linear fwd <= 1.10x bf16 GEMM (same run)", ok,

@@ -54,12 +54,15 @@ def dequantized(inp: dict, name: str, dtype=torch.bfloat16) -> torch.Tensor:
     return projection(inp, name).base.dequantize(dtype)
 
 
-# The qlora plans the specs compare in one run (swiftlora.ops.qlora_plan: chunks, panel_align): the default (one
-# dequantization into [W | s·B], one cuBLAS GEMM), 4 dequantize/GEMM chunks pipelined on two streams (the
-# memory-saving plan), and the default with the folded LoRA columns padded to a multiple of 64 (K + r = 4112 -> 4160).
-PLANS = {"swiftlora": ((-1, 8), "one dequantization into [W | s·B], one cuBLAS GEMM"),
+# The qlora plans the specs compare in one run (swiftlora.ops.qlora_plan: chunks, panel_align): the default (on
+# sm_90a the forward through the fused kernel, the NF4 dequantization inside the wgmma GEMM; elsewhere and in the
+# backward one dequantization into [W | s·B], one cuBLAS GEMM), version 1 (that dequantize + cuBLAS plan in the
+# forward too), 4 dequantize/GEMM chunks pipelined on two streams (the memory-saving plan), and version 1 with the
+# folded LoRA columns padded to a multiple of 64 (K + r = 4112 -> 4160).
+PLANS = {"swiftlora": ((-1, 8), "default plan: fused sm_90a forward where it applies, else dequantize + cuBLAS"),
+         "swiftlora_v1": ((1, 8), "v1: one dequantization into [W | s·B], one cuBLAS GEMM"),
          "swiftlora_chunked": ((4, 8), "4 chunks: dequantize chunk i+1 on a side stream under chunk i's GEMM"),
-         "swiftlora_a64": ((-1, 64), "one pass, LoRA columns padded to K + r' = 4160")}
+         "swiftlora_a64": ((1, 64), "v1, LoRA columns padded to K + r' = 4160")}
 
 
 def planned(provider: str, fn):

@@ -8,9 +8,11 @@ Unsloth measured 5.26 ms and PEFT + bitsandbytes 6.19 ms on the H100).
   FLOPs    fwd 3 · 2 M K F + LoRA 3 · 2 M r (K + F); fwd+bwd twice the GEMMs + LoRA (grad_xa, grad_A, grad_B, dx)
   bytes    weights 3 (K F / 2 + K F / 64) per pass; activations x, gate, up, h, y in the forward (M (2K + 3F) E),
            grad_y, dh, d gate/up, grad_x in the backward
-Providers: swiftlora (lora_mlp, default plan: one dequantization then one GEMM per op), swiftlora_chunked (plan
-chunks=4: each NF4 weight dequantized in 4 chunks pipelined under the GEMMs), swiftlora_a64 (default plan, the gate/up
-panel's LoRA columns padded to a multiple of 64), torch (the plain-PyTorch reference: dequantize in PyTorch ops, three LoRA linears,
+Providers: swiftlora (lora_mlp, default plan: on sm_90a the forward's three projections through the fused kernel,
+the NF4 dequantization inside the wgmma GEMM; the backward dequantizes + cuBLAS), swiftlora_v1 (plan chunks=1: one
+dequantization then one cuBLAS GEMM per op, gate+up as one panel GEMM), swiftlora_chunked (plan chunks=4: each NF4
+weight dequantized in 4 chunks pipelined under the GEMMs), swiftlora_a64 (v1, the gate/up panel's LoRA columns
+padded to a multiple of 64), torch (the plain-PyTorch reference: dequantize in PyTorch ops, three LoRA linears,
 swiglu_reference), gemm (the six bf16 GEMMs on pre-dequantized weights, nothing else: the yardstick), peft (PEFT
 LoRA over bitsandbytes Linear4bit, HF LlamaMLP's forward), unsloth (its LoRA_MLP with SwiGLU kernels, in place).
 """
@@ -67,7 +69,7 @@ def swiftlora(case: Case, inp: dict, provider: str = "swiftlora"):
     (lora_mlp,) = import_swiftlora_ops("lora_mlp")
     projs, x = _projs(inp), inp["x"]
     fn, note = _lora.planned(provider, lambda: lora_mlp(x, *projs))
-    return autograd_bench(fn, _wrt(inp), [x], notes=[note + "; gate+up in one panel GEMM; in-place SwiGLU backward"])
+    return autograd_bench(fn, _wrt(inp), [x], notes=[note + "; gate+up share x; in-place SwiGLU backward"])
 
 
 def torch_reference(case: Case, inp: dict):
@@ -129,5 +131,6 @@ def unsloth(case: Case, inp: dict):
                           notes=["unsloth.kernels.fast_lora.apply_lora_mlp_swiglu (LoRA_MLP, inplace); x restored"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_chunked": lambda c, i: swiftlora(c, i, "swiftlora_chunked"),
-             "swiftlora_a64": lambda c, i: swiftlora(c, i, "swiftlora_a64"), "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, **{v: (lambda c, i, v=v: swiftlora(c, i, v)) for v in
+                                         ("swiftlora_v1", "swiftlora_chunked", "swiftlora_a64")},
+             "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}

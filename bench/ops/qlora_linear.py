@@ -7,12 +7,13 @@ GEMM on a pre-dequantized weight in the same run (issue 4's target: our forward 
            fwd+bwd adds grad_x 2 M N K + 2 M r (N + K), grad_A 2 M r K, grad_B 2 M r N
   bytes    fwd reads x (M K E), the packed weight (N K / 2) and its scales (N K / 64), writes y (M N E)
            bwd reads grad_y and the weight again, x (for grad_A), writes grad_x
-Providers: swiftlora (qlora_linear, default plan: one dequantization, then one GEMM), swiftlora_chunked (plan
-chunks=4: the dequantization pipelined under the GEMM in 4 chunks), swiftlora_a64 (default plan, the LoRA columns
-padded to a multiple of 64: K + r' = 4160 instead of 4112), swiftlora_fused (qlora_linear(fused=True): the sm_90a kernel with the
-dequantization inside the GEMM, to A/B against the default), torch (its plain-PyTorch reference: dequantize in PyTorch
-ops, then matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its
-LoRA_W function, what Unsloth runs for o_proj).
+Providers: swiftlora (qlora_linear, default plan: on sm_90a the forward through the fused kernel, the NF4
+dequantization inside the wgmma GEMM and the LoRA term as one more k-tile; the backward dequantizes + cuBLAS),
+swiftlora_v1 (plan chunks=1: one dequantization, then one cuBLAS GEMM, in the forward too), swiftlora_chunked (plan
+chunks=4: the dequantization pipelined under the GEMM in 4 chunks), swiftlora_a64 (v1 with the LoRA columns padded to
+a multiple of 64: K + r' = 4160 instead of 4112), torch (its plain-PyTorch reference: dequantize in PyTorch ops, then
+matmuls), gemm (the yardstick, no LoRA), peft (PEFT LoRA over a bitsandbytes Linear4bit), unsloth (its LoRA_W
+function, what Unsloth runs for o_proj).
 """
 from __future__ import annotations
 
@@ -64,24 +65,6 @@ def swiftlora(case: Case, inp: dict, provider: str = "swiftlora"):
     return autograd_bench(fn, _wrt(inp), [_grad_like(case, x)], notes=[note])
 
 
-def swiftlora_fused(case: Case, inp: dict):
-    """Version 2: the forward through qlora_gemm (sm_90a: NF4 dequantization inside the wgmma GEMM; other GPUs fall
-    back to dequantize + cuBLAS), the backward as version 1."""
-    (qlora_linear,) = import_swiftlora_ops("qlora_linear")
-    p = _lora.projection(inp, "o_proj")
-    x = inp["x"]
-    return autograd_bench(lambda: qlora_linear(x, p.base, p.lora_a, p.lora_b, p.scale, fused=True), _wrt(inp),
-                          [_grad_like(case, x)], notes=[f"fused forward (qlora_gemm, {_fused_path(x)})"])
-
-
-def _fused_path(x: torch.Tensor) -> str:
-    import swiftlora
-
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and "90a" in swiftlora.compiled_arches():
-        return "sm_90a kernel"
-    return "fallback: dequantize + cuBLAS"
-
-
 def torch_reference(case: Case, inp: dict):
     (lora_reference,) = import_swiftlora_ops("lora_reference")
     p = _lora.projection(inp, "o_proj")
@@ -131,6 +114,6 @@ def _grad_like(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], case.dims["n"])
 
 
-PROVIDERS = {"swiftlora": swiftlora, "swiftlora_chunked": lambda c, i: swiftlora(c, i, "swiftlora_chunked"),
-             "swiftlora_a64": lambda c, i: swiftlora(c, i, "swiftlora_a64"), "swiftlora_fused": swiftlora_fused, "torch": torch_reference, "gemm": gemm,
-             "peft": peft, "unsloth": unsloth}
+PROVIDERS = {"swiftlora": swiftlora, **{v: (lambda c, i, v=v: swiftlora(c, i, v)) for v in
+                                         ("swiftlora_v1", "swiftlora_chunked", "swiftlora_a64")},
+             "torch": torch_reference, "gemm": gemm, "peft": peft, "unsloth": unsloth}

@@ -4,7 +4,10 @@
 // (cuBLAS on CUDA) around a backend's `dequantize(base, out)` that writes W_p into a [N_p, K] row view.
 //
 // Decode-sized inputs (<= 16 rows, 16-bit, NF4 bases) take nf4_gemv for the base term, then add the LoRA term.
-// Otherwise two plans, chosen by which extra pass over memory is smaller (bench/NOTES.md, "QLoRA ops"):
+// The automatic plan's forward over NF4 bases takes the backend's fused kernel where it applies (CUDA on sm_90a:
+// qlora_gemm, the dequantization inside the wgmma GEMM and the LoRA term as one more k-tile, one launch per
+// projection writing its columns of y). Otherwise two plans, chosen by which extra pass over memory is smaller
+// (bench/NOTES.md, "QLoRA ops"):
 //   panel      (all bases NF4 and K < N): one GEMM with the LoRA rank folded into the reduction,
 //                y = [x | xa | 0] @ [W | s·B | 0]ᵀ, x copied into an [M, K + R'] buffer (R' pads K + R to a multiple
 //                of 8 for 16-byte rows; B's of different projections sit block-diagonally). Extra traffic: 2·M·K.
@@ -60,6 +63,7 @@ struct Projections {
   bool any_mask = false;
   int64_t align = 8;   // the panel's width K + R' is a multiple of this (8: 16-byte rows)
   int64_t chunks = 1;  // dequantize-and-GEMM chunks (qlora_pipeline.h), resolved by the op
+  bool automatic = true;  // no chunk count asked for: the forward may take the backend's fused kernel
   int64_t panel_width() const { return (k + r + align - 1) / align * align; }
   bool all_nf4() const {
     for (const auto& b : base)
@@ -188,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const Projection
     y.addmm_(xa, block_diag_lora_b(p, x.options()).t());
     if (bias.defined()) y.add_(bias);
   } else if (p.all_nf4()) {
-    y = nf4_forward<Backend>(x2, xa, p, bias);
+    if (!(p.automatic && Backend::fused_forward(x2, xa, p, bias, y))) y = nf4_forward<Backend>(x2, xa, p, bias);
   } else {
     const at::Tensor b = block_diag_lora_b(p, x.options());
     y = bias.defined() ? at::addmm(bias, xa, b.t()) : at::mm(xa, b.t());
@@ -294,6 +298,7 @@ void set_plan(const char* op, Projections& p, int64_t rows, int64_t chunks, int6
   TORCH_CHECK_VALUE(panel_align >= 8 && panel_align <= 256 && panel_align % 8 == 0, op,
                     ": panel_align must be a multiple of 8 in [8, 256], got ", panel_align);
   p.align = panel_align;
+  p.automatic = chunks <= 0;
   p.chunks = resolve_chunks(chunks, Backend::kOverlaps, rows, p.n, p.k);
 }
 
@@ -303,7 +308,9 @@ void set_plan(const char* op, Projections& p, int64_t rows, int64_t chunks, int6
 //     unit column stride, any row stride: e.g. a slice of a panel chunk);
 //   `struct Overlap` (qlora_pipeline.h's run_pipeline) and `static constexpr bool kOverlaps` (whether it overlaps
 //     at all, for the automatic chunk count);
-//   `static at::Tensor qlora_gemm(...)` (the schema's arguments).
+//   `static at::Tensor qlora_gemm(...)` (the schema's arguments);
+//   `static bool fused_forward(x2, xa, p, bias, y)`: the automatic plan's NF4 forward through a kernel that
+//     dequantizes inside the GEMM, y [M, N] allocated and written; false (nothing done) where it does not apply.
 template <typename Backend>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor> qlora_linear(

@@ -233,6 +233,10 @@ struct CpuBackend {
     void consume(int) {}
     void consumed(int) {}
   };
+  // No fused kernel on the CPU: the plans dequantize, then multiply.
+  static bool fused_forward(const at::Tensor&, const at::Tensor&, const Projections&, const at::Tensor&, at::Tensor&) {
+    return false;
+  }
   static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                                const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,

@@ -6,9 +6,8 @@
 //
 // CTA: 3 warpgroups. WG0 produces into a ring of stages (full / empty mbarriers): the x tile (tokens × 64 k), the
 // packed W tile (feature rows × 32 bytes) and the tile's block scales (pre-decoded once per call into [K/64, N'] by
-// decode_scales_kernel). Variants ws*: WG0's 128 threads issue cp.async and arrive with
-// cp.async.mbarrier.arrive.noinc. Variants tma* (the default): one thread issues the three pieces as TMA copies
-// (produce_tma), which freed ~30% of the kernel's instructions.
+// decode_scales_kernel); one thread issues the three pieces as TMA copies (produce_tma). (A cp.async producer
+// warpgroup, the ws* variants, took ~30% of the kernel's instructions and was removed.)
 // WG1 and WG2 consume. Tile geometry (Geo): 256 features × 128 tokens (each consumer two m64 blocks × n128), or,
 // for more than 128 rows of x (the default there), 128 × 256 (one m64 block × n256: half the dequantization per
 // MAC); 128 fp32 accumulators a thread either way. Per k16 step a thread looks up the packed bytes of its fragment
@@ -19,7 +18,9 @@
 // group in flight while the next is dequantized; a stage is released (its "empty" mbarrier) once the last group
 // reading it has completed.
 // LoRA: one extra k-tile first in each output tile: B = the xa tile (zero-filled past R), A = rows of s·B loaded
-// from global memory straight into the fragment registers, ceil(R / 16) k16 steps.
+// from global memory straight into the fragment registers during the previous tile's epilogue, ceil(R / 16) k16
+// steps; for R <= 32 they stay in flight under the first weight steps (fragment slots 2 and 3). The tile's first
+// MMA runs with scale_d = 0, so no instruction zeroes accumulators.
 // Persistent grid (one CTA per SM) over tiles in feature-fastest order (a wave covers all of W and ~2 token
 // tiles: W's 33 MB of codes and scales stay in L2); the producer runs ahead into the next tile during the epilogue.
 // Epilogue: fp32 + bias, one rounding, stmatrix .trans into a per-warp staging buffer, 16-byte evict-first stores.
@@ -74,7 +75,7 @@ struct Geo {
 };
 
 struct Params {
-  CUtensorMap tx, tw, txa;  // TMA variants: x [M, K], packed W [N, K/2] bytes, xa [M, R] (kTma; else unused)
+  CUtensorMap tx, tw, txa;  // x [M, K], packed W [N, K/2] bytes, xa [M, R] (R > 0)
   const uint16_t* x;
   int64_t ldx;
   const uint8_t* packed;
@@ -97,13 +98,6 @@ struct Params {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
 // A 2-D box of a tensor map (coordinates: inner element, row) into shared memory, completing its bytes on `bar`;
 // rows and columns outside the tensor arrive as zeros (the box's full size is still counted).
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
@@ -113,7 +107,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -174,7 +167,8 @@ __device__ __forceinline__ Layout<kWide> make_layout(uint32_t raw) {
   return l;
 }
 
-// D[64 × 128] += A[64 × 16] (registers) · B[16 × 128] (shared, descriptor), fp32 accumulators.
+// D[64 × 128] (+)= A[64 × 16] (registers) · B[16 × 128] (shared, descriptor), fp32 accumulators; scale_d = 0
+// ignores D's old contents (a tile's first MMA: no zeroing instructions on registers an in-flight wgmma owns).
 #define SWIFTLORA_WGMMA_RS_M64N128K16(TY)                                                                       \
   asm volatile(                                                                                                 \
       "{\n"                                                                                                     \
@@ -195,10 +189,10 @@ __device__ __forceinline__ Layout<kWide> make_layout(uint32_t raw) {
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
 
 template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, uint32_t scale_d) {
   if constexpr (kBf16) {
     SWIFTLORA_WGMMA_RS_M64N128K16("bf16");
   } else {
@@ -207,7 +201,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
 }
 #undef SWIFTLORA_WGMMA_RS_M64N128K16
 
-// D[64 × 256] += A[64 × 16] (registers) · B[16 × 256] (shared, descriptor), fp32 accumulators (the wide tile).
+// D[64 × 256] (+)= A[64 × 16] (registers) · B[16 × 256] (shared, descriptor), fp32 accumulators (the wide tile).
 #define SWIFTLORA_WGMMA_RS_M64N256K16(TY) \
   asm volatile( \
       "{\n" \
@@ -243,10 +237,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), \
         "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
         "+f"(d[126]), "+f"(d[127]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
 
 template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc, uint32_t scale_d) {
   if constexpr (kBf16) {
     SWIFTLORA_WGMMA_RS_M64N256K16("bf16");
   } else {
@@ -315,64 +309,10 @@ __device__ __forceinline__ uint32_t dequant_pair16(uint32_t word, int j, uint32_
 }
 
 // ------------------------------------------------------------------------------------------------- producer
-// Thread tid copies x chunk column tid % 8 of token rows tid / 8 + 16·i (i < 8; the swizzle XOR, (row & 7), is the
-// same for all i), W half tid % 2 of rows tid / 2 + 64·i (i < 4), and scale chunk tid (tid < 64): per-tile base
-// pointers, then k-tile increments, so the 56-register producer does not spill.
-__device__ __forceinline__ void produce(const Params& p, const Layout<false>& l, int kt_total, bool lora) {
-  using G = Geo<false>;
-  const int tid = threadIdx.x;  // 0..127
-  const int xrow = tid >> 3, xch = tid & 7, wrow = tid >> 1, wh = tid & 1;
-  const uint32_t xdst = xrow * 128 + ((xch ^ (xrow & 7)) << 4);
-  const uint32_t wdst = G::kXBytes + wrow * 32 + ((wh ^ ((wrow >> 2) & 1)) << 4);
-  const int64_t wstride = p.k / 2;
-  int it = 0;
-  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * G::kBF;
-    const int64_t t0 = static_cast<int64_t>(tile / p.tiles_f) * G::kBT;
-    const int xrows = static_cast<int>(std::min<int64_t>(p.m - t0, G::kBT)) - xrow;  // rows i with 16·i < xrows
-    const int wrows = static_cast<int>(std::min<int64_t>(p.n - f0, G::kBF)) - wrow;  // rows i with 64·i < wrows
-    const uint16_t* xsrc = p.x + (t0 + xrow) * p.ldx + xch * 8;
-    const uint8_t* wsrc = p.packed + (f0 + wrow) * wstride + wh * 16;
-    const float* ssrc = p.scales + f0 + tid * 4;
-    for (int kt = 0; kt < kt_total; ++kt, ++it) {
-      const int stage = it % G::kStages, round = it / G::kStages;
-      if (round > 0) tma::mbar_wait(l.empty(stage), (round - 1) & 1);
-      const uint32_t base = l.stage(stage);
-      if (lora && kt == 0) {  // the xa tile, zero past R
-        const bool in_r = xch * 8 < p.r;
-        const uint16_t* src = p.xa + (t0 + xrow) * p.ldxa + xch * 8;
-#pragma unroll
-        for (int i = 0; i < G::kBT / 16; ++i) {
-          const bool valid = in_r && 16 * i < xrows;
-          cp_async16(base + xdst + i * 2048, valid ? src + 16 * i * p.ldxa : p.xa, valid);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < G::kBT / 16; ++i) {
-          const bool valid = 16 * i < xrows;
-          cp_async16(base + xdst + i * 2048, valid ? xsrc + 16 * i * p.ldx : p.x, valid);
-        }
-#pragma unroll
-        for (int i = 0; i < G::kBF / 64; ++i) {
-          const bool valid = 64 * i < wrows;
-          cp_async16(base + wdst + i * 2048, valid ? wsrc + 64 * i * wstride : p.packed, valid);
-        }
-        // rows padded: in bounds
-        if (tid < G::kBF / 4) cp_async16(base + G::kXBytes + G::kWBytes + tid * 16, ssrc, true);
-        xsrc += kBK;
-        wsrc += kBK / 2;
-        ssrc += p.pitch;
-      }
-      cp_async_arrive_noinc(l.full(stage));
-    }
-  }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-// The TMA producer (variants tma / tma16), one thread: per stage one arrive.expect_tx and three copies (the x box
-// and the W box, which TMA swizzles into exactly the layouts above: 128B for x, 32B for W's two 16-byte halves,
-// and the scales' 1 KB row); the LoRA k-tile is the xa box, zero past R. The cp.async producer above spends ~180
-// instructions per k-tile in each of its four warps (ncu, bench/NOTES.md), on the consumers' schedulers.
+// One thread: per stage one arrive.expect_tx and three copies (the x box and the W box, which TMA swizzles into
+// exactly the layouts the consumers read: 128B for x, 32B for W's two 16-byte halves, and the scales' row); the
+// LoRA k-tile is the xa box, zero past R. (A cp.async producer warpgroup spent ~180 instructions per k-tile in each
+// of its four warps, on the consumers' schedulers: 5% slower, removed; bench/NOTES.md.)
 template <bool kWide>
 __device__ __forceinline__ void produce_tma(const Params& p, const Layout<kWide>& l, int kt_total, bool lora) {
   using G = Geo<kWide>;
@@ -420,12 +360,34 @@ __device__ __forceinline__ void load_step_words(const uint8_t* wtile, const Frag
   }
 }
 
+// The LoRA k-tile's A fragments (rows of s·B, tiny and L2-resident) of the tile at feature f0, k16 steps
+// 0 .. kSteps - 1 into fragment slots kFirst + s (zeros past R or N). Loaded one tile ahead, during the previous
+// tile's epilogue, so their latency is hidden.
+template <int kFirst, int kSteps, int MB>
+__device__ __forceinline__ void load_lora(const Params& p, const Frag& fr, int64_t f0, int lora_steps,
+                                          uint32_t (&a)[4][MB][4]) {
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
+        const int64_t f = f0 + fr.row(mb, q & 1);
+        const int kc = 16 * s + 2 * fr.tq + 8 * (q >> 1);
+        a[kFirst + s][mb][q] = (s < lora_steps && f < p.n && kc < p.r)
+                                   ? __ldg(reinterpret_cast<const uint32_t*>(p.lb + f * p.ldlb + kc))
+                                   : 0u;
+      }
+    }
+  }
+}
+
 // wgmma.mma_async m64nNk16 of every m block for one k16 step (A fragments a, B at desc), committed as one group.
 template <bool kBf16, int MB, int N>
-__device__ __forceinline__ void mma_step(float (&acc)[MB][N], uint32_t (&a)[MB][4], uint64_t desc) {
+__device__ __forceinline__ void mma_step(float (&acc)[MB][N], uint32_t (&a)[MB][4], uint64_t desc, uint32_t scale_d) {
   wgmma_fence();
 #pragma unroll
-  for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[mb], desc);
+  for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[mb], desc, scale_d);
   wgmma_commit();
 }
 
@@ -489,7 +451,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const Frag& fr,
   }
 }
 
-template <bool kBf16, int kBatch, bool kScale16, bool kTma, bool kWide>
+template <bool kBf16, bool kScale16, bool kWide>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const Layout<kWide>& l, uint32_t raw,
                                         int ktiles, bool lora) {
   using G = Geo<kWide>;
@@ -506,50 +468,47 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
   const int warp = 4 * fr.cw + fr.wi;
   const uint32_t epi = l.epi + warp * (G::kEpiBytes / 8);
   uint8_t* epi_ptr = smem + (epi - raw);
-  float acc[MB][G::kAcc];
+  float acc[MB][G::kAcc];  // set by each tile's first MMA (scale_d = 0)
   uint32_t a[4][MB][4] = {};  // [k16 step][m block][fragment register]
+  const bool lora_early = lora_steps <= 2;
+  if (lora && static_cast<int>(blockIdx.x) < p.tiles) {
+    const int64_t f0 = static_cast<int64_t>(blockIdx.x % p.tiles_f) * G::kBF;
+    lora_early ? load_lora<2, 2>(p, fr, f0, lora_steps, a) : load_lora<0, 4>(p, fr, f0, lora_steps, a);
+  }
   int it = 0;
   for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const int64_t f0 = static_cast<int64_t>(tile % p.tiles_f) * G::kBF;
     const int64_t t0 = static_cast<int64_t>(tile / p.tiles_f) * G::kBT;
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-      for (int i = 0; i < G::kAcc; ++i) acc[mb][i] = 0.f;
-    }
-    if (lora) {  // first k-tile: A = rows of s·B straight from global memory (tiny, L2-resident), B = the xa tile
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {  // q: (h = q & 1, k half = q >> 1)
-            const int64_t f = f0 + fr.row(mb, q & 1);
-            const int kc = 16 * s + 2 * fr.tq + 8 * (q >> 1);
-            a[s][mb][q] = (s < lora_steps && f < p.n && kc < p.r)
-                              ? __ldg(reinterpret_cast<const uint32_t*>(p.lb + f * p.ldlb + kc))
-                              : 0u;
-          }
-        }
-      }
+    // No zeroing of acc: the tile's first MMA runs with scale_d = 0.
+    // The LoRA k-tile first (B = the xa tile; A = s·B's rows, loaded ahead). With R <= 32 its fragments sit in
+    // slots 2 and 3, which the weight steps first rewrite after their first group's wait: the LoRA MMAs stay in
+    // flight under the first dequantization, and their stage is released with that wait. Larger R: slots 0-3 and
+    // a full wait before the weight steps.
+    int prev = -1;
+    if (lora) {
       const int stage = it % G::kStages;
       tma::mbar_wait(l.full(stage), (it / G::kStages) & 1);
-      if constexpr (!kTma) fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma's (async proxy) reads
+      if (lora_early) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        if (s < lora_steps) mma_step<kBf16>(acc, a[s], desc_sw128(l.stage(stage) + s * 32));
+        for (int s = 0; s < 2; ++s) {
+          if (s < lora_steps) mma_step<kBf16>(acc, a[2 + s], desc_sw128(l.stage(stage) + s * 32), s > 0);
+        }
+        prev = stage;
+      } else {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          if (s < lora_steps) mma_step<kBf16>(acc, a[s], desc_sw128(l.stage(stage) + s * 32), s > 0);
+        }
+        wgmma_wait<0>();  // every fragment buffer is free for the weight steps
+#pragma unroll
+        for (int s = 0; s < 4; ++s) pin(a[s]);
+        tma::mbar_arrive(l.empty(stage));
       }
-      wgmma_wait<0>();  // every fragment buffer is free for the weight steps
-#pragma unroll
-      for (int s = 0; s < 4; ++s) pin(a[s]);
-      tma::mbar_arrive(l.empty(stage));
       ++it;
     }
-    int prev = -1;
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
       const int stage = it % G::kStages;
       tma::mbar_wait(l.full(stage), (it / G::kStages) & 1);
-      if constexpr (!kTma) fence_proxy_async();
       const uint32_t base = l.stage(stage);
       const uint8_t* wtile = smem + (base - raw) + G::kXBytes;
       const float* stile = reinterpret_cast<const float*>(wtile + G::kWBytes);
@@ -566,9 +525,9 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
       }
       load_step_words(wtile, fr, 0, w[0]);
 #pragma unroll
-      for (int s0 = 0; s0 < 4; s0 += kBatch) {
+      for (int s0 = 0; s0 < 4; s0 += 2) {  // two k16 steps per commit group
 #pragma unroll
-        for (int s = s0; s < s0 + kBatch; ++s) {
+        for (int s = s0; s < s0 + 2; ++s) {
 #pragma unroll
           for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
@@ -586,22 +545,18 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
         }
         wgmma_fence();
 #pragma unroll
-        for (int s = s0; s < s0 + kBatch; ++s) {
+        for (int s = s0; s < s0 + 2; ++s) {
           const uint64_t desc = desc_sw128(base + s * 32);
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[s][mb], desc);
+          for (int mb = 0; mb < MB; ++mb) wgmma_rs<kBf16>(acc[mb], a[s][mb], desc, lora || kt > 0 || s > 0);
         }
         wgmma_commit();
-        // keep 4 / kBatch - 2 groups (two steps) in flight: the group before them has completed, its fragment
-        // buffers may be rewritten, and once it held the previous k-tile's last step, that stage is free
-        if constexpr (kBatch == 1) {
-          wgmma_wait<2>();
-        } else {
-          wgmma_wait<1>();
-        }
+        // keep one group (two steps) in flight: the group before it has completed, its fragment buffers may be
+        // rewritten, and once it held the previous k-tile's last steps (or the LoRA k-tile), that stage is free
+        wgmma_wait<1>();
 #pragma unroll
-        for (int s = s0; s < s0 + kBatch; ++s) pin(a[(s + 2) & 3]);
-        if (s0 + kBatch == 2 && prev >= 0) tma::mbar_arrive(l.empty(prev));
+        for (int s = s0; s < s0 + 2; ++s) pin(a[(s + 2) & 3]);
+        if (s0 == 0 && prev >= 0) tma::mbar_arrive(l.empty(prev));
       }
       prev = stage;
     }
@@ -611,18 +566,20 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, const La
 #pragma unroll
     for (int s = 0; s < 4; ++s) pin(a[s]);
     if (prev >= 0) tma::mbar_arrive(l.empty(prev));
+    const int next = tile + static_cast<int>(gridDim.x);
+    if (lora && next < p.tiles) {  // the next tile's LoRA fragments, in flight during this epilogue
+      const int64_t nf0 = static_cast<int64_t>(next % p.tiles_f) * G::kBF;
+      lora_early ? load_lora<2, 2>(p, fr, nf0, lora_steps, a) : load_lora<0, 4>(p, fr, nf0, lora_steps, a);
+    }
     store_tile<kBf16, kWide>(p, fr, acc, epi, epi_ptr, f0, t0);
   }
 }
 
 #endif  // sm_90a
 
-// kBatch: k16 steps per wgmma commit group (1 or 2); kScale16: the block scale applied in 16 bits ("ws16");
-// kTma: the one-thread TMA producer (p's tensor maps) instead of the cp.async warpgroup; kWide: the 128 × 256
-// geometry (Geo; TMA only).
-template <bool kBf16, int kBatch, bool kScale16, bool kTma, bool kWide>
+// kScale16: the block scale applied in 16 bits (one HMUL2 a pair); kWide: the 128-feature × 256-token tile (Geo).
+template <bool kBf16, bool kScale16, bool kWide>
 __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid_constant__ Params p) {
-  static_assert(kTma || !kWide, "the wide geometry has only the TMA producer");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
@@ -646,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < Geo<kWide>::kStages; ++s) {
-      tma::mbar_init(l.full(s), kTma ? 1 : 128);  // the TMA thread's expect_tx, or one per cp.async thread
+      tma::mbar_init(l.full(s), 1);  // the TMA thread's arrive.expect_tx
       tma::mbar_init(l.empty(s), 256);  // every consumer thread releases its own reads
     }
     tma::fence_mbar_init();
@@ -656,14 +613,10 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemm_ws_kernel(const __grid
   const int ktiles = static_cast<int>(p.k / kBK);
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-    if constexpr (kTma) {
-      if (threadIdx.x == 0) produce_tma(p, l, ktiles + (lora ? 1 : 0), lora);
-    } else {
-      produce(p, l, ktiles + (lora ? 1 : 0), lora);
-    }
+    if (threadIdx.x == 0) produce_tma(p, l, ktiles + (lora ? 1 : 0), lora);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-    consume<kBf16, kBatch, kScale16, kTma, kWide>(p, smem_raw, l, raw, ktiles, lora);
+    consume<kBf16, kScale16, kWide>(p, smem_raw, l, raw, ktiles, lora);
   }
 #endif
 }
@@ -742,8 +695,7 @@ bool supported(const qlora::GemmArgs& a) {
 #endif
 }
 
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool use_tma, bool wide) {
-  TORCH_CHECK(!wide || (use_tma && batch == 2), "qlora_gemm: the wide tile exists only with the TMA producer");
+void run(const qlora::GemmArgs& a, at::Tensor& y, bool scale16, bool wide) {
   const int bf = wide ? Geo<true>::kBF : Geo<false>::kBF, bt = wide ? Geo<true>::kBT : Geo<false>::kBT;
   const nf4::Nf4Args w = nf4::nf4_args(a.w.nf4);
   const int64_t ktiles = a.k / kBK, pitch = ceil_div(a.n, kScalePitch) * kScalePitch;
@@ -774,15 +726,13 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool 
   p.r = static_cast<int>(a.r);
   p.tiles_f = static_cast<int>(ceil_div(a.n, int64_t{bf}));
   p.tiles = static_cast<int>(p.tiles_f * ceil_div(a.m, int64_t{bt}));
-  if (use_tma) {
-    p.tx = tensor_map_2d(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.k, a.m, map_pitch(a.x), kBK, bt,
-                         CU_TENSOR_MAP_SWIZZLE_128B);
-    p.tw = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.k / 2, a.n, a.k / 2, kBK / 2, bf,
-                         CU_TENSOR_MAP_SWIZZLE_32B);
-    if (a.r > 0) {
-      p.txa = tensor_map_2d(p.xa, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.r, a.m, map_pitch(a.xa), kBK, bt,
-                            CU_TENSOR_MAP_SWIZZLE_128B);
-    }
+  p.tx = tensor_map_2d(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.k, a.m, map_pitch(a.x), kBK, bt,
+                       CU_TENSOR_MAP_SWIZZLE_128B);
+  p.tw = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.k / 2, a.n, a.k / 2, kBK / 2, bf,
+                       CU_TENSOR_MAP_SWIZZLE_32B);
+  if (a.r > 0) {
+    p.txa = tensor_map_2d(p.xa, CU_TENSOR_MAP_DATA_TYPE_UINT16, a.r, a.m, map_pitch(a.xa), kBK, bt,
+                          CU_TENSOR_MAP_SWIZZLE_128B);
   }
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.tiles, sm_count()));
   // the layout needs far less than its worst case
@@ -794,22 +744,13 @@ void run(const qlora::GemmArgs& a, at::Tensor& y, int batch, bool scale16, bool 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = a.x.scalar_type() == at::kBFloat16;
-  // qlora_gemm_ws_kernel<bf16, k16 steps per commit group, 16-bit scale, TMA, wide>
+  // qlora_gemm_ws_kernel<bf16, 16-bit scale, wide>
   auto launch_dtype = [&](auto b16) {
     constexpr bool kB = decltype(b16)::value;
-    if (!use_tma) {
-      if (scale16) {
-        launch(qlora_gemm_ws_kernel<kB, 2, true, false, false>);
-      } else {
-        batch == 1 ? launch(qlora_gemm_ws_kernel<kB, 1, false, false, false>)
-                   : launch(qlora_gemm_ws_kernel<kB, 2, false, false, false>);
-      }
-    } else if (wide) {
-      scale16 ? launch(qlora_gemm_ws_kernel<kB, 2, true, true, true>)
-              : launch(qlora_gemm_ws_kernel<kB, 2, false, true, true>);
+    if (wide) {
+      scale16 ? launch(qlora_gemm_ws_kernel<kB, true, true>) : launch(qlora_gemm_ws_kernel<kB, false, true>);
     } else {
-      scale16 ? launch(qlora_gemm_ws_kernel<kB, 2, true, true, false>)
-              : launch(qlora_gemm_ws_kernel<kB, 2, false, true, false>);
+      scale16 ? launch(qlora_gemm_ws_kernel<kB, true, false>) : launch(qlora_gemm_ws_kernel<kB, false, false>);
     }
   };
   bf16 ? launch_dtype(std::true_type{}) : launch_dtype(std::false_type{});

@@ -12,10 +12,10 @@ namespace swiftlora::cuda::sm90 {
 // <= 64 and % 8 == 0, 16-byte aligned rows of x / xa / lora_b and of the packed weight.
 bool supported(const qlora::GemmArgs& a);
 
-// y [M, N] (unit column stride) = x · dequant(W)ᵀ + xa · lora_bᵀ (+ bias). Benchmarking knobs: batch, k16 steps per
-// wgmma commit group (1 or 2); scale16, the block scale applied in 16 bits (batch 2); use_tma, the one-thread TMA
-// producer (batch 2); wide, the 128-feature × 256-token tile (TMA only).
-void run(const qlora::GemmArgs& a, at::Tensor& y, int batch = 2, bool scale16 = false, bool use_tma = false,
-         bool wide = false);
+// y [M, N] (unit column stride, any row stride: e.g. a projection's columns of a wider output) = x · dequant(W)ᵀ +
+// xa · lora_bᵀ (+ bias). scale16: the block scale applied in 16 bits (one HMUL2 a pair: two more roundings than
+// bitsandbytes' fp32 product, an error still below a 16-bit GEMM's on the dequantized weight); wide: the
+// 128-feature × 256-token tile (half the dequantization per MAC), else 256 × 128.
+void run(const qlora::GemmArgs& a, at::Tensor& y, bool scale16, bool wide);
 
 }  // namespace swiftlora::cuda::sm90

@@ -82,17 +82,14 @@ struct StreamOverlap {
   Event fork_, join_, ready_[2], consumed_[2];
 };
 
-// SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "ws" (two k16 steps per wgmma commit group,
-// a cp.async producer warpgroup), "ws1" (one), "ws16" (two, the block scale applied in 16 bits: fewer instructions,
-// two more roundings, an error still below a bf16 GEMM's on the dequantized weight); "tma" and "tma16": "ws" and
-// "ws16" fed by a one-thread TMA producer; "tmaw" and "tma16w": those on the 128-feature × 256-token tile (half the
-// dequantization per MAC). Default: tma16w for more than 128 rows of x, else tma16 (a 256-token tile would be mostly
-// padding). H100, x [4096, 4096], W [14336, 4096], r = 16, cuBLAS 0.624 ms in the same run: tma16w 0.698 ms,
-// tma16 0.795, ws16 0.843, tmaw 0.808, tma 1.062 (bench/NOTES.md, "QLoRA version 3 fed by TMA").
+// SWIFTLORA_QLORA_GEMM_VARIANT, a benchmarking knob read on every call: "tma" (256-feature × 128-token tile, the
+// block scale applied in fp32 as bitsandbytes does), "tma16" (the scale applied in 16 bits: fewer instructions,
+// two more roundings, an error still below a bf16 GEMM's on the dequantized weight); "tmaw" and "tma16w": those on
+// the 128-feature × 256-token tile (half the dequantization per MAC). Default: tma16w for more than 128 rows of x,
+// else tma16 (a 256-token tile would be mostly padding). H100, x [4096, 4096], W [14336, 4096], r = 16, cuBLAS
+// 0.624 ms in the same run: tma16w 0.698 ms, tma16 0.795, tmaw 0.808, tma 1.062 (bench/NOTES.md, "The wide tile").
 struct QloraKernelVariant {
-  int batch = 2;
   bool scale16 = true;
-  bool tma = true;
   bool wide = false;
 };
 
@@ -102,11 +99,9 @@ QloraKernelVariant qlora_kernel_variant(int64_t rows) {
   k.wide = rows > 128;
   if (env == nullptr || *env == '\0') return k;
   const std::string v(env);
-  TORCH_CHECK(v == "ws" || v == "ws1" || v == "ws16" || v == "tma" || v == "tma16" || v == "tmaw" || v == "tma16w",
-              "SWIFTLORA_QLORA_GEMM_VARIANT must be ws, ws1, ws16, tma, tma16, tmaw or tma16w, got '", v, "'");
-  k.batch = v == "ws1" ? 1 : 2;
-  k.scale16 = v == "ws16" || v == "tma16" || v == "tma16w";
-  k.tma = v.rfind("tma", 0) == 0;
+  TORCH_CHECK(v == "tma" || v == "tma16" || v == "tmaw" || v == "tma16w",
+              "SWIFTLORA_QLORA_GEMM_VARIANT must be tma, tma16, tmaw or tma16w, got '", v, "'");
+  k.scale16 = v == "tma16" || v == "tma16w";
   k.wide = v == "tmaw" || v == "tma16w";
   return k;
 }
@@ -123,6 +118,34 @@ struct CudaBackend {
   }
   static constexpr bool kOverlaps = true;
   using Overlap = StreamOverlap;
+  // The automatic plan's forward on sm_90a: one qlora_gemm kernel per projection, each writing its columns of y
+  // (xa's columns of the projection, its already scaled B, its slice of the bias). False, with nothing launched,
+  // unless the kernel takes every projection.
+  static bool fused_forward(const at::Tensor& x2, const at::Tensor& xa, const qlora::Projections& p,
+                            const at::Tensor& bias, at::Tensor& y) {
+    const bool one = p.base.size() == 1;
+    std::vector<qlora::GemmArgs> args(p.base.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+      qlora::GemmArgs& a = args[i];
+      a.x = x2;
+      a.w = p.base[i];
+      a.m = x2.size(0);
+      a.n = p.base[i].n;
+      a.k = p.k;
+      a.r = p.lora_a[i].size(0);
+      a.xa = one ? xa : xa.narrow(1, p.r_off[i], a.r);
+      a.lora_b = p.lora_b[i];
+      if (bias.defined()) a.bias = (one ? bias : bias.narrow(0, p.n_off[i], a.n)).contiguous();
+      if (!sm90::supported(a)) return false;
+    }
+    y = at::empty({x2.size(0), p.n}, x2.options());
+    const QloraKernelVariant k = qlora_kernel_variant(x2.size(0));
+    for (size_t i = 0; i < args.size(); ++i) {
+      at::Tensor yi = one ? y : y.narrow(1, p.n_off[i], args[i].n);
+      sm90::run(args[i], yi, k.scale16, k.wide);
+    }
+    return true;
+  }
   // Version 2 where it applies (sm_90a: dequantization inside the wgmma GEMM), else dequantize + cuBLAS.
   static at::Tensor qlora_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
@@ -135,7 +158,7 @@ struct CudaBackend {
     if (!sm90::supported(a)) return qlora::gemm_output_shape(x, qlora::gemm_unfused<CudaBackend>(a));
     at::Tensor y = at::empty({a.m, a.n}, x.options());
     const QloraKernelVariant k = qlora_kernel_variant(a.m);
-    sm90::run(a, y, k.batch, k.scale16, k.tma, k.wide);
+    sm90::run(a, y, k.scale16, k.wide);
     return qlora::gemm_output_shape(x, y);
   }
 };

@@ -2,8 +2,9 @@
 
 Kernel: ``torch.ops.swiftlora.qlora_gemm`` (csrc/cuda/qlora_gemm_sm90.cu on sm_90a: a warp-specialized wgmma GEMM
 that dequantizes the NF4 weight into its register operand, no 16-bit copy of W is written; elsewhere, and for
-shapes that kernel does not take, dequantize + GEMM). :func:`~swiftlora.ops.qlora_linear` uses it for its forward
-with ``fused=True``; no autograd of its own (qlora_linear's backward recomputes what it needs).
+shapes that kernel does not take, dequantize + GEMM). The qlora ops (:func:`~swiftlora.ops.qlora_linear`,
+``lora_qkv``, ``lora_mlp``) run the same kernel in their forward by default on sm_90a, from C++ (one launch per
+projection into its columns of the output). No autograd of its own.
 """
 from __future__ import annotations
 

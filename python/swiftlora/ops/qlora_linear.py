@@ -8,9 +8,12 @@ the backward saves ``x``, ``xa`` and the dropout masks, and forms ``grad_A``, ``
 All matmuls run in x's dtype (the compute dtype) with float32 accumulation; ``grad_A``/``grad_B``/``grad_bias``
 come back in the parameters' own dtypes.
 
-Plan (:func:`qlora_plan`): on the GPU the NF4 weight is dequantized in chunks on a side stream, each under the
-GEMM of the previous chunk (csrc/common/qlora_pipeline.h); the chunk count and the padding of the folded LoRA
-columns are chosen by the op unless a ``qlora_plan`` block fixes them (benchmarks, tests).
+Plan (:func:`qlora_plan`): by default, on sm_90a (H100/H200) the forward over NF4 weights runs
+:func:`~swiftlora.ops.qlora_gemm`'s kernel, which dequantizes inside the wgmma GEMM (no 16-bit copy of W) with the
+LoRA term as one more k-tile, one launch per projection; elsewhere, and in the backward, the weight is dequantized
+into a scratch panel that one cuBLAS GEMM reads. A ``qlora_plan`` block with an explicit chunk count takes the
+dequantize + cuBLAS path in the forward too, optionally in chunks overlapped on a side stream
+(csrc/common/qlora_pipeline.h; benchmarks, tests).
 
 Dropout: with ``dropout_p > 0`` each projection draws its own keep-mask (``dropout_masks``, optionally from a
 ``generator``), as PEFT's per-layer ``nn.Dropout`` would; pass masks explicitly to reproduce a run or to check
@@ -25,17 +28,18 @@ import torch
 
 from .._compat import below_autograd, mm_fp32
 from .. import _build  # noqa: F401  (registers torch.ops.swiftlora)
-from .lora_weights import BaseWeight, LoRAProjection, NF4Weight, check_projection, dense_base, op_lists
-from .qlora_gemm import qlora_gemm
+from .lora_weights import BaseWeight, LoRAProjection, check_projection, dense_base, op_lists
 
 _lib = torch.ops.swiftlora
 
 
 class QLoRAPlan(NamedTuple):
-    """How the qlora ops run their NF4 GEMMs. ``chunks``: <= 0 automatic (one pass: measured fastest on the H100),
-    1 one dequantization then one GEMM, n up to n dequantize/GEMM chunks overlapped on two streams (fewer when the
-    weight is small; sequential on the CPU): less scratch memory, two chunk buffers instead of the whole weight. ``panel_align``: the folded LoRA columns pad
-    ``K + r`` to a multiple of it (8: 16-byte rows; 64: whole 64-wide GEMM k-tiles)."""
+    """How the qlora ops run their NF4 GEMMs. ``chunks``: <= 0 automatic (the forward through the fused sm_90a
+    kernel where it applies, else one dequantization and one GEMM, as the backward), 1 one dequantization then one
+    GEMM in the forward too, n up to n dequantize/GEMM chunks overlapped on two streams (fewer when the weight is
+    small; sequential on the CPU): less scratch memory, two chunk buffers instead of the whole weight.
+    ``panel_align``: the folded LoRA columns pad ``K + r`` to a multiple of it (8: 16-byte rows; 64: whole 64-wide
+    GEMM k-tiles)."""
 
     chunks: int = -1
     panel_align: int = 8
@@ -93,7 +97,7 @@ def dropout_masks(x: torch.Tensor, p: float, count: int, generator: torch.Genera
 
 def qlora_linear(x: torch.Tensor, base: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0,
                  bias: torch.Tensor | None = None, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, fused: bool = False) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One LoRA linear ``x @ baseᵀ (+ bias) + scale · (dropout(x) @ lora_aᵀ) @ lora_bᵀ``.
 
     Args:
@@ -106,27 +110,21 @@ def qlora_linear(x: torch.Tensor, base: BaseWeight, lora_a: torch.Tensor, lora_b
         dropout_mask: bool ``[..., K]`` keep-mask to use instead of drawing one (kept values are scaled by
             ``1 / (1 - dropout_p)``).
         generator: for drawing the mask.
-        fused: the forward through :func:`~swiftlora.ops.qlora_gemm` (on sm_90a the NF4 dequantization inside the
-            GEMM) instead of dequantize + one cuBLAS GEMM; NF4 bases only. On the H100 it is now the faster path
-            (forward 0.72 vs 0.79 ms at x [4096, 4096], W [14336, 4096], r = 16, and no bf16 copy of W) but still
-            off by default until the blocks built on it are measured with it (bench/NOTES.md, "The wide tile").
     Returns:
         ``[..., N]`` in x's dtype.
     """
     masks = None if dropout_mask is None else [dropout_mask]
-    return lora_projections(x, [LoRAProjection(base, lora_a, lora_b, scale, bias)], dropout_p, masks, generator,
-                            fused=fused)
+    return lora_projections(x, [LoRAProjection(base, lora_a, lora_b, scale, bias)], dropout_p, masks, generator)
 
 
 def lora_projections(x: torch.Tensor, projections: Sequence[LoRAProjection], dropout_p: float = 0.0,
                      dropout_masks_: Sequence[torch.Tensor | None] | None = None,
-                     generator: torch.Generator | None = None, fn: str = "qlora_linear",
-                     fused: bool = False) -> torch.Tensor:
+                     generator: torch.Generator | None = None, fn: str = "qlora_linear") -> torch.Tensor:
     """Several LoRA projections of one input in one call: ``[y_1 | ... | y_P]`` ``[..., Σ N_p]`` (e.g. q, k, v).
     Each projection gets its own dropout mask (``dropout_masks_``: one bool ``[..., K]`` mask or None per
     projection). See :func:`qlora_linear` for the rest."""
     projs, masks, dscale = prepare(fn, x, projections, dropout_p, dropout_masks_, generator)
-    spec = _Spec(projs, dscale, fused and all(isinstance(p.base, NF4Weight) for p in projs))
+    spec = _Spec(projs, dscale)
     tensors = [t for p in projs for t in (p.lora_a, p.lora_b, p.bias)]
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
         return _LoRALinear.apply(spec, x, *tensors, *masks)
@@ -217,32 +215,17 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Spec:
-    """The non-tensor half of a call: projections (their base weights and scales), the dropout scale, whether
-    the forward takes qlora_gemm (fused), and the plan (taken when the call starts, kept for its backward)."""
+    """The non-tensor half of a call: projections (their base weights and scales), the dropout scale and the plan
+    (taken when the call starts, kept for its backward)."""
 
-    __slots__ = ("projs", "dscale", "fused", "plan")
+    __slots__ = ("projs", "dscale", "plan")
 
-    def __init__(self, projs, dscale, fused=False):
-        self.projs, self.dscale, self.fused, self.plan = projs, dscale, fused, current_plan()
+    def __init__(self, projs, dscale):
+        self.projs, self.dscale, self.plan = projs, dscale, current_plan()
 
     def forward(self, x, masks):
         """(y, xa)."""
-        if self.fused:
-            return fused_forward(x, self.projs, masks, self.dscale)
         return forward_op(x, self.projs, masks, self.dscale, self.plan)
-
-
-def fused_forward(x, projs, masks, dscale):
-    """(y, xa) with one qlora_gemm per projection: xa_p = dropout_p(x) @ A_pᵀ here, its LoRA term inside the GEMM."""
-    dt = x.dtype
-    xa = torch.cat([(x if m is None else x * m * dscale) @ p.lora_a.to(dt).t() for p, m in zip(projs, masks)], -1)
-    ys, off = [], 0
-    for p in projs:
-        r = p.lora_a.shape[0]
-        lb = (p.lora_b.float() * p.scale).to(dt)
-        ys.append(qlora_gemm(x, p.base, xa[..., off:off + r], lb, p.bias))
-        off += r
-    return (ys[0] if len(ys) == 1 else torch.cat(ys, -1)), xa
 
 
 class _LoRALinear(torch.autograd.Function):
