@@ -169,6 +169,12 @@ def test_chunk_rows_rule():
     for n in (1, 77, 5000, 12345):
         rows = chunk_rows(n, 32000, bf16, 16)
         assert 1 <= rows <= n and rows * 32000 * 2 <= 16 * 2**20 or rows == 1
+    # a trainable head: at least TRAINABLE_HEAD_MIN_ROWS (1024) rows whatever the budget; an explicit size wins
+    assert chunk_rows(8192, 128256, bf16, trainable_head=True) == 1024  # 8 chunks
+    assert chunk_rows(8192, 128256, bf16, 600, trainable_head=True) == 2048  # cap 2452 -> 2432: 4 chunks of 2048
+    assert chunk_rows(1500, 128256, bf16, trainable_head=True) == 768  # cap 1024: 2 chunks of 750 -> 768
+    assert chunk_rows(900, 128256, bf16, trainable_head=True) == 900  # fits: one chunk
+    assert chunk_rows(8192, 128256, bf16, chunk_size=256, trainable_head=True) == 256
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         chunk_rows(10, 10, bf16, chunk_size=0)
     with pytest.raises(ValueError, match="memory_budget_mb must be a positive number"):

@@ -31,16 +31,25 @@ _lib = torch.ops.swiftlora
 # and cuBLAS's workspace stays inside the issue's 128 MiB of extra memory.
 DEFAULT_MEMORY_BUDGET_MB = 64
 ROW_ALIGN = 64  # chunks are whole 64-row GEMM tiles when the budget allows
+# A trainable head's chunks hold at least this many rows: each chunk's update of the float32 grad_weight accumulator
+# reads and writes it whole (8·V·H bytes: 2.1 GB at V = 128256, H = 2048), so with few rows it is memory-bound and
+# costs more than the chunk's GEMMs. H100, N = 8192, fwd+bwd (3 GEMMs 18.7 ms): 256 rows 50.1 ms, 512 31.1,
+# 1024 23.2 (+190 MiB of logits over 256 rows), 2048 21.4 (+440 MiB); bench/NOTES.md ("A trainable head").
+TRAINABLE_HEAD_MIN_ROWS = 1024
 
 
 def chunk_rows(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-               chunk_size: int | None = None, fn: str = "fused_linear_cross_entropy") -> int:
+               chunk_size: int | None = None, fn: str = "fused_linear_cross_entropy",
+               trainable_head: bool = False) -> int:
     """Rows per chunk for ``n`` tokens and a ``vocab``-wide logits chunk in ``dtype``.
 
     The one buffer whose size depends on the chunk is the logits chunk, ``C·V·itemsize`` bytes (its gradient is
     written over it; grad_hidden is ``[N, H]`` whatever C, so H does not enter). ``cap = ⌊budget / (V·itemsize)⌋``
     rows, rounded down to a multiple of 64 when it is at least 64; ``n`` is then split into ``⌈n / cap⌉``
-    near-equal chunks, each rounded up to a multiple of 64 within ``cap``. ``chunk_size`` overrides all this.
+    near-equal chunks, each rounded up to a multiple of 64 within ``cap``. With ``trainable_head`` (the weight or
+    bias needs a gradient) ``cap`` is at least :data:`TRAINABLE_HEAD_MIN_ROWS`, whatever the budget: the float32
+    grad_weight accumulator (``V·H·4`` bytes, far above any logits budget) is read and written once per chunk.
+    ``chunk_size`` overrides all this.
     Examples, n = 8192 bf16 at 64 MiB: V = 128256: cap 261 -> 256, 32 chunks of 256; V = 151936: cap 220 -> 192,
     43 chunks of 192 (the last 128).
     """
@@ -51,6 +60,8 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype, memory_budget_mb: float =
     if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0 and math.isfinite(memory_budget_mb)):
         raise ValueError(f"{fn}: memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
     cap = max(1, int(memory_budget_mb * 2**20) // (vocab * dtype.itemsize))
+    if trainable_head:
+        cap = max(cap, TRAINABLE_HEAD_MIN_ROWS)
     if cap >= n:
         return max(n, 1)
     if cap >= ROW_ALIGN:
@@ -112,7 +123,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             bias``).
         chunk_size: rows per chunk, overriding the budget.
         memory_budget_mb: size of the transient logits chunk (see :func:`chunk_rows`); for a frozen head, of the
-            two vocabulary-block buffers together (see :func:`.lm_head_blocks.block_plan`).
+            two vocabulary-block buffers together (see :func:`.lm_head_blocks.block_plan`). A trainable head (its
+            weight or bias needs a gradient) also holds a float32 ``[V, H]`` grad_weight accumulator, and its chunks
+            hold at least :data:`TRAINABLE_HEAD_MIN_ROWS` rows whatever the budget.
     Returns:
         float32 loss: a scalar, or ``[...]`` for reduction "none".
     """
@@ -130,9 +143,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     o = ce_options(fn, ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss, num_items_in_batch)
     check_linear(fn, hidden, weight, bias)
     h2, y, batch = rows_of(fn, hidden, labels, last="hidden")
-    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, memory_budget_mb, chunk_size, fn)
     params = (hidden, weight) + ((bias,) if bias is not None else ())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    trainable_head = grads and any(t.requires_grad for t in params[1:])
+    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, memory_budget_mb, chunk_size, fn, trainable_head)
+    if grads:
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, h2.detach(), y, o, num_items_in_batch, rows,
                                               memory_budget_mb if chunk_size is None else None)
     with below_autograd():
@@ -158,7 +173,7 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
     n, dev = h2.shape[0], h2.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None  # chunk 0: beta = 0
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -170,7 +185,7 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
         if need_h:
             torch.mm(logits, weight, out=grad_h[s:e])
         if need_w:
-            addmm_fp32_(grad_w, logits.t(), hc)
+            addmm_fp32_(grad_w, logits.t(), hc, beta=1.0 if s else 0.0)
         if need_b:
             grad_b += logits.sum(0, dtype=torch.float32)
     if wb_factor is not None:

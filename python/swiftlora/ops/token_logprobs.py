@@ -83,7 +83,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
     eager = hidden.requires_grad and not weight.requires_grad and torch.is_grad_enabled()
     # the eager path with entropy holds two chunk buffers (both gradients): half the rows each
     budget = memory_budget_mb / 2 if eager and with_entropy and chunk_size is None else memory_budget_mb
-    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, budget, chunk_size, fn)
+    trainable_head = weight.requires_grad and torch.is_grad_enabled()  # chunks of >= TRAINABLE_HEAD_MIN_ROWS
+    rows = chunk_rows(h2.shape[0], weight.shape[0], weight.dtype, budget, chunk_size, fn, trainable_head)
     # frozen head with grad: vocabulary blocks (lm_head_blocks), unless the caller fixed the token chunks
     blocks = memory_budget_mb if eager and chunk_size is None else None
     args = (ignore_index, 1.0 / t, bool(with_entropy), rows, batch, blocks)
@@ -223,7 +224,7 @@ def _recomputed_grads(ctx, g_lp, g_ent):
         a, d = a + g_ent * pz, -g_ent
     coef = torch.stack((a, g_lp, zero, d), 1)
     grad_h = torch.empty(h2.shape, dtype=h2.dtype, device=dev) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None  # chunk 0: beta = 0
     for s in range(0, n, rows):
         e = min(s + rows, n)
         hc = h2[s:e]
@@ -232,5 +233,5 @@ def _recomputed_grads(ctx, g_lp, g_ent):
         if need_h:
             torch.mm(logits, weight, out=grad_h[s:e])
         if need_w:
-            addmm_fp32_(grad_w, logits.t(), hc)
+            addmm_fp32_(grad_w, logits.t(), hc, beta=1.0 if s else 0.0)
     return grad_h, (None if grad_w is None else grad_w.to(weight.dtype))
