@@ -123,11 +123,13 @@ def nf4_kernels():
             x = torch.randn(m, k, device=DEV, dtype=BF16)
             check(f"nf4_gemv M={m} {n}x{k}", ops.nf4_gemv(x, *nf.tensors(), blocksize=64, out_features=n).cpu(),
                   x.cpu().double() @ ref.t(), 2e-2)
-        for m in (70, 300):  # the 256-feature x 128-token tile, and the wide 128 x 256 one (above 128 rows)
-            x, xa = torch.randn(m, k, device=DEV, dtype=BF16), torch.randn(m, 16, device=DEV, dtype=BF16)
-            b = torch.randn(n, 16, device=DEV, dtype=BF16) * 0.05
+        # the 256-feature x 128-token tile, and the wide 128 x 256 one (above 128 rows); rank 16 keeps the LoRA
+        # MMAs in flight under the first weight steps, rank 48 drains them first
+        for m, r in ((70, 16), (300, 16), (300, 48)):
+            x, xa = torch.randn(m, k, device=DEV, dtype=BF16), torch.randn(m, r, device=DEV, dtype=BF16)
+            b = torch.randn(n, r, device=DEV, dtype=BF16) * 0.05
             want = x.cpu().double() @ ref.t() + xa.cpu().double() @ b.cpu().double().t()
-            check(f"qlora_gemm M={m} {n}x{k}", ops.qlora_gemm(x, nf, xa, b).cpu(), want, 2e-2)
+            check(f"qlora_gemm M={m} r={r} {n}x{k}", ops.qlora_gemm(x, nf, xa, b).cpu(), want, 2e-2)
 
 
 def lora_family():
@@ -136,9 +138,12 @@ def lora_family():
         a = torch.randn(8, k, device=DEV, dtype=BF16) * 0.05
         b = torch.randn(n, 8, device=DEV, dtype=BF16) * 0.05
         x = torch.randn(3, 70, k, device=DEV, dtype=BF16)
-        for fused in (False, True):
-            compare(f"qlora_linear fused={fused} {n}x{k}",
-                    lambda t, la, lb: ops.qlora_linear(t, nf, la, lb, 2.0, fused=fused),
+        for chunks in (-1, 1):  # the default plan (the fused forward on sm_90a), version 1
+            def run(t, la, lb, chunks=chunks):
+                with ops.qlora_plan(chunks=chunks):
+                    return ops.qlora_linear(t, nf, la, lb, 2.0)
+
+            compare(f"qlora_linear chunks={chunks} {n}x{k}", run,
                     lambda t, la, lb: ops.qlora_linear_reference(t, nf, la, lb, 2.0), x, a, b)
     k, n = 256, 704
     x = torch.randn(2, 50, k, device=DEV, dtype=BF16)
