@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run from the repo root: bash bench/micro/nf4_gemv_floor/run.sh   (compiles ~10 s, runs ~5 s)
+set -euo pipefail
+D=bench/micro/nf4_gemv_floor
+NVCC=/usr/local/bin/nvcc; [ -x "$NVCC" ] || NVCC=nvcc
+"$NVCC" -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_bench "$D/gemv_bench.cu"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv 2>/dev/null || true
+/tmp/gemv_bench
