@@ -1,80 +1,20 @@
 // Standalone bench: streaming-read floors + NF4 GEMV kernels, M = 1, W [14336, 4096] NF4 (blocksize 64, nested
 // absmax, bitsandbytes layout). No torch. Build: nvcc -O3 -std=c++17 -arch=sm_90a gemv_bench.cu -o gemv_bench
 //
-// Timing (every row): L2 flush (256 MiB write kernel) before each rep, outside the timed region, with no host sync
-// between flush and the timed launch (the launch is queued behind the flush, as in torch/triton harnesses);
-// cudaEvent record / launch / record; 50 reps; median and min in microseconds.
-//
-// NF4 math (csrc/common/nf4.h): packed[j] = c_{2j} << 4 | c_{2j+1} (high nibble first); block b = 64 consecutive
-// elements of the row-major flattened W; scale_b = fp32(code2[qabsmax[b]] * absmax2[b >> 8]) + offset;
-// value = code[c] * scale_b. The reference rounds value to bf16 (as bitsandbytes' dequantize does) and sums in
-// double. Kernels multiply the unscaled codes by x and apply the fp32 block scale to the block partial sum.
-#include <cuda_bf16.h>
+// Harness (problem shape, data, host reference, timing, NF4 math): gemv_common.cuh, shared with gemv_small.cu.
+#include "gemv_common.cuh"
+
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include "../../../csrc/cuda/tma_bulk.cuh"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <string>
-#include <vector>
-
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t e_ = (call);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, __LINE__, \
-              cudaGetErrorString(e_));                                                            \
-      exit(1);                                                                                    \
-    }                                                                                             \
-  } while (0)
-
-// ----------------------------------------------------------------------------------------------- problem shape
-constexpr int kN = 14336;
-constexpr int kK = 4096;  // the GEMV kernels are specialised for K = 4096: 16 warps x 256 codes
-constexpr int kRowBytes = kK / 2;
-constexpr int kBlocksPerRow = kK / 64;
-constexpr size_t kPackedBytes = (size_t)kN * kK / 2;     // 29,360,128
-constexpr size_t kQabsBytes = (size_t)kN * kK / 64;      // 917,504
-constexpr size_t kStreamBytes = kPackedBytes + kQabsBytes;  // 30,277,632 (multiple of 16)
-constexpr int kNumAbsmax2 = (int)(kQabsBytes / 256);     // 3,584
-constexpr double kIssueFloorUs = 10.1;
-
-__constant__ float c_nf4[16] = {-0x1p+0f,       -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f,
-                                -0x1.23449ap-2f, -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f,
-                                0x1.45f5fep-4f,  0x1.4995c6p-3f,  0x1.f809bap-3f,  0x1.5a0674p-2f,
-                                0x1.c3497p-2f,   0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f};
-static const float h_nf4[16] = {-0x1p+0f,       -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f,
-                                -0x1.23449ap-2f, -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f,
-                                0x1.45f5fep-4f,  0x1.4995c6p-3f,  0x1.f809bap-3f,  0x1.5a0674p-2f,
-                                0x1.c3497p-2f,   0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f};
+__constant__ float c_nf4[16] = GEMV_NF4_CODES;
 
 // ----------------------------------------------------------------------------------------------- device helpers
 extern __shared__ __align__(128) uint8_t g_smem[];
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-template <bool PF>
-__device__ __forceinline__ uint4 ldg128(const void* p) {
-  uint4 v;
-  if constexpr (PF) {
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  } else {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  }
-  return v;
 }
 
 __device__ __forceinline__ uint32_t lds32(uint32_t a) {
@@ -94,24 +34,10 @@ __device__ __forceinline__ uint32_t pinned(uint32_t v) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 // Shared address of the table row for byte j of `word`: byte 1 <- the byte, bytes 0, 2, 3 <- lane_base
 // (64 KiB-aligned table | lane column). One PRMT.
 __device__ __forceinline__ uint32_t tab_addr(uint32_t word, uint32_t lane_base, int j) {
   return __byte_perm(word, lane_base, 0x7604u | (static_cast<uint32_t>(j) << 4));
-}
-
-__device__ __forceinline__ float mul_ftz(float a, float b) {
-  float r;
-  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float nested_scale(float code2v, float absmax2v, float offset) {
-  return __fadd_rn(mul_ftz(code2v, absmax2v), offset);
 }
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -122,62 +48,16 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// ----------------------------------------------------------------------------------------------- L2 flush / misc
-__global__ void flush_kernel(uint4* p, size_t n16, uint32_t v) {
-  const size_t stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += stride) p[i] = make_uint4(v, v, v, v);
-}
-
-__global__ void empty_kernel() {}
-
-__global__ void fill_bf16_kernel(__nv_bfloat16* p, int n, uint16_t bits) {
-  int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) p[i] = __ushort_as_bfloat16(bits);
-}
-
 // ----------------------------------------------------------------------------------------------- floors: LDG
-__device__ __forceinline__ void finish_sum(uint32_t acc, uint32_t* out) {
-  acc = __reduce_add_sync(0xffffffffu, acc);
-  if ((threadIdx.x & 31) == 0) out[(blockIdx.x * blockDim.x + threadIdx.x) >> 5] = acc;
-}
-
-__device__ __forceinline__ uint32_t fold(const uint4& v) { return (v.x + v.y) ^ (v.z + v.w); }
-
 // Grid-stride: thread i reads i, i + S, i + 2S, ... (S = all threads), U loads in flight.
 template <int U, bool PF>
 __global__ void stream_gs(const uint4* __restrict__ p, size_t n, uint32_t* out) {
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  uint32_t acc = 0;
-  for (; i + (U - 1) * stride < n; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = ldg128<PF>(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc += fold(v[u]);
-  }
-  for (; i < n; i += stride) acc += fold(ldg128<PF>(p + i));
-  finish_sum(acc, out);
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  finish_sum(fold_range<U, PF>(p, i, n, stride), out);
 }
 
-// Contiguous: CTA c owns elements [c*per, (c+1)*per), read block-stride with U loads in flight per thread.
-template <int U, bool PF>
-__global__ void stream_ct(const uint4* __restrict__ p, size_t n, size_t per, uint32_t* out) {
-  const size_t beg = (size_t)blockIdx.x * per;
-  const size_t end = min(n, beg + per);
-  const size_t stride = blockDim.x;
-  size_t i = beg + threadIdx.x;
-  uint32_t acc = 0;
-  for (; i + (U - 1) * stride < end; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = ldg128<PF>(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc += fold(v[u]);
-  }
-  for (; i < end; i += stride) acc += fold(ldg128<PF>(p + i));
-  finish_sum(acc, out);
-}
+// (stream_ct, the contiguous-range read: gemv_common.cuh)
 
 // ----------------------------------------------------------------------------------------------- floors: TMA bulk
 // mbarriers and cp.async.bulk: the library's own helpers (csrc/cuda/tma_bulk.cuh, plain CUDA)
@@ -244,14 +124,7 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 8;
 
-struct GemvArgs {
-  const uint8_t* packed;
-  const uint8_t* qabs;
-  const float* absmax2;
-  const float* code2;
-  const float* offset;
-  const __nv_bfloat16* x;
-  __nv_bfloat16* y;
+struct GemvArgs : GemvOperands {
   int n;
   int rmax;  // rows per CTA rounded up to a tile multiple (red[] stride)
   int* err;
@@ -439,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_simt(GemvArgs a) {
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         const uint32_t pr = word_of(q, h);  // bf16 pair: x[8v+2h] (low), x[8v+2h+1] (high)
-        const float lo = __uint_as_float(pr << 16), hi = __uint_as_float(pr & 0xFFFF0000u);
+        const float lo = bf_lo(pr), hi = bf_hi(pr);
         if constexpr (H2) {
           const __half2 hh = __floats2half2_rn(lo, hi);
           xr[4 * v + h] = *reinterpret_cast<const uint32_t*>(&hh);
@@ -520,175 +393,31 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_simt(GemvArgs a) {
   gemv_finish(a, s, r0, nr);
 }
 
-// ----------------------------------------------------------------------------------------------- host
-static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
-static uint32_t rnd32() {
-  g_rng ^= g_rng << 13;
-  g_rng ^= g_rng >> 7;
-  g_rng ^= g_rng << 17;
-  return (uint32_t)(g_rng >> 16);
-}
-static double rnd01() { return (rnd32() + 0.5) / 4294967296.0; }
-
-static uint16_t f2bf(float f) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static float bf2f(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-struct Stat {
-  double med, mn;
-};
-
-struct Bench {
-  uint4* flush = nullptr;
-  size_t flush16 = 0;
-  cudaEvent_t e0, e1;
-  uint32_t rep = 0;
-  int reps = 50;
-  Bench() {
-    const size_t bytes = 256ull << 20;
-    CK(cudaMalloc(&flush, bytes));
-    flush16 = bytes / 16;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    CK(cudaMalloc(&scratch, 1 << 20));
-  }
-  uint32_t* scratch = nullptr;
-  int sms = 132;
-  bool clean = false;  // after the write flush, read 128 MiB of it back: L2 left full of CLEAN lines
-  void do_flush() {
-    flush_kernel<<<1056, 512>>>(flush, flush16, ++rep);
-    if (clean) stream_gs<4, false><<<sms, 1024>>>(flush, flush16 / 2, scratch);
-    CK(cudaGetLastError());
-  }
-  Stat time(const std::function<void()>& launch) {
-    for (int i = 0; i < 3; ++i) {
-      do_flush();
-      launch();
-    }
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    std::vector<double> v;
-    for (int i = 0; i < reps; ++i) {
-      do_flush();
-      CK(cudaEventRecord(e0));
-      launch();
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0.f;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      v.push_back(ms * 1000.0);
-    }
-    CK(cudaGetLastError());
-    std::sort(v.begin(), v.end());
-    return {v[v.size() / 2], v[0]};
-  }
-};
-
-struct Row {
-  std::string name, note;
-  Stat st;
-  bool is_gemv;
-  std::string check;
-  std::function<void()> launch;
-  Stat clean{0, 0};
-};
-
 int main() {
-  int dev = 0;
-  CK(cudaSetDevice(dev));
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, dev));
-  const int sms = prop.multiProcessorCount;
-  int clk_khz = 0, memclk_khz = 0, bus = 0;
-  cudaDeviceGetAttribute(&clk_khz, cudaDevAttrClockRate, dev);
-  cudaDeviceGetAttribute(&memclk_khz, cudaDevAttrMemoryClockRate, dev);
-  cudaDeviceGetAttribute(&bus, cudaDevAttrGlobalMemoryBusWidth, dev);
-  printf("device: %s, %d SMs, sm_%d%d, smem/block optin %zu B, L2 %d B, SM clock %.0f MHz, mem %.0f MHz x %d bit\n",
-         prop.name, sms, prop.major, prop.minor, prop.sharedMemPerBlockOptin, prop.l2CacheSize, clk_khz / 1e3,
-         memclk_khz / 1e3, bus);
-  if (prop.major != 9) {
-    printf("FAIL: this bench needs sm_90 (built for sm_90a)\n");
-    return 1;
-  }
+  Device dv;
+  if (!open_device(dv, true, "FAIL: this bench needs sm_90 (built for sm_90a)\n")) return 1;
+  const cudaDeviceProp& prop = dv.prop;
+  const int sms = dv.sms;
 
-  // ---- data: packed codes followed by qabsmax in ONE allocation (the stream floors read exactly these bytes)
-  std::vector<uint8_t> h_buf(kStreamBytes);
-  for (size_t i = 0; i < kStreamBytes; ++i) h_buf[i] = (uint8_t)(rnd32() >> 7);
-  std::vector<float> h_code2(256), h_a2(kNumAbsmax2);
-  for (int i = 0; i < 256; ++i) h_code2[i] = (float)(-1.0 + 2.0 * i / 255.0);  // sorted map in [-1, 1]
-  for (int i = 0; i < kNumAbsmax2; ++i) h_a2[i] = (float)(0.02 * (1.0 + rnd01()));
-  const float h_off = 0.06f;  // scales in [0.02, 0.10]
-  std::vector<uint16_t> h_x(kK);
-  for (int k = 0; k < kK; ++k) {
-    const double u1 = rnd01(), u2 = rnd01();
-    h_x[k] = f2bf((float)(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2)));
-  }
-
-  uint8_t* d_buf;
-  float *d_code2, *d_a2, *d_off;
-  __nv_bfloat16 *d_x, *d_y;
-  uint32_t* d_out;
+  // ---- data (packed codes followed by qabsmax in ONE allocation: the stream floors read exactly these bytes) and
+  // the host reference
+  const Problem P = make_problem();
+  const double ref_max = P.ref_max;
+  uint8_t* d_buf = P.d_buf;
+  uint32_t* d_out = P.d_out;
   int* d_err;
-  CK(cudaMalloc(&d_buf, kStreamBytes));
-  CK(cudaMalloc(&d_code2, 256 * 4));
-  CK(cudaMalloc(&d_a2, kNumAbsmax2 * 4));
-  CK(cudaMalloc(&d_off, 4));
-  CK(cudaMalloc(&d_x, kK * 2));
-  CK(cudaMalloc(&d_y, kN * 2));
-  CK(cudaMalloc(&d_out, 1 << 22));
   CK(cudaMalloc(&d_err, 4));
-  CK(cudaMemcpy(d_buf, h_buf.data(), kStreamBytes, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_code2, h_code2.data(), 256 * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_a2, h_a2.data(), kNumAbsmax2 * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_off, &h_off, 4, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d_x, h_x.data(), kK * 2, cudaMemcpyHostToDevice));
   CK(cudaMemset(d_err, 0, 4));
 
-  // ---- host reference: y[n] = sum_k x[k] * bf16(code[c] * scale_b), in double
-  std::vector<double> y_ref(kN);
-  {
-    const uint8_t* pk = h_buf.data();
-    const uint8_t* qa = h_buf.data() + kPackedBytes;
-    std::vector<double> xd(kK);
-    for (int k = 0; k < kK; ++k) xd[k] = bf2f(h_x[k]);
-    for (int n = 0; n < kN; ++n) {
-      double acc = 0.0;
-      for (int kb = 0; kb < kBlocksPerRow; ++kb) {
-        const size_t b = (size_t)n * kBlocksPerRow + kb;
-        const float prod = h_code2[qa[b]] * h_a2[b >> 8];  // fp32, rounded (normal values: ftz irrelevant)
-        const float scale = prod + h_off;
-        for (int m = 0; m < 32; ++m) {
-          const uint8_t byte = pk[b * 32 + m];
-          const int k = kb * 64 + 2 * m;
-          const float w0 = bf2f(f2bf(h_nf4[byte >> 4] * scale));
-          const float w1 = bf2f(f2bf(h_nf4[byte & 15] * scale));
-          acc += xd[k] * w0 + xd[k + 1] * w1;
-        }
-      }
-      y_ref[n] = acc;
-    }
-  }
-  double ref_max = 0.0;
-  for (int n = 0; n < kN; ++n) ref_max = std::max(ref_max, std::fabs(y_ref[n]));
-
-  Bench bench;
-  bench.sms = sms;
-  std::vector<Row> rows;
+  // clean-L2 read-back: grid-stride, one CTA of 1024 threads per SM
+  Bench bench([sms](const uint4* p, size_t n, uint32_t* out) { stream_gs<4, false><<<sms, 1024>>>(p, n, out); });
+  std::vector<Row>& rows = bench.rows;
   const uint4* src16 = reinterpret_cast<const uint4*>(d_buf);
   const size_t n16 = kStreamBytes / 16;
 
   // ---- (a) streaming-read floors
   auto add_stream = [&](const std::string& name, const std::string& note, const std::function<void()>& l) {
-    rows.push_back({name, note, bench.time(l), false, "", l});
+    bench.add_stream(name, note, l);
   };
   add_stream("empty kernel", "<<<1,32>>>, no work", [&] { empty_kernel<<<1, 32>>>(); });
   add_stream("ldg gs 132x1024 u2", "grid-stride, 2 x 16B in flight/thr",
@@ -735,17 +464,8 @@ int main() {
   }
 
   // ---- (b) NF4 GEMV kernels
-  GemvArgs ga;
-  ga.packed = d_buf;
-  ga.qabs = d_buf + kPackedBytes;
-  ga.absmax2 = d_a2;
-  ga.code2 = d_code2;
-  ga.offset = d_off;
-  ga.x = d_x;
-  ga.y = d_y;
-  ga.n = kN;
-  ga.rmax = ((kN + sms - 1) / sms + kTileRows - 1) / kTileRows * kTileRows;
-  ga.err = d_err;
+  const int rmax = ((kN + sms - 1) / sms + kTileRows - 1) / kTileRows * kTileRows;
+  GemvArgs ga{P.operands(), kN, rmax, d_err};
   const size_t gsm = gemv_smem_bytes(ga.rmax);
   if (gsm > prop.sharedMemPerBlockOptin) {
     printf("FAIL: gemv needs %zu B shared memory\n", gsm);
@@ -759,31 +479,12 @@ int main() {
       void* args[] = {&ga};
       CK(cudaLaunchKernel(fn, dim3(sms), dim3(kThreads), args, gsm, 0));
     };
-    // correctness: poison y, run once, compare
-    fill_bf16_kernel<<<(kN + 255) / 256, 256>>>(d_y, kN, 0x7FC1);
-    launch();
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemcpy(h_y.data(), d_y, kN * 2, cudaMemcpyDeviceToHost));
+    // correctness: poison y, run once, compare (and the kernel's own shared-memory layout check)
+    run_poisoned(P, launch, h_y);
     int herr = 0;
     CK(cudaMemcpy(&herr, d_err, 4, cudaMemcpyDeviceToHost));
-    double maxerr = 0.0;
-    bool finite = true;
-    for (int n = 0; n < kN; ++n) {
-      const double v = bf2f(h_y[n]);
-      if (!std::isfinite(v)) finite = false;
-      maxerr = std::max(maxerr, std::fabs(v - y_ref[n]));
-    }
-    const double rel = maxerr / ref_max;
-    const bool ok = finite && herr == 0 && rel <= 1e-2;
-    char buf[160];
-    snprintf(buf, sizeof buf, "%s rel %.2e%s%s", ok ? "PASS" : "FAIL", rel, finite ? "" : " NONFINITE",
-             herr ? " SMEM-LAYOUT" : "");
-    if (!ok) {
-      any_fail = 1;
-      printf("\n!!!!!!!!!! FAIL: %s: max|err| %.4e / max|y_ref| %.4e = %.3e (tol 1e-2)%s%s !!!!!!!!!!\n\n",
-             name.c_str(), maxerr, ref_max, rel, finite ? "" : ", non-finite output", herr ? ", smem layout" : "");
-    }
-    rows.push_back({name, note, bench.time(launch), true, buf, launch});
+    const std::string check = check_gemv(P, name, h_y, herr != 0, " SMEM-LAYOUT", ", smem layout", any_fail);
+    rows.push_back({name, note, bench.time(launch), true, check, "", launch});
   };
   add_gemv("gemv tc u4", "mma bf16, 16 warps x 256-code K slices, 4 tiles (64 KB/SM) in flight",
            (const void*)gemv_tc<4, false>);
@@ -794,9 +495,7 @@ int main() {
            (const void*)gemv_simt<4, true, false>);
 
   // ---- the same rows again with a clean L2 (write flush + read-back), to show what the dirty-L2 write-backs cost
-  bench.clean = true;
-  for (Row& r : rows) r.clean = bench.time(r.launch);
-  bench.clean = false;
+  bench.time_clean();
 
   // ---- table
   double floor_stream = 1e30;
@@ -806,22 +505,14 @@ int main() {
       floor_stream = r.st.med;
       floor_name = r.name;
     }
-  const double mb = kStreamBytes / 1e6;
-  printf("\nbytes per call: %.3f MB (packed %.3f + qabsmax %.3f); issue floor %.1f us; ref max|y| %.3f\n", mb,
-         kPackedBytes / 1e6, kQabsBytes / 1e6, kIssueFloorUs, ref_max);
+  print_bytes_line(ref_max);
   printf("streaming-read floor = best stream row: %s = %.2f us median\n\n", floor_name.c_str(), floor_stream);
   printf("%-28s %9s %9s %9s %10s %9s  %-17s %s\n", "kernel", "med us", "min us", "GB/s", "%stream", "%10.1us",
          "check", "notes");
   printf("%s\n", std::string(150, '-').c_str());
   for (const Row& r : rows) {
-    const bool empty = r.name == "empty kernel";
-    char gbs[32] = "-", pst[32] = "-", pfl[32] = "-";
-    if (!empty) {
-      snprintf(gbs, sizeof gbs, "%.0f", mb / r.st.med * 1e3);
-      snprintf(pst, sizeof pst, "%.1f%%", 100.0 * floor_stream / r.st.med);
-      snprintf(pfl, sizeof pfl, "%.1f%%", 100.0 * kIssueFloorUs / r.st.med);
-    }
-    printf("%-28s %9.2f %9.2f %9s %10s %9s  %-17s %s\n", r.name.c_str(), r.st.med, r.st.mn, gbs, pst, pfl,
+    const Cells c = row_cells(r, floor_stream);
+    printf("%-28s %9.2f %9.2f %9s %10s %9s  %-17s %s\n", r.name.c_str(), r.st.med, r.st.mn, c.gbs, c.pst, c.pfl,
            r.is_gemv ? r.check.c_str() : "", r.note.c_str());
   }
   printf("\nSame rows, L2 flushed then left CLEAN (256 MiB write + 128 MiB read-back before each rep):\n");
@@ -830,6 +521,5 @@ int main() {
     printf("%-28s %9.2f %9.2f %12.2f\n", r.name.c_str(), r.clean.med, r.clean.mn, r.st.med - r.clean.med);
   printf("\nGB/s = 30.278 MB / median wall (includes launch overhead; compare 'empty kernel').\n");
   printf("80%% of the 10.1 us floor = 12.6 us wall.\n");
-  printf(any_fail ? "\nRESULT: FAIL (see !!! lines above)\n" : "\nRESULT: all gemv kernels PASS correctness\n");
-  return any_fail;
+  return print_result(any_fail);
 }
