@@ -188,6 +188,7 @@ def _grad_chunks(h2, weight, bias, y, o, rows, scale, need_h, need_w, need_b, wb
             addmm_fp32_(grad_w, logits.t(), hc, beta=1.0 if s else 0.0)
         if need_b:
             grad_b += logits.sum(0, dtype=torch.float32)
+    logits = None  # the last chunk goes before the casts below allocate: not part of the peak
     if wb_factor is not None:
         for acc in (grad_w, grad_b):
             if acc is not None:

@@ -234,4 +234,5 @@ def _recomputed_grads(ctx, g_lp, g_ent):
             torch.mm(logits, weight, out=grad_h[s:e])
         if need_w:
             addmm_fp32_(grad_w, logits.t(), hc, beta=1.0 if s else 0.0)
+    logits = None  # the last chunk goes before the cast allocates: not part of the peak
     return grad_h, (None if grad_w is None else grad_w.to(weight.dtype))
