@@ -34,7 +34,7 @@ ROW_ALIGN = 64  # chunks are whole 64-row GEMM tiles when the budget allows
 # A trainable head's chunks hold at least this many rows: each chunk's update of the float32 grad_weight accumulator
 # reads and writes it whole (8·V·H bytes: 2.1 GB at V = 128256, H = 2048), so with few rows it is memory-bound and
 # costs more than the chunk's GEMMs. H100, N = 8192, fwd+bwd (3 GEMMs 18.7 ms): 256 rows 50.1 ms, 512 31.1,
-# 1024 23.2 (+190 MiB of logits over 256 rows), 2048 21.4 (+440 MiB); bench/NOTES.md ("A trainable head").
+# 1024 23.2 (+190 MiB of logits over 256 rows), 2048 21.4 (+440 MiB); bench/NOTES.md ("a trainable head's chunks").
 TRAINABLE_HEAD_MIN_ROWS = 1024
 
 
