@@ -45,3 +45,11 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=Fa
     """Fresh random normal input (never zeros), made in float32 then cast."""
     t = (torch.randn(*shape, device=device) * scale).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+def cuda_kernels_run(fn) -> list[str]:
+    """The names of the CUDA kernels ``fn`` launches, in order (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swiftlora.ops.nf4 import nf4_dequantize_reference, nf4_gemv, nf4_gemv_reference, nf4_quantize
-from tests.helpers import DEVICES, assert_close, randn
+from tests.helpers import DEVICES, assert_close, cuda_kernels_run, randn
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 _OPS = torch.ops.swiftlora
@@ -31,14 +31,6 @@ def _check(x, n, k, blocksize, compress, what):
         assert ((y.cpu().double() - ref64).abs() <= bound).all(), f"{what}: {y.cpu()} vs {ref64}"
         return
     assert_close(y.cpu(), ref64, ref_lowp, what=what)
-
-
-def _kernels_run(fn) -> str:
-    """The names of the CUDA kernels fn launches, joined."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,7 +94,8 @@ def test_cuda_stream_kernel_shapes(monkeypatch, variant, dtype, compress):
     for m, n, k in ((1, 2200, 4096), (3, 700, 11008)):  # these must not fall back to the mma kernel
         q = nf4_quantize(randn(n, k, device="cuda"), 64, compress)
         x = randn(m, k, dtype=dtype, device="cuda")
-        assert "nf4_gemv_stream_kernel" in _kernels_run(lambda: nf4_gemv(x, *q, blocksize=64, out_features=n))
+        launched = " ".join(cuda_kernels_run(lambda: nf4_gemv(x, *q, blocksize=64, out_features=n)))
+        assert "nf4_gemv_stream_kernel" in launched
     for m, n, k in ((1, 2200, 4096), (4, 2200, 4096), (2, 17, 4096), (3, 700, 11008), (1, 1, 11008),
                     (4, 5000, 128), (2, 131, 1024)):
         _check(randn(m, k, dtype=dtype, device="cuda"), n, k, 64, compress, f"{variant} m={m} n={n} k={k}")
