@@ -101,10 +101,10 @@ Projections make_projections(const char* op, const at::Tensor& x_like, bool is_g
     p.base.push_back(make_base(op, i, x_like, weight[i], absmax.get(i), absmax2.get(i), code2.get(i), offset.get(i),
                                blocksize[i], b.size(0), p.k, compute));
     p.lora_a.push_back(a.to(compute));
-    // one rounding of s·B: a 16-bit B of the compute dtype is multiplied in float (opmath) and rounded once, by one
-    // kernel; other dtypes go through float32
-    p.lora_b.push_back(b.scalar_type() == compute && compute != at::kFloat ? b.mul(scale[i]).contiguous()
-                                                                          : b.to(at::kFloat).mul(scale[i]).to(compute));
+    // one rounding of s·B: a B of the compute dtype is multiplied in float (16-bit: opmath) and rounded once, by
+    // one kernel; other dtypes go through float32. Contiguous rows, as the fused kernel reads them.
+    const at::Tensor sb = b.scalar_type() == compute ? b.mul(scale[i]) : b.to(at::kFloat).mul(scale[i]).to(compute);
+    p.lora_b.push_back(sb.contiguous());
     p.n_off.push_back(p.n);
     p.r_off.push_back(p.r);
     p.n += b.size(0);
