@@ -162,6 +162,7 @@ struct Params {
   int m, n, k;
   int tiles_f, tiles;  // feature tiles, all tiles
   uint64_t desc_b_hi;  // MN-major B descriptor bits (LBO/SBO/swizzle), from the self-test's verdict
+  int skip_expand;     // timing diagnostic only: the expanders skip the B writes (wrong result; pipeline bound)
 };
 
 // Self-test parameters: one CTA, one warpgroup, D [128 × 256] fp32 = A [128 × 64] · B [64 × 256].
@@ -396,6 +397,10 @@ __device__ __forceinline__ void produce(const Params& p, const Smem& l, int tota
       tma_load_2d(l.a(s), &p.tdy, ci.kt * kBK, ci.t0, l.full(s));  // dy [t0 .., kt·64 ..]; rows >= M are zeros
     }
     mbar_wait(l.pfull(ps), (it / kStagesP) & 1);
+    if (p.skip_expand) {
+      mbar_arrive(l.full(s));
+      continue;
+    }
     const uint32_t* pk = l.ptr<const uint32_t>(l.pk(ps));
     const float* sc = l.ptr<const float>(l.sc(ps));
     uint8_t* bt = l.ptr<uint8_t>(l.b(s));
@@ -1089,6 +1094,9 @@ int main() {
     Timer T;
     T.time("fused dgrad (decode scales + kernel)", [&] { launch_decode(P); launch_dgrad(p, grid); }, flop);
     T.time("fused dgrad kernel alone (scales pre-decoded)", [&] { launch_dgrad(p, grid); }, flop);
+    Params q = p;
+    q.skip_expand = 1;
+    T.time("diagnostic: kernel without the B expansion (wrong result)", [&] { launch_dgrad(q, grid); }, flop);
     T.time("decode scales alone", [&] { launch_decode(P); }, 0);
     T.time("unfused pass 1: dequantize W -> bf16 (117 MB written)", [&] { launch_dq(); }, 0);
     printf("  (the unfused path = decode + dequantize + a cuBLAS GEMM at ~750 TFLOP/s = %.0f us for the GEMM alone)\n",
