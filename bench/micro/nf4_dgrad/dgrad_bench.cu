@@ -115,7 +115,6 @@ static void report_watchdog() {
 static const float h_nf4[16] = {DGRAD_NF4_CODES};
 
 // ----------------------------------------------------------------------------------------------- geometry
-constexpr int kThreads = 384;
 constexpr int kBT = 128;                    // tokens per tile (2 consumer warpgroups × m64)
 constexpr int kBF = 256;                    // features per tile (wgmma n256)
 constexpr int kBK = 64;                     // W rows (reduction) per k-tile
@@ -131,10 +130,21 @@ constexpr int kEpiWarpBytes = 16 * 64 * 2;      // 2048: a warp's 16 token rows 
 constexpr int kOffP = kStagesAB * kABStage;                  // 147456
 constexpr int kOffEpi = kOffP + kStagesP * kPStage;          // 184320
 constexpr int kOffBars = kOffEpi + 8 * kEpiWarpBytes;        // 200704
-constexpr int kNumBars = 2 * kStagesAB + kStagesP;           // full[3], empty[3], pfull[4]
+constexpr int kNumBars = 2 * kStagesAB + 2 * kStagesP;       // full[3], empty[3], pfull[4], pempty[4]
 constexpr int kSmemUsed = kOffBars + kNumBars * 8;           // 200784
 constexpr int kSmemBytes = kSmemUsed + 1024;                 // + slack to align the dynamic base to 1024
-constexpr int kProducerRegs = 80, kConsumerRegs = 208;       // 128·80 + 256·208 = 63488 <= 384·168
+// Who expands W into the B stages:
+//   kByProducer: the producer warpgroup's 128 threads (384 threads a CTA; setmaxnreg 80 / 208: 128·80 + 256·208 =
+//     63488 <= 384·168). Its 4 expander warps, one per scheduler, are latency-bound (session 9's ncu).
+//   kByConsumers: the two consumer warpgroups (8 warps, two per scheduler) expand k-tile it + 1 while their wgmmas of
+//     k-tile it run; one extra warp (the last, so the consumer warpgroups stay aligned) only issues the TMA copies.
+//     288 threads, no setmaxnreg; a thread still gets at most 168 registers (see dgrad_kernel_c).
+constexpr int kByProducer = 0, kByConsumers = 1;
+constexpr int kProducerRegs = 80, kConsumerRegs = 208;  // kByProducer's setmaxnreg split
+template <int kWho>
+struct Geom {
+  static constexpr int kThreads = kWho == kByProducer ? 384 : 288;
+};
 static_assert(kABStage % 1024 == 0 && kABytes % 1024 == 0, "swizzled tiles stay 1024-byte aligned");
 static_assert(kOffP % 1024 == 0 && kPStage % 128 == 0, "TMA destinations aligned");
 static_assert(kSmemBytes <= 232448, "fits the sm_90 227 KB opt-in");
@@ -163,7 +173,10 @@ struct Params {
   int tiles_f, tiles;  // feature tiles, all tiles
   uint64_t desc_b_hi;  // MN-major B descriptor bits (LBO/SBO/swizzle), from the self-test's verdict
   int skip_expand;     // timing diagnostic only: the expanders skip the B writes (wrong result; pipeline bound)
+  int expand;          // 0: fp32 shared-memory table, bit-exact (kExpandTable); 1: registers + bf16 scale (kExpandPrmt)
+  int who;             // kByProducer (the producer warpgroup expands) or kByConsumers
 };
+constexpr int kExpandTable = 0, kExpandPrmt = 1;
 
 // Self-test parameters: one CTA, one warpgroup, D [128 × 256] fp32 = A [128 × 64] · B [64 × 256].
 struct STParams {
@@ -238,8 +251,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 // Generic-proxy shared writes made visible to the async proxy (wgmma reads B through it).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Named barrier 1 among the 128 producer threads only.
+// Named barrier 1 among the producer threads only.
 __device__ __forceinline__ void producer_bar() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+// Named barrier 2 among the 256 consumer threads (kByConsumers: B stage it + 1 complete before its wgmmas).
+__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 2, 256;" ::: "memory"); }
 
 // A 2-D TMA box (coordinates: inner element, row) into shared memory, completing its bytes on `bar`; out-of-bounds
 // elements arrive as zeros and the full box is still counted.
@@ -342,6 +357,58 @@ __device__ __forceinline__ uint4 expand_word(uint32_t w, float scale) {
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// Register-only expansion (kExpandPrmt): no shared-memory table. The 16 codes' bf16 bits live in 8 registers (lo[j]
+// byte i = low byte of code 4j + i, hi[j] the high bytes); a prmt looks up 4 nibbles' low 3 bits in one register
+// pair, so each half-word takes 4 prmt (codes 0-7 and 8-15, low and high bytes), two LOP3 picking by the nibbles'
+// bit 3 (a byte mask made by prmt's sign-replicate mode), and two prmt assembling the (feature 2b, 2b + 1) pairs.
+// The scale is applied in bf16 (one HMUL2 a pair), as the forward kernel's "16" variants do: not bit-exact to
+// bitsandbytes (the code is rounded to bf16 before the multiply), within DESIGN.md's tolerances.
+struct CodeRegs {
+  uint32_t lo[4], hi[4];
+};
+__device__ __forceinline__ CodeRegs code_regs() {
+  CodeRegs r;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t l = 0, h = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(c_nf4[4 * j + i]));
+      l |= (bits & 0xFFu) << (8 * i);
+      h |= (bits >> 8) << (8 * i);
+    }
+    r.lo[j] = l;
+    r.hi[j] = h;
+  }
+  return r;
+}
+__device__ __forceinline__ uint32_t prmt_sign(uint32_t a, uint32_t b, uint32_t sel) {  // prmt with bit-3 selectors
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+__device__ __forceinline__ uint4 expand_word_prmt(uint32_t w, uint32_t scale2, const CodeRegs& t) {
+  const uint32_t w4 = w << 4;  // each byte's LOW nibble's bit 3 now sits at that byte's bit 7
+  uint32_t o[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // bytes 2h, 2h + 1: nibbles in selector order lo(2h), hi(2h), lo(2h+1), hi(2h+1)
+    const uint32_t sel = (w >> (16 * h)) & 0x7777u;
+    const uint32_t m = prmt_sign(w4, w, h ? 0xFBEAu : 0xD9C8u);  // byte n = 0xFF iff nibble n >= 8
+    const uint32_t la = __byte_perm(t.lo[0], t.lo[1], sel), lb = __byte_perm(t.lo[2], t.lo[3], sel);
+    const uint32_t ha = __byte_perm(t.hi[0], t.hi[1], sel), hb = __byte_perm(t.hi[2], t.hi[3], sel);
+    const uint32_t lo = (la & ~m) | (lb & m), hi = (ha & ~m) | (hb & m);
+    // pair b: low half = code of the HIGH nibble (feature 2b), high half = the low nibble's (feature 2b + 1)
+    o[2 * h] = hmul2_bf16(__byte_perm(lo, hi, 0x4051u), scale2);
+    o[2 * h + 1] = hmul2_bf16(__byte_perm(lo, hi, 0x6273u), scale2);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // The (tile, k-tile) of this CTA's it-th k-iteration (tiles blockIdx.x, blockIdx.x + gridDim.x, ...).
 struct Iter {
   int t0, f0, kt;
@@ -362,6 +429,9 @@ struct Smem {
   __device__ __forceinline__ uint32_t full(int s) const { return base + kOffBars + s * 8; }
   __device__ __forceinline__ uint32_t empty(int s) const { return base + kOffBars + (kStagesAB + s) * 8; }
   __device__ __forceinline__ uint32_t pfull(int s) const { return base + kOffBars + (2 * kStagesAB + s) * 8; }
+  __device__ __forceinline__ uint32_t pempty(int s) const {
+    return base + kOffBars + (2 * kStagesAB + kStagesP + s) * 8;
+  }
   template <class T>
   __device__ __forceinline__ T* ptr(uint32_t addr) const {
     return reinterpret_cast<T*>(gen + (addr - base));
@@ -377,12 +447,25 @@ __device__ __forceinline__ void issue_packed(const Params& p, const Smem& l, int
   tma_load_2d(l.sc(s), &p.tsc, c.f0 / 64, c.kt * kBK, l.pfull(s));  // scales of blocks f0/64 .. +3 of those rows
 }
 
+// The expansion of one packed word into its 16-byte B chunk.
+template <int kExpand>
+__device__ __forceinline__ uint4 expand_any(uint32_t w, float scale, const CodeRegs& codes) {
+  if constexpr (kExpand == kExpandPrmt) {
+    return expand_word_prmt(w, pack_bf16(scale, scale), codes);
+  } else {
+    return expand_word(w, scale);
+  }
+}
+
+template <int kExpand>
 __device__ __forceinline__ void produce(const Params& p, const Smem& l, int total, int ktiles) {
+  constexpr int kWarps = 4, kRows = kBK / kWarps, kGroup = 4;  // rows per thread, words per group
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const CodeRegs codes = code_regs();  // kExpandPrmt only (dead code otherwise)
   if (tid == 0) {
     for (int g = 0; g < kStagesP - 1 && g < total; ++g) issue_packed(p, l, g, ktiles);
   }
-  // This thread's chunks: W rows r = warp + 4i (i = 0..15) of the k-tile, packed word jw = lane (features 8·lane ..
+  // This thread's chunks: W rows r = warp + kWarps·i (i < kRows) of the k-tile, packed word jw = lane (features 8·lane ..
   // 8·lane + 7 of the tile). A warp reads one 128-byte packed row (conflict-free) and each group of 8 lanes stores
   // 8 distinct swizzled 16-byte chunks of one 128-byte B row (conflict-free STS.128).
   const int c = lane >> 3;  // 64-feature chunk = the row's block scale index inside the tile
@@ -404,23 +487,25 @@ __device__ __forceinline__ void produce(const Params& p, const Smem& l, int tota
     const uint32_t* pk = l.ptr<const uint32_t>(l.pk(ps));
     const float* sc = l.ptr<const float>(l.sc(ps));
     uint8_t* bt = l.ptr<uint8_t>(l.b(s));
-    uint32_t w[16];
-    float scale[16];
+    uint32_t w[kRows];
+    float scale[kRows];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int r = warp + 4 * i;
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp + kWarps * i;
       w[i] = pk[r * 32 + lane];
       scale[i] = sc[r * 4 + c];
     }
     // 4 chunks expanded into registers before their 4 stores: in program order every table load of a group precedes
     // the group's stores, so the compiler can overlap the 4 dependency chains (LDS -> FMUL -> F2FP -> STS)
 #pragma unroll
-    for (int i0 = 0; i0 < 16; i0 += 4) {
-      uint4 o[4];
+    for (int i0 = 0; i0 < kRows; i0 += kGroup) {
+      uint4 o[kGroup];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) o[i] = expand_word(w[i0 + i], scale[i0 + i]);
+      for (int i = 0; i < kGroup; ++i) o[i] = expand_any<kExpand>(w[i0 + i], scale[i0 + i], codes);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(bt + b_chunk_offset(warp + 4 * (i0 + i), lane)) = o[i];
+      for (int i = 0; i < kGroup; ++i) {
+        *reinterpret_cast<uint4*>(bt + b_chunk_offset(warp + kWarps * (i0 + i), lane)) = o[i];
+      }
     }
     fence_proxy_async();  // this thread's B writes -> visible to wgmma (async proxy) ...
     mbar_arrive(l.full(s));  // ... once the consumers acquire the full barrier
@@ -493,9 +578,94 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, int my_t
     store_tile(p, acc, epi, epi_ptr, c.t0, c.f0, cw, wi, lane);
   }
 }
+// kByConsumers, the TMA warp (lane 0 only): packed W + scales kStagesP - 1 k-iterations ahead (slot refilled once
+// every consumer has read it: pempty), dy into the A half of AB stage it % 3 once wgmma it - 3 has completed (empty).
+__device__ __forceinline__ void produce_tma_only(const Params& p, const Smem& l, int total, int ktiles) {
+  if ((threadIdx.x & 31) != 0) return;
+  int next = 0;  // next k-iteration whose packed tile is not issued yet
+  for (int it = 0; it < total; ++it) {
+    for (; next < total && next <= it + kStagesP - 1; ++next) {
+      if (next >= kStagesP) mbar_wait(l.pempty(next % kStagesP), ((next / kStagesP) - 1) & 1);
+      issue_packed(p, l, next, ktiles);
+    }
+    const int s = it % kStagesAB;
+    if (it >= kStagesAB) mbar_wait(l.empty(s), ((it / kStagesAB) - 1) & 1);
+    const Iter ci = iter_at(p, it, ktiles);
+    mbar_arrive_expect_tx(l.full(s), kABytes);
+    tma_load_2d(l.a(s), &p.tdy, ci.kt * kBK, ci.t0, l.full(s));
+  }
+}
+
+// kByConsumers: consumer thread ct (0..255) = warp cwarp (0..7), lane: W rows cwarp + 8i (i < 8) of each k-tile, packed
+// word lane. Writes B stage it % 3; the stage's previous reader, wgmma it - 3, completed before the last
+// consumer_bar (each warpgroup waited for it - 2 before that barrier).
+template <int kExpand>
+__device__ __forceinline__ void expand_stage(const Params& p, const Smem& l, int it, const CodeRegs& codes) {
+  const int ct = threadIdx.x, cwarp = ct >> 5, lane = ct & 31, c = lane >> 3;
+  const int s = it % kStagesAB, ps = it % kStagesP;
+  mbar_wait(l.pfull(ps), (it / kStagesP) & 1);
+  if (p.skip_expand) {  // (diagnostic) release the packed slot unread, write no B
+    mbar_arrive(l.pempty(ps));
+    return;
+  }
+  const uint32_t* pk = l.ptr<const uint32_t>(l.pk(ps));
+  const float* sc = l.ptr<const float>(l.sc(ps));
+  uint32_t w[8];
+  float scale[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = cwarp + 8 * i;
+    w[i] = pk[r * 32 + lane];
+    scale[i] = sc[r * 4 + c];
+  }
+  mbar_arrive(l.pempty(ps));  // the packed slot is in registers now
+  uint8_t* bt = l.ptr<uint8_t>(l.b(s));
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    *reinterpret_cast<uint4*>(bt + b_chunk_offset(cwarp + 8 * i, lane)) = expand_any<kExpand>(w[i], scale[i], codes);
+  }
+  fence_proxy_async();  // this thread's B writes -> visible to wgmma, after the consumer_bar that follows
+}
+
+template <int kExpand>
+__device__ __forceinline__ void consume_and_expand(const Params& p, const Smem& l, int my_tiles, int ktiles) {
+  const int cw = threadIdx.x >> 7, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const uint32_t epi = l.base + kOffEpi + (4 * cw + wi) * kEpiWarpBytes;
+  const uint8_t* epi_ptr = l.ptr<const uint8_t>(epi);
+  const CodeRegs codes = code_regs();
+  const int total = my_tiles * ktiles;
+  float acc[128];
+  if (total > 0) expand_stage<kExpand>(p, l, 0, codes);
+  consumer_bar();
+  int it = 0;
+  for (int j = 0; j < my_tiles; ++j) {
+    const Iter c = iter_at(p, it, ktiles);
+    for (int kt = 0; kt < ktiles; ++kt, ++it) {
+      const int s = it % kStagesAB;
+      mbar_wait(l.full(s), (it / kStagesAB) & 1);
+      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < 4; ++k16) {
+        wgmma_ss<1>(acc, make_desc(kDescA, a0 + 32 * k16), make_desc(p.desc_b_hi, b0 + 2048 * k16),
+                    (kt > 0 || k16 > 0) ? 1u : 0u);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // k-tile it - 1 (and before) completed in this warpgroup
+      if (kt > 0) mbar_arrive(l.empty((it - 1) % kStagesAB));
+      if (it + 1 < total) expand_stage<kExpand>(p, l, it + 1, codes);
+      consumer_bar();  // B stage it + 1 complete (both warpgroups' chunks) before either issues its wgmmas
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    mbar_arrive(l.empty((it - 1) % kStagesAB));
+    store_tile(p, acc, epi, epi_ptr, c.t0, c.f0, cw, wi, lane);
+  }
+}
 #endif  // DGRAD_SM90A
 
-__global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const __grid_constant__ Params p) {
+template <int kExpand, int kWho>
+__device__ __forceinline__ void dgrad_body(const Params& p) {
 #ifdef DGRAD_SM90A
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   Smem l;
@@ -505,10 +675,14 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const __grid_constan
   if (threadIdx.x < 16) s_code[threadIdx.x] = c_nf4[threadIdx.x];
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStagesAB; ++s) {
-      mbar_init(l.full(s), 1 + 128);  // thread 0's arrive.expect_tx (dy bytes) + every expander's arrive
-      mbar_init(l.empty(s), 256);     // every consumer thread
+      // the TMA thread's arrive.expect_tx (dy bytes) + (kByProducer) every expander's arrive
+      mbar_init(l.full(s), kWho == kByProducer ? 1 + 128 : 1);
+      mbar_init(l.empty(s), 256);  // every consumer thread
     }
-    for (int s = 0; s < kStagesP; ++s) mbar_init(l.pfull(s), 1);  // thread 0's arrive.expect_tx (packed + scales)
+    for (int s = 0; s < kStagesP; ++s) {
+      mbar_init(l.pfull(s), 1);     // the TMA thread's arrive.expect_tx (packed + scales)
+      mbar_init(l.pempty(s), 256);  // kByConsumers: every consumer thread has read the slot
+    }
     fence_mbar_init();
   }
   __syncthreads();
@@ -517,14 +691,30 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const __grid_constan
                            ? (p.tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1
                            : 0;
   const int total = my_tiles * ktiles;
-  if (threadIdx.x < 128) {
+  if constexpr (kWho == kByConsumers) {
+    if (threadIdx.x >= 256) {
+      produce_tma_only(p, l, total, ktiles);
+    } else {
+      consume_and_expand<kExpand>(p, l, my_tiles, ktiles);
+    }
+  } else if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
-    produce(p, l, total, ktiles);
+    produce<kExpand>(p, l, total, ktiles);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
     consume(p, l, my_tiles, ktiles);
   }
 #endif
+}
+template <int kExpand, int kWho>
+__global__ void __launch_bounds__(384, 1) dgrad_kernel(const __grid_constant__ Params p) {
+  dgrad_body<kExpand, kByProducer>(p);
+}
+// 288 threads still cap a thread at 168 registers: 9 warps put 3 on one of the SM's four 16K-register partitions
+// (__maxnreg__(224) compiles, and the launch fails with too many resources).
+template <int kExpand, int kWho>
+__global__ void __launch_bounds__(288, 1) dgrad_kernel_c(const __grid_constant__ Params p) {
+  dgrad_body<kExpand, kByConsumers>(p);
 }
 
 // ----------------------------------------------------------------------------------------------- B layout self-test
@@ -861,8 +1051,22 @@ static Params make_params(const Problem& P, uint64_t desc_b_hi) {
   return p;
 }
 
+template <int kExpand, int kWho>
+static void launch_one(const Params& p, int grid) {
+  if constexpr (kWho == kByConsumers) {
+    dgrad_kernel_c<kExpand, kWho><<<grid, Geom<kWho>::kThreads, kSmemBytes>>>(p);
+  } else {
+    dgrad_kernel<kExpand, kWho><<<grid, Geom<kWho>::kThreads, kSmemBytes>>>(p);
+  }
+}
 static void launch_dgrad(const Params& p, int grid) {
-  dgrad_kernel<<<grid, kThreads, kSmemBytes>>>(p);
+  if (p.who == kByConsumers) {
+    p.expand == kExpandPrmt ? launch_one<kExpandPrmt, kByConsumers>(p, grid)
+                            : launch_one<kExpandTable, kByConsumers>(p, grid);
+  } else {
+    p.expand == kExpandPrmt ? launch_one<kExpandPrmt, kByProducer>(p, grid)
+                            : launch_one<kExpandTable, kByProducer>(p, grid);
+  }
 }
 
 static int grid_for(const Params& p, int forced) { return forced > 0 ? std::min(forced, p.tiles) : std::min(p.tiles, g_sms); }
@@ -989,7 +1193,10 @@ int main() {
     printf("FAIL: the device's opt-in shared memory per block is below the kernel's %d B\n", kSmemBytes);
     return 1;
   }
-  CK(cudaFuncSetAttribute(dgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CK(cudaFuncSetAttribute(dgrad_kernel<kExpandTable, kByProducer>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CK(cudaFuncSetAttribute(dgrad_kernel<kExpandPrmt, kByProducer>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CK(cudaFuncSetAttribute(dgrad_kernel_c<kExpandTable, kByConsumers>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CK(cudaFuncSetAttribute(dgrad_kernel_c<kExpandPrmt, kByConsumers>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   printf("tile %d tokens x %d features, k-tile %d, AB stages %d, packed stages %d, regs producer/consumer %d/%d, "
          "A desc bits 0x%016llx\n",
          kBT, kBF, kBK, kStagesAB, kStagesP, kProducerRegs, kConsumerRegs, static_cast<unsigned long long>(kDescA));
@@ -1029,18 +1236,23 @@ int main() {
   printf("\n[2] small shape M=200 N=320 K=512 (token tail, 5 k-tiles, 4 tiles), full check\n");
   {
     Problem P = make_problem(200, 320, 512);
-    const Params p = make_params(P, desc_b);
+    Params p = make_params(P, desc_b);
     std::vector<int> toks(P.m), feats(P.k);
     for (int i = 0; i < P.m; ++i) toks[i] = i;
     for (int i = 0; i < P.k; ++i) feats[i] = i;
     const int grids[3] = {0, 1, 3};
-    for (int g : grids) {
-      std::vector<uint16_t> dx;
-      const int grid = grid_for(p, g);
-      run_once(P, p, grid, dx);
-      char name[64];
-      snprintf(name, sizeof name, "small, grid %d", grid);
-      if (!check(P, dx, toks, feats, name)) fail = 1;
+    for (int v = 0; v < 4; ++v) {
+      p.expand = v & 1;
+      p.who = v >> 1;
+      for (int g : grids) {
+        std::vector<uint16_t> dx;
+        const int grid = grid_for(p, g);
+        run_once(P, p, grid, dx);
+        char name[64];
+        snprintf(name, sizeof name, "small, %s, by %s, grid %d", p.expand ? "prmt" : "table",
+                 p.who ? "consumers" : "producer", grid);
+        if (!check(P, dx, toks, feats, name)) fail = 1;
+      }
     }
     free_problem(P);
   }
@@ -1055,14 +1267,22 @@ int main() {
   printf("\n[3] big shape M=4096 N=14336 K=4096, 64 x 64 sampled outputs\n");
   {
     Problem P = make_problem(4096, 14336, 4096);
-    const Params p = make_params(P, desc_b);
+    Params p = make_params(P, desc_b);
     std::vector<int> toks = {0, 1, 63, 64, 127, 128, 2047, 4095}, feats = {0, 1, 7, 8, 63, 64, 255, 256, 2048, 4095};
     while (toks.size() < 64) toks.push_back(static_cast<int>(rnd32() % P.m));
     while (feats.size() < 64) feats.push_back(static_cast<int>(rnd32() % P.k));
     std::vector<uint16_t> dx;
     const int grid = grid_for(p, 0);
-    run_once(P, p, grid, dx);
-    if (!check(P, dx, toks, feats, "big, persistent grid")) fail = 1;
+    Params pv[4];
+    for (int v = 0; v < 4; ++v) {
+      pv[v] = p;
+      pv[v].expand = v & 1;
+      pv[v].who = v >> 1;
+      run_once(P, pv[v], grid, dx);
+      char name[64];
+      snprintf(name, sizeof name, "big, %s, by %s", pv[v].expand ? "prmt" : "table", pv[v].who ? "consumers" : "producer");
+      if (!check(P, dx, toks, feats, name)) fail = 1;
+    }
 
     // the unfused pass's output, spot-checked bit for bit (it shares expand_word with the fused producer)
     const int64_t nwords = static_cast<int64_t>(P.n) * P.k / 8;
@@ -1092,11 +1312,21 @@ int main() {
     printf("\n[4] timing (median of 20 after 3 warmups, 256 MiB L2 flush before each rep), grid %d\n", grid);
     const double flop = 2.0 * P.m * static_cast<double>(P.n) * P.k;
     Timer T;
-    T.time("fused dgrad (decode scales + kernel)", [&] { launch_decode(P); launch_dgrad(p, grid); }, flop);
-    T.time("fused dgrad kernel alone (scales pre-decoded)", [&] { launch_dgrad(p, grid); }, flop);
-    Params q = p;
-    q.skip_expand = 1;
-    T.time("diagnostic: kernel without the B expansion (wrong result)", [&] { launch_dgrad(q, grid); }, flop);
+    for (int v = 0; v < 4; ++v) {
+      char name[80];
+      snprintf(name, sizeof name, "fused dgrad kernel, %s, expanded by %s", pv[v].expand ? "prmt" : "table",
+               pv[v].who ? "consumers" : "producer");
+      T.time(name, [&] { launch_dgrad(pv[v], grid); }, flop);
+    }
+    T.time("fused dgrad, prmt, by consumers, + scale decode", [&] { launch_decode(P); launch_dgrad(pv[3], grid); }, flop);
+    for (int g = 0; g <= 1; ++g) {
+      Params q = p;
+      q.skip_expand = 1;
+      q.who = g;
+      char name[80];
+      snprintf(name, sizeof name, "diagnostic: by %s, no B expansion (wrong result)", g ? "consumers" : "producer");
+      T.time(name, [&] { launch_dgrad(q, grid); }, flop);
+    }
     T.time("decode scales alone", [&] { launch_decode(P); }, 0);
     T.time("unfused pass 1: dequantize W -> bf16 (117 MB written)", [&] { launch_dq(); }, 0);
     printf("  (the unfused path = decode + dequantize + a cuBLAS GEMM at ~750 TFLOP/s = %.0f us for the GEMM alone)\n",
