@@ -651,9 +651,11 @@ __device__ __forceinline__ void consume_and_expand(const Params& p, const Smem& 
                     (kt > 0 || k16 > 0) ? 1u : 0u);
       }
       wgmma_commit();
+      // B stage it + 1 = the stage of k-tile it - 2, which both warpgroups waited for before the last consumer_bar;
+      // so the expansion starts with k-tiles it - 1 and it both still queued on the tensor cores
+      if (it + 1 < total) expand_stage<kExpand>(p, l, it + 1, codes);
       wgmma_wait<1>();  // k-tile it - 1 (and before) completed in this warpgroup
       if (kt > 0) mbar_arrive(l.empty((it - 1) % kStagesAB));
-      if (it + 1 < total) expand_stage<kExpand>(p, l, it + 1, codes);
       consumer_bar();  // B stage it + 1 complete (both warpgroups' chunks) before either issues its wgmmas
     }
     wgmma_wait<0>();
