@@ -80,6 +80,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "../../../csrc/cuda/tma_bulk.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -199,19 +201,11 @@ __device__ unsigned* g_diag = nullptr;
 // ----------------------------------------------------------------------------------------------- PTX helpers
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fence_mbar_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
+// the library's mbarrier helpers (plain CUDA); mbar_wait stays local for its watchdog
+using swiftlora::cuda::tma::fence_mbar_init;
+using swiftlora::cuda::tma::mbar_arrive;
+using swiftlora::cuda::tma::mbar_arrive_expect_tx;
+using swiftlora::cuda::tma::mbar_init;
 // Spins until the phase with this parity has completed. Watchdog (first-run aid, DGRAD_WATCHDOG=0 removes it): after
 // ~2^32 cycles (> 2 s) of waiting it prints the barrier and traps, so a protocol bug shows up as a message, not a hang.
 #ifndef DGRAD_WATCHDOG
@@ -548,6 +542,21 @@ __device__ __forceinline__ void store_tile(const Params& p, float (&acc)[128], u
   }
 }
 
+// Waits for AB stage it % 3 (dy landed; B expanded) and issues this warpgroup's four m64n256k16 wgmmas of k-tile it
+// as one commit group; kt = 0 starts the tile's accumulation (scale_d = 0).
+__device__ __forceinline__ void issue_ktile(const Params& p, const Smem& l, float (&acc)[128], int it, int kt, int cw) {
+  const int s = it % kStagesAB;
+  mbar_wait(l.full(s), (it / kStagesAB) & 1);
+  const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+  wgmma_fence();
+#pragma unroll
+  for (int k16 = 0; k16 < 4; ++k16) {
+    wgmma_ss<1>(acc, make_desc(kDescA, a0 + 32 * k16), make_desc(p.desc_b_hi, b0 + 2048 * k16),
+                (kt > 0 || k16 > 0) ? 1u : 0u);
+  }
+  wgmma_commit();
+}
+
 __device__ __forceinline__ void consume(const Params& p, const Smem& l, int my_tiles, int ktiles) {
   const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const uint32_t epi = l.base + kOffEpi + (4 * cw + wi) * kEpiWarpBytes;
@@ -559,15 +568,7 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, int my_t
     int prev = -1;
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
       const int s = it % kStagesAB;
-      mbar_wait(l.full(s), (it / kStagesAB) & 1);
-      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
-      wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < 4; ++k16) {
-        wgmma_ss<1>(acc, make_desc(kDescA, a0 + 32 * k16), make_desc(p.desc_b_hi, b0 + 2048 * k16),
-                    (kt > 0 || k16 > 0) ? 1u : 0u);
-      }
-      wgmma_commit();
+      issue_ktile(p, l, acc, it, kt, cw);
       wgmma_wait<1>();  // the previous k-tile's group has completed: its stage may be refilled
       if (prev >= 0) mbar_arrive(l.empty(prev));
       prev = s;
@@ -641,16 +642,7 @@ __device__ __forceinline__ void consume_and_expand(const Params& p, const Smem& 
   for (int j = 0; j < my_tiles; ++j) {
     const Iter c = iter_at(p, it, ktiles);
     for (int kt = 0; kt < ktiles; ++kt, ++it) {
-      const int s = it % kStagesAB;
-      mbar_wait(l.full(s), (it / kStagesAB) & 1);
-      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
-      wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < 4; ++k16) {
-        wgmma_ss<1>(acc, make_desc(kDescA, a0 + 32 * k16), make_desc(p.desc_b_hi, b0 + 2048 * k16),
-                    (kt > 0 || k16 > 0) ? 1u : 0u);
-      }
-      wgmma_commit();
+      issue_ktile(p, l, acc, it, kt, cw);
       // B stage it + 1 = the stage of k-tile it - 2, which both warpgroups waited for before the last consumer_bar;
       // so the expansion starts with k-tiles it - 1 and it both still queued on the tensor cores
       if (it + 1 < total) expand_stage<kExpand>(p, l, it + 1, codes);
