@@ -39,6 +39,7 @@
 #include "common/smem_optin.cuh"
 #include "cuda/qlora_gemm_sm90.h"
 #include "cuda/tma_bulk.cuh"
+#include "cuda/wgmma_sm90.cuh"
 
 namespace swiftlora::cuda::sm90 {
 namespace {
@@ -96,38 +97,12 @@ struct Params {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-// A 2-D box of a tensor map (coordinates: inner element, row) into shared memory, completing its bytes on `bar`;
-// rows and columns outside the tensor arrive as zeros (the box's full size is still counted).
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Register "uses" the compiler cannot see through: accumulators and A fragments stay in their registers (and are
-// not reused) while an asynchronous wgmma reads or writes them.
-template <int N>
-__device__ __forceinline__ void pin(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-template <int MB>
-__device__ __forceinline__ void pin(uint32_t (&a)[MB][4]) {
-#pragma unroll
-  for (int i = 0; i < MB; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-  }
-}
+using wgmma::pin;
+using wgmma::smem_u32;
+using wgmma::tma_load_2d;
+using wgmma::wgmma_commit;
+using wgmma::wgmma_fence;
+using wgmma::wgmma_wait;
 
 // B descriptor of a K-major, 128B-swizzled [rows × 64] bf16/fp16 tile at `addr` (1024-byte aligned, plus 32 bytes
 // per k16 step): 8-row groups 1024 bytes apart (SBO), LBO unused for this layout.

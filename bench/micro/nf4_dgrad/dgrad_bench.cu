@@ -81,6 +81,7 @@
 #include <cuda_runtime.h>
 
 #include "../../../csrc/cuda/tma_bulk.cuh"
+#include "../../../csrc/cuda/wgmma_sm90.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -199,7 +200,6 @@ __device__ unsigned* g_diag = nullptr;
 
 #ifdef DGRAD_SM90A
 // ----------------------------------------------------------------------------------------------- PTX helpers
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 // the library's mbarrier helpers (plain CUDA); mbar_wait stays local for its watchdog
 using swiftlora::cuda::tma::fence_mbar_init;
@@ -250,27 +250,12 @@ __device__ __forceinline__ void producer_bar() { asm volatile("bar.sync 1, 128;"
 // Named barrier 2 among the 256 consumer threads (kByConsumers: B stage it + 1 complete before its wgmmas).
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 2, 256;" ::: "memory"); }
 
-// A 2-D TMA box (coordinates: inner element, row) into shared memory, completing its bytes on `bar`; out-of-bounds
-// elements arrive as zeros and the full box is still counted.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Accumulators stay in their registers (not moved or reused) while an asynchronous wgmma owns them.
-__device__ __forceinline__ void pin(float (&d)[128]) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
+using swiftlora::cuda::wgmma::pin;
+using swiftlora::cuda::wgmma::smem_u32;
+using swiftlora::cuda::wgmma::tma_load_2d;
+using swiftlora::cuda::wgmma::wgmma_commit;
+using swiftlora::cuda::wgmma::wgmma_fence;
+using swiftlora::cuda::wgmma::wgmma_wait;
 
 __device__ __forceinline__ uint64_t make_desc(uint64_t hi, uint32_t addr) {
   return hi | static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
