@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "common/nf4_cuda.cuh"
+#include "common/nf4_device.cuh"
 
 namespace swiftlora::cuda {
 
