@@ -1,5 +1,5 @@
 // Standalone NF4 -> bf16 dequantization benchmark (no torch): W[14336, 4096], blocksize 64, double-quantized absmax.
-// Build: nvcc -O3 -std=c++17 -arch=sm_90a -o dq_bench dq_bench.cu      Run: ./dq_bench [name-filter]
+// Build and run: bash bench/micro/nf4_dequant_floor/run.sh [name-filter] (nvcc -I csrc: the library's headers)
 // Bit rules come from the repo's csrc/common/nf4.h (included as is): value = mul.rn.ftz(code[nibble], scale),
 // scale = add.rn(mul.rn.ftz(code2[q], absmax2[b >> 8]), offset), one RNE rounding to bf16, high nibble first.
 // See README.md next to this file for what each variant does.
@@ -17,16 +17,11 @@
 #include <string>
 #include <vector>
 
-#include "../../../csrc/common/nf4.h"
+#include "common/nf4.h"
+#include "common/nf4_device.cuh"
+#include "cuda/nf4_dequant.h"
 
-#define CK(x)                                                                                          \
-  do {                                                                                                 \
-    cudaError_t e_ = (x);                                                                              \
-    if (e_ != cudaSuccess) {                                                                           \
-      fprintf(stderr, "CUDA error '%s' at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      exit(1);                                                                                         \
-    }                                                                                                  \
-  } while (0)
+#include "../cuda_check.cuh"
 
 namespace nf4 = swiftlora::nf4;
 
@@ -39,47 +34,22 @@ constexpr int64_t kOutBytes = kN * 2;            // 117,440,512
 constexpr double kTrafficBytes = double(kPackedBytes) + double(kBlocks) + double(kGroups) * 4 + 1024 + double(kOutBytes);
 
 // =====================================================================================================================
-// Baseline: a faithful copy of csrc/cuda/nf4_dequant.cu's nf4_dequant_words (bf16), launched exactly as
-// nf4_dequantize launches it for a whole tensor: Nf4Rect {0, 1, n, n, n}, 256 threads, 4 words/thread.
-// (c10::BFloat16(float) on sm_80+ is __float2bfloat16 (RNE); reproduced by BF16 below.)
+// Baseline: csrc/cuda/nf4_dequant.cu's nf4_dequant_words (bf16), launched exactly as nf4_dequantize launches it for
+// a whole tensor: Nf4Rect {0, 1, n, n, n}, 256 threads, 4 words/thread. The format's device side and Nf4Rect come
+// from the library's headers; the word walk and the kernel are copied, because that file is built on ATen/c10 types
+// (c10::BFloat16(float) on sm_80+ is __float2bfloat16 (RNE); reproduced by BF16 below) and because this copy adds
+// an evict-first store variant (base_cs).
 // =====================================================================================================================
 namespace basek {
 
-struct Nf4Args {
-  const uint8_t* packed = nullptr;
-  const float* absmax = nullptr;
-  const uint8_t* qabsmax = nullptr;
-  const float* absmax2 = nullptr;
-  const float* code2 = nullptr;
-  const float* offset = nullptr;
-  int64_t n = 0;
-  int log2_blocksize = 0;
-  bool nested = false;
-};
-struct Nf4Rect {
-  int64_t first = 0, rows = 0, cols = 0, src_ld = 0, ld = 0;
-};
-struct Nf4Tables {
-  float code[16];
-  float code2[nf4::kCode2Size];
-};
-__device__ __forceinline__ void load_tables(Nf4Tables& t, const Nf4Args& a) {
-  if (threadIdx.x == 0) nf4::fill_code_table(t.code);
-  if (a.nested) {
-    for (int i = threadIdx.x; i < nf4::kCode2Size; i += blockDim.x) t.code2[i] = a.code2[i];
-  }
-}
-struct ScaleParts {
-  float value;
-  uint32_t q;
-};
-__device__ __forceinline__ ScaleParts load_scale_parts(const Nf4Args& a, int64_t b) {
-  if (!a.nested) return {__ldg(a.absmax + b), 0u};
-  return {__ldg(a.absmax2 + (b >> nf4::kNestedBlocksizeLog2)), static_cast<uint32_t>(__ldg(a.qabsmax + b))};
-}
-__device__ __forceinline__ float scale_from_parts(const Nf4Args& a, const Nf4Tables& t, ScaleParts s, float offset) {
-  return a.nested ? nf4::nested_absmax(t.code2[s.q], s.value, offset) : s.value;
-}
+using nf4::load_scale_parts;  // the library's device side of the format (csrc/common/nf4_device.cuh)
+using nf4::load_tables;
+using nf4::Nf4Args;
+using nf4::Nf4Tables;
+using nf4::scale_from_parts;
+using nf4::ScaleParts;
+
+using swiftlora::cuda::Nf4Rect;
 
 struct BF16 {  // c10::BFloat16's device conversion
   uint16_t x;

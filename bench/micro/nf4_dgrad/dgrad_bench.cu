@@ -80,8 +80,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "../../../csrc/cuda/tma_bulk.cuh"
-#include "../../../csrc/cuda/wgmma_sm90.cuh"
+#include "common/nf4.h"
+#include "cuda/tma_bulk.cuh"
+#include "cuda/wgmma_sm90.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -99,23 +100,12 @@ static void report_watchdog() {
             g_h_diag[1], g_h_diag[2], g_h_diag[3], g_h_diag[4]);
   }
 }
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t e_ = (call);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, __LINE__, \
-              cudaGetErrorString(e_));                                                            \
-      report_watchdog();                                                                          \
-      exit(1);                                                                                    \
-    }                                                                                             \
-  } while (0)
+#define MICRO_ON_CUDA_ERROR() report_watchdog()
+#include "../cuda_check.cuh"
 
-// The 16 NF4 codes, exact fp32 (csrc/common/nf4.h, SWIFTLORA_NF4_CODE_VALUES).
-#define DGRAD_NF4_CODES                                                                                        \
-  -0x1p+0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f, -0x1.23449ap-2f, -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, \
-      0x0p+0f, 0x1.45f5fep-4f, 0x1.4995c6p-3f, 0x1.f809bap-3f, 0x1.5a0674p-2f, 0x1.c3497p-2f, 0x1.200f56p-1f,   \
-      0x1.722766p-1f, 0x1p+0f
-static const float h_nf4[16] = {DGRAD_NF4_CODES};
+// The 16 NF4 codes, exact fp32: the library's table (csrc/common/nf4.h).
+#define DGRAD_NF4_CODES SWIFTLORA_NF4_CODE_VALUES
+static const float* const h_nf4 = swiftlora::nf4::kNF4Code;
 
 // ----------------------------------------------------------------------------------------------- geometry
 constexpr int kBT = 128;                    // tokens per tile (2 consumer warpgroups × m64)

@@ -9,7 +9,7 @@ set -euo pipefail
 D=bench/micro/nf4_dgrad
 NVCC=/usr/local/bin/nvcc; [ -x "$NVCC" ] || NVCC=nvcc
 rm -f /tmp/dgrad_bench
-"$NVCC" -O3 -std=c++17 -arch=sm_90a ${NVCC_FLAGS:-} -Xptxas -v -o /tmp/dgrad_bench "$D/dgrad_bench.cu" 2>&1 \
+"$NVCC" -O3 -std=c++17 -arch=sm_90a -I csrc ${NVCC_FLAGS:-} -Xptxas -v -o /tmp/dgrad_bench "$D/dgrad_bench.cu" 2>&1 \
   | grep -E "warning|error|dgrad_kernel|spill|Used|C75" || true
 [ -x /tmp/dgrad_bench ] || { echo "build failed"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv 2>/dev/null || true

@@ -1,21 +1,20 @@
 // Standalone bench: streaming-read floors + NF4 GEMV kernels, M = 1, W [14336, 4096] NF4 (blocksize 64, nested
-// absmax, bitsandbytes layout). No torch. Build: nvcc -O3 -std=c++17 -arch=sm_90a gemv_bench.cu -o gemv_bench
+// absmax, bitsandbytes layout). No torch. Build: bash bench/micro/nf4_gemv_floor/run.sh (nvcc -I csrc)
 //
 // Harness (problem shape, data, host reference, timing, NF4 math): gemv_common.cuh, shared with gemv_small.cu.
 #include "gemv_common.cuh"
 
 #include <cuda_fp16.h>
 
-#include "../../../csrc/cuda/tma_bulk.cuh"
+#include "cuda/tma_bulk.cuh"
+#include "cuda/wgmma_sm90.cuh"
 
 __constant__ float c_nf4[16] = GEMV_NF4_CODES;
 
 // ----------------------------------------------------------------------------------------------- device helpers
 extern __shared__ __align__(128) uint8_t g_smem[];
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using swiftlora::cuda::wgmma::smem_u32;
 
 __device__ __forceinline__ uint32_t lds32(uint32_t a) {
   uint32_t v;

@@ -29,15 +29,8 @@
 #include <string>
 #include <vector>
 
-#define CK(call)                                                                                  \
-  do {                                                                                            \
-    cudaError_t e_ = (call);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, __LINE__, \
-              cudaGetErrorString(e_));                                                            \
-      exit(1);                                                                                    \
-    }                                                                                             \
-  } while (0)
+#include "../cuda_check.cuh"
+#include "common/nf4.h"
 
 // ----------------------------------------------------------------------------------------------- problem shape
 constexpr int kN = 14336;
@@ -50,13 +43,11 @@ constexpr size_t kStreamBytes = kPackedBytes + kQabsBytes;  // 30,277,632 (multi
 constexpr int kNumAbsmax2 = (int)(kQabsBytes / 256);        // 3,584
 constexpr double kIssueFloorUs = 10.1;
 
-// The 16 NF4 codes, exact fp32. Each program declares its own device copy from this list (gemv_bench.cu: in
-// __constant__ memory; gemv_small.cu: in global memory, read with __ldg), the host reference uses h_nf4.
-#define GEMV_NF4_CODES                                                                   \
-  {-0x1p+0f,        -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f, -0x1.23449ap-2f,     \
-   -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f,        0x1.45f5fep-4f, 0x1.4995c6p-3f,      \
-   0x1.f809bap-3f,  0x1.5a0674p-2f,  0x1.c3497p-2f,  0x1.200f56p-1f, 0x1.722766p-1f, 0x1p+0f}
-static const float h_nf4[16] = GEMV_NF4_CODES;
+// The 16 NF4 codes, exact fp32: the library's table (csrc/common/nf4.h). Each program declares its own device copy
+// from this list (gemv_bench.cu: in __constant__ memory; gemv_small.cu: in global memory, read with __ldg); the
+// host reference uses h_nf4.
+#define GEMV_NF4_CODES {SWIFTLORA_NF4_CODE_VALUES}
+static const float* const h_nf4 = swiftlora::nf4::kNF4Code;
 
 // The GEMV operands (what gemv_small.cu's kernels take; gemv_bench.cu's GemvArgs extends it).
 struct GemvOperands {

@@ -1,6 +1,6 @@
 // Standalone bench: NF4 GEMV M = 1 with SMALL ONE-PASS CTAs (the read pattern of "ldg small 256thr u2", the
 // fastest streaming read measured on the H100), W [14336, 4096] NF4 blocksize 64, nested absmax, bitsandbytes layout.
-// No torch. Build: nvcc -O3 -std=c++17 -arch=sm_90a gemv_small.cu -o gemv_small
+// No torch. Build: bash bench/micro/nf4_gemv_floor/run.sh (nvcc -I csrc)
 //
 // Harness shared with gemv_bench.cu in gemv_common.cuh (same data generator and seed, same host double reference,
 // same timing: 256 MiB write flush before each rep outside the events, no host sync between the flush and the timed

@@ -3,9 +3,9 @@
 set -euo pipefail
 D=bench/micro/nf4_gemv_floor
 NVCC=/usr/local/bin/nvcc; [ -x "$NVCC" ] || NVCC=nvcc
-"$NVCC" -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_bench "$D/gemv_bench.cu"
+"$NVCC" -O3 -std=c++17 -arch=sm_90a -I csrc -o /tmp/gemv_bench "$D/gemv_bench.cu"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv 2>/dev/null || true
 /tmp/gemv_bench
 # the small one-pass-CTA GEMV variants (gemv_small.cu), with the same reference rows
-"$NVCC" -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_small "$D/gemv_small.cu"
+"$NVCC" -O3 -std=c++17 -arch=sm_90a -I csrc -o /tmp/gemv_small "$D/gemv_small.cu"
 /tmp/gemv_small
