@@ -1,0 +1,388 @@
+// sm_90a: the logits GEMM of one vocabulary block with the online softmax in its epilogue, for a frozen LM head's
+// block loop (lm_head_blocks_). P [M, width] (bf16) = e^{z − use}·scale with z = (hidden [M, K] · W[v0 .., K]ᵀ)·scale,
+// where `use` is the row's reference max from the previous blocks (stats[row][0]) unless this 256-column tile's max
+// passes it by more than `slack`; then the tile uses its own max and its partial says so (a "flagged" tile, which
+// the merge kernel corrects). Per (row, tile) the kernel writes the partial (use, Σe, Σe·z, Σz) and, for the label's
+// column, stats[row][4..5] = (z_label, scale), as online_softmax_block_'s lean kernel does. So the block costs the
+// GEMM and a few MB of partials instead of the GEMM, a 32 MiB write of z and a 64 MiB read + write pass over it.
+//
+// CTA (384 threads, one per SM, persistent over 128-token × 256-column tiles):
+//   warp 0, lane 0: TMA producer into a 3-stage ring (A = 128 hidden rows × 64 k, B = 256 W rows × 64 k, both
+//     K-major with the 128-byte swizzle). With kCluster = 2 the two CTAs of a cluster take token tiles 2p and 2p + 1
+//     of the same columns and each loads half of B, multicast into both CTAs (B's L2 traffic halves).
+//   warpgroups 1 and 2: wgmma m64n256k16 with both operands in shared memory, 128 fp32 accumulators a thread; after a
+//     tile's last k-tile they round z to bf16 into a 64 KB staging tile (stmatrix, XOR-swizzled rows) and go on with
+//     the next tile at once.
+//   warps 1..3: the epilogue, under the next tile's MMAs: one row of the staging tile a warp at a time (a lane holds
+//     8 columns): row max, the reference decision, e, the row sums (warp shuffles), P stored 16 bytes a lane.
+// Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1.
+#pragma once
+#include <cuda.h>  // CUtensorMap
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/tma_bulk.cuh"
+#include "cuda/wgmma_sm90.cuh"
+
+namespace swiftlora::cuda::logits_sm90 {
+
+constexpr int kThreads = 384;
+constexpr int kBM = 128, kBN = 256, kBK = 64;
+constexpr int kStages = 3;
+constexpr int kABytes = kBM * kBK * 2;            // 16384
+constexpr int kBBytes = kBN * kBK * 2;            // 32768
+constexpr int kStageBytes = kABytes + kBBytes;    // 49152
+constexpr int kRowBytes = kBN * 2;                // a staging row: 256 bf16
+constexpr int kOffStaging = kStages * kStageBytes;             // 147456
+constexpr int kOffBars = kOffStaging + kBM * kRowBytes;        // 212992
+constexpr int kNumBars = 2 * kStages + 2;                      // full, empty, staged, freed
+constexpr int kSmemBytes = kOffBars + kNumBars * 8 + 1024;     // + slack to align the dynamic base to 1024
+static_assert(kSmemBytes <= 232448, "fits the sm_90 227 KB opt-in");
+constexpr int kEpiWarps = 3;  // warps 1..3 of warpgroup 0
+constexpr int kModeCopy = 0;     // timing aid: the epilogue stores z itself (bf16), nothing else
+constexpr int kModeSoftmax = 1;  // the op: P and the partials
+
+struct Params {
+  CUtensorMap ta;  // hidden [M, K] bf16, box {64, 128}, 128B swizzle
+  CUtensorMap tb;  // W [V, K] bf16, box {64, 256 / kCluster}, 128B swizzle
+  uint16_t* p;     // [M, ldp] bf16 bits: P (kModeSoftmax) or z (kModeCopy), columns [0, width)
+  int64_t ldp;
+  float* stats;    // [M, 6]: [0] the reference max (read), [4], [5] the label's (z, dz) (written)
+  float4* part;    // [M, tiles_n]: (use, Σe, Σe·z, Σz) per row and column tile
+  const void* labels;  // [M] int64 / int32 (the kernel's L), or null
+  int64_t col0;        // vocabulary index of column 0 (= v0)
+  int64_t ignore_index;
+  int m, width, k;
+  int v0;              // W row of column 0
+  int tiles_m, tiles_n;
+  float scale, slack;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+using tma::fence_mbar_init;
+using tma::mbar_arrive;
+using tma::mbar_arrive_expect_tx;
+using tma::mbar_init;
+using tma::mbar_wait;
+using wgmma::pin;
+using wgmma::smem_u32;
+using wgmma::wgmma_commit;
+using wgmma::wgmma_fence;
+using wgmma::wgmma_wait;
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// Arrives on the mbarrier at the same shared offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(
+          bar),
+      "r"(rank)
+      : "memory");
+}
+// A TMA box written to the same shared offset (and completing on the same mbarrier offset) in every CTA of `mask`.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                                      uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+
+// K-major, 128B-swizzled operand tile (rows of 128 bytes, 8-row groups 1024 bytes apart).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// D[64 × 256] (+)= A[64 × 16] · B[16 × 256], both from shared memory (K-major); scale_d = 0 starts the tile.
+__device__ __forceinline__ void wgmma_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+  asm volatile("{\n"
+               ".reg .pred p;\n"
+               "setp.ne.b32 p, %130, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " SWIFTLORA_WGMMA_ACC128_REGS
+               ", %128, %129, p, 1, 1, 0, 0;\n"
+               "}\n"
+               : SWIFTLORA_WGMMA_ACC128_OPS(d)
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+struct Smem {
+  uint8_t* gen;   // generic pointer to the aligned base
+  uint32_t base;  // its shared address
+  __device__ __forceinline__ uint32_t a(int s) const { return base + s * kStageBytes; }
+  __device__ __forceinline__ uint32_t b(int s) const { return base + s * kStageBytes + kABytes; }
+  __device__ __forceinline__ uint32_t staging() const { return base + kOffStaging; }
+  __device__ __forceinline__ uint32_t full(int s) const { return base + kOffBars + s * 8; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return base + kOffBars + (kStages + s) * 8; }
+  __device__ __forceinline__ uint32_t staged() const { return base + kOffBars + 2 * kStages * 8; }
+  __device__ __forceinline__ uint32_t freed() const { return base + kOffBars + (2 * kStages + 1) * 8; }
+};
+
+// The j-th tile of this CTA: token row m0, column n0 (relative to the block). Clusters of two take token tiles
+// 2q and 2q + 1 of the same columns (both CTAs walk the same sequence, so their B loads pair up).
+template <int kCluster>
+struct Tiles {
+  int first, stride, per_n, count;  // count: tiles this CTA (cluster) walks
+  __device__ __forceinline__ Tiles(const Params& p) {
+    if constexpr (kCluster == 1) {
+      first = blockIdx.x, stride = gridDim.x, per_n = p.tiles_m;
+    } else {
+      first = blockIdx.x / 2, stride = gridDim.x / 2, per_n = (p.tiles_m + 1) / 2;
+    }
+    const int total = per_n * p.tiles_n;
+    count = first < total ? (total - 1 - first) / stride + 1 : 0;
+  }
+  __device__ __forceinline__ int2 at(int j, uint32_t rank) const {
+    const int t = first + j * stride, q = t % per_n, nt = t / per_n;
+    return make_int2((kCluster == 1 ? q : 2 * q + static_cast<int>(rank)) * kBM, nt * kBN);
+  }
+};
+
+template <int kCluster>
+__device__ __forceinline__ void produce(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
+  const int ktiles = (p.k + kBK - 1) / kBK;
+  const int total = tiles.count * ktiles;
+  for (int it = 0; it < total; ++it) {
+    const int s = it % kStages, j = it / ktiles, kt = it - j * ktiles;
+    if (it >= kStages) mbar_wait(l.empty(s), ((it / kStages) - 1) & 1);
+    const int2 t = tiles.at(j, rank);
+    mbar_arrive_expect_tx(l.full(s), kStageBytes);  // A + the whole B (both halves, with kCluster = 2)
+    wgmma::tma_load_2d(l.a(s), &p.ta, kt * kBK, t.x, l.full(s));
+    if constexpr (kCluster == 1) {
+      wgmma::tma_load_2d(l.b(s), &p.tb, kt * kBK, p.v0 + t.y, l.full(s));
+    } else {
+      const uint32_t half = rank * (kBBytes / 2);
+      tma_load_2d_multicast(l.b(s) + half, &p.tb, kt * kBK, p.v0 + t.y + static_cast<int>(rank) * (kBN / 2),
+                            l.full(s), 0x3);
+    }
+  }
+}
+
+// Tile accumulators -> bf16 rows of the staging tile: row R's 16-byte chunk c at R·512 + ((c ^ (R % 8))·16)
+// (stmatrix: conflict-free; the epilogue's row reads: conflict-free).
+__device__ __forceinline__ void stage_tile(const Smem& l, float (&acc)[128], int cw, int wi, int lane) {
+  const int q = lane >> 3, lr = lane & 7;
+  const int row = 64 * cw + 16 * wi + 8 * (q & 1) + lr;
+  const uint32_t rbase = l.staging() + row * kRowBytes;
+  // chunk j + (q >> 1) with j = 8a + b (b even): its swizzled slot is 8a + ((b + (q >> 1)) ^ lr), so four offsets and
+  // immediates 128·a make every address (keeping 32 addresses live across the tile loop spilled)
+  uint32_t off[4];
+#pragma unroll
+  for (int b = 0; b < 4; ++b) off[b] = rbase + ((((2 * b) + (q >> 1)) ^ lr) << 4);
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {  // 32 column blocks of 8 (4 accumulators each: 2 rows × 2 columns)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int j = 8 * a + 2 * b;
+      uint32_t r[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // matrix i = (column block j + i/2, row half i%2)
+        const int jj = j + (i >> 1), h = i & 1;
+        r[i] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+      }
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(off[b] + 128 * a),
+                   "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                   : "memory");
+    }
+  }
+}
+
+template <int kCluster>
+__device__ __forceinline__ void consume(const Params& p, const Smem& l, const Tiles<kCluster>& tiles) {
+  const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int ktiles = (p.k + kBK - 1) / kBK;
+  float acc[128];  // set by each tile's first MMA (scale_d = 0)
+  auto release = [&](int s) {  // one arrival per warp, on the stage's empty barrier in every CTA of the cluster
+    if (lane == 0) {
+      if constexpr (kCluster == 1) {
+        mbar_arrive(l.empty(s));
+      } else {
+        mbar_arrive_cluster(l.empty(s), 0);
+        mbar_arrive_cluster(l.empty(s), 1);
+      }
+    }
+  };
+  int it = 0;
+  for (int j = 0; j < tiles.count; ++j) {
+    int kt = 0;
+    do {  // at least one k-tile (K >= 1): with a possibly empty loop ptxas kept a path staging never-computed
+          // accumulators and spilled (~240 bytes)
+      const int s = it % kStages;
+      mbar_wait(l.full(s), (it / kStages) & 1);
+      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < 4; ++k16) {
+        wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), (kt > 0 || k16 > 0) ? 1u : 0u);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // k-tile it − 1 has completed: its stage may be refilled
+      if (kt > 0) release((it - 1) % kStages);
+      ++kt, ++it;
+    } while (kt < ktiles);
+    wgmma_wait<0>();
+    pin(acc);
+    release((it - 1) % kStages);
+    if (j > 0) mbar_wait(l.freed(), (j - 1) & 1);  // the epilogue warps are done with the previous tile
+    stage_tile(l, acc, cw, wi, lane);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(l.staged());
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One staged row (tile row r, token row grow, columns n0 + 8·lane ..) through the softmax epilogue.
+template <int kMode, typename L>
+__device__ __forceinline__ void epilogue_row(const Params& p, const uint8_t* stg, int r, int grow, int n0, int nt,
+                                             int lane) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(stg + r * kRowBytes + ((lane ^ (r & 7)) << 4));
+  const int c = n0 + 8 * lane;  // column inside the block; a chunk is all valid or all not (width % 8 == 0)
+  const bool valid = c < p.width;
+  uint16_t* out = p.p + static_cast<int64_t>(grow) * p.ldp + c;
+  if constexpr (kMode == kModeCopy) {
+    if (valid) *reinterpret_cast<uint4*>(out) = raw;
+    return;
+  } else {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    float z[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      z[2 * i] = __fmul_rn(__uint_as_float(w[i] << 16), p.scale);
+      z[2 * i + 1] = __fmul_rn(__uint_as_float(w[i] & 0xFFFF0000u), p.scale);
+    }
+    float bm = -__int_as_float(0x7f800000), zs = 0.f;
+    if (valid) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) bm = fmaxf(bm, z[i]), zs += z[i];
+    }
+    float* st = p.stats + static_cast<int64_t>(grow) * 6;
+    const float ref = st[0];
+    bm = warp_max(bm);
+    const float use = bm > ref + p.slack ? bm : ref;  // ref = −inf: the tile's own max
+    float s = 0.f, spz = 0.f;
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float e[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        e[h] = valid ? __expf(z[2 * i + h] - use) : 0.f;
+        s += e[h];
+        spz = fmaf(e[h], z[2 * i + h], spz);
+      }
+      o[i] = pack_bf16(e[0] * p.scale, e[1] * p.scale);
+    }
+    if (valid) *reinterpret_cast<uint4*>(out) = make_uint4(o[0], o[1], o[2], o[3]);
+    if (p.labels != nullptr) {
+      const int64_t lab = static_cast<int64_t>(static_cast<const L*>(p.labels)[grow]);
+      const int64_t lc = lab - p.col0 - c;  // the label's offset inside this lane's chunk
+      if (valid && lab != p.ignore_index && lc >= 0 && lc < 8) {
+        const uint32_t wl = lc < 4 ? (lc < 2 ? w[0] : w[1]) : (lc < 6 ? w[2] : w[3]);  // no local-memory index
+        st[4] = __fmul_rn(__uint_as_float((lc & 1) ? (wl & 0xFFFF0000u) : (wl << 16)), p.scale);
+        st[5] = p.scale;
+      }
+    }
+    s = warp_sum(s);
+    spz = warp_sum(spz);
+    zs = warp_sum(zs);
+    if (lane == 0) p.part[static_cast<int64_t>(grow) * p.tiles_n + nt] = make_float4(use, s, spz, zs);
+  }
+}
+
+template <int kCluster, int kMode, typename L>
+__device__ __forceinline__ void epilogue(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
+  const int ew = (threadIdx.x >> 5) - 1, lane = threadIdx.x & 31;
+  const uint8_t* stg = l.gen + kOffStaging;
+  for (int j = 0; j < tiles.count; ++j) {
+    const int2 t = tiles.at(j, rank);
+    const int nt = t.y / kBN;
+    mbar_wait(l.staged(), j & 1);
+    for (int r = ew; r < kBM; r += kEpiWarps) {
+      const int grow = t.x + r;
+      if (grow < p.m) epilogue_row<kMode, L>(p, stg, r, grow, t.y, nt, lane);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(l.freed());
+  }
+}
+
+template <int kCluster, int kMode, typename L>
+__device__ __forceinline__ void logits_softmax_body(const Params& p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  Smem l;
+  const uint32_t raw = smem_u32(smem_raw);
+  l.base = (raw + 1023) & ~1023u;
+  l.gen = smem_raw + (l.base - raw);
+  const uint32_t rank = kCluster == 1 ? 0u : cluster_rank();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(l.full(s), 1);                // the producer's arrive.expect_tx
+      mbar_init(l.empty(s), 8 * kCluster);    // every consumer warp of every CTA that reads the stage's B
+    }
+    mbar_init(l.staged(), 8);          // the consumer warps
+    mbar_init(l.freed(), kEpiWarps);   // the epilogue warps
+    fence_mbar_init();
+  }
+  if constexpr (kCluster == 1) {
+    __syncthreads();
+  } else {
+    cluster_sync();  // the peer's barriers are initialized before any multicast or remote arrival reaches them
+  }
+  const Tiles<kCluster> tiles(p);
+  const int warp = threadIdx.x >> 5;
+  if (warp == 0) {
+    if ((threadIdx.x & 31) == 0) produce<kCluster>(p, l, tiles, rank);
+  } else if (warp < 4) {
+    epilogue<kCluster, kMode, L>(p, l, tiles, rank);
+  } else {
+    consume<kCluster>(p, l, tiles);
+  }
+  if constexpr (kCluster == 2) {
+    __syncwarp();
+    cluster_sync();  // no CTA leaves while its peer may still multicast into it or arrive on its barriers
+  }
+}
+
+#endif  // sm_90a
+
+// The kernels (cluster dims are a compile-time attribute, so one kernel per cluster size).
+template <int kMode, typename L>
+__global__ void __launch_bounds__(kThreads, 1) logits_softmax_kernel_c1(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  logits_softmax_body<1, kMode, L>(p);
+#endif
+}
+template <int kMode, typename L>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(kThreads, 1)
+    logits_softmax_kernel_c2(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  logits_softmax_body<2, kMode, L>(p);
+#endif
+}
+
+}  // namespace swiftlora::cuda::logits_sm90
