@@ -245,86 +245,142 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+// Epilogue mapping: a warp takes 8 rows of the staging tile at a time, 4 lanes a row (lane = 4·ri + q); lane q holds
+// the row's 16-byte chunks q, q + 4, ..., q + 28 (8 columns each). Row group g is rows 8g + ((ri >> 1) | (ri & 1) << 2):
+// the two rows of each 8-lane phase of a 16-byte shared load differ in bit 2, so under the staging swizzle the phase
+// touches 8 distinct bank groups. Row reductions are 2 shuffles. A row's reference max and label are loaded before
+// the tile is staged (a global load inside the row loop put its latency on every row: 1.7x cuBLAS, first GPU run).
+constexpr int kGroups = kBM / 8;
+constexpr int kGroupsPerWarp = (kGroups + kEpiWarps - 1) / kEpiWarps;
+constexpr float kLog2e = 1.4426950408889634f;
 
-// One staged row (tile row r, token row grow, columns n0 + 8·lane ..) through the softmax epilogue.
-template <int kMode, typename L>
-__device__ __forceinline__ void epilogue_row(const Params& p, const uint8_t* stg, int r, int grow, int n0, int nt,
-                                             int lane) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(stg + r * kRowBytes + ((lane ^ (r & 7)) << 4));
-  const int c = n0 + 8 * lane;  // column inside the block; a chunk is all valid or all not (width % 8 == 0)
-  const bool valid = c < p.width;
-  uint16_t* out = p.p + static_cast<int64_t>(grow) * p.ldp + c;
-  if constexpr (kMode == kModeCopy) {
-    if (valid) *reinterpret_cast<uint4*>(out) = raw;
-    return;
-  } else {
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-    float z[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      z[2 * i] = __fmul_rn(__uint_as_float(w[i] << 16), p.scale);
-      z[2 * i + 1] = __fmul_rn(__uint_as_float(w[i] & 0xFFFF0000u), p.scale);
-    }
-    float bm = -__int_as_float(0x7f800000), zs = 0.f;
-    if (valid) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) bm = fmaxf(bm, z[i]), zs += z[i];
-    }
-    float* st = p.stats + static_cast<int64_t>(grow) * 6;
-    const float ref = st[0];
-    bm = warp_max(bm);
-    const float use = bm > ref + p.slack ? bm : ref;  // ref = −inf: the tile's own max
-    float s = 0.f, spz = 0.f;
-    uint32_t o[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float e[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        e[h] = valid ? __expf(z[2 * i + h] - use) : 0.f;
-        s += e[h];
-        spz = fmaf(e[h], z[2 * i + h], spz);
-      }
-      o[i] = pack_bf16(e[0] * p.scale, e[1] * p.scale);
-    }
-    if (valid) *reinterpret_cast<uint4*>(out) = make_uint4(o[0], o[1], o[2], o[3]);
+__device__ __forceinline__ int group_row(int g, int ri) { return 8 * g + ((ri >> 1) | ((ri & 1) << 2)); }
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+struct RowIn {
+  float ref;  // the row's reference max (stats[row][0])
+  int lc;     // its label's column in the block, −1 if none (ignored, or in another block)
+};
+
+template <typename L>
+__device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
+  RowIn in{0.f, -1};
+  if (grow < p.m) {
+    in.ref = p.stats[static_cast<int64_t>(grow) * 6];
     if (p.labels != nullptr) {
       const int64_t lab = static_cast<int64_t>(static_cast<const L*>(p.labels)[grow]);
-      const int64_t lc = lab - p.col0 - c;  // the label's offset inside this lane's chunk
-      if (valid && lab != p.ignore_index && lc >= 0 && lc < 8) {
-        const uint32_t wl = lc < 4 ? (lc < 2 ? w[0] : w[1]) : (lc < 6 ? w[2] : w[3]);  // no local-memory index
-        st[4] = __fmul_rn(__uint_as_float((lc & 1) ? (wl & 0xFFFF0000u) : (wl << 16)), p.scale);
-        st[5] = p.scale;
+      if (lab != p.ignore_index && lab >= p.col0 && lab < p.col0 + p.width) in.lc = static_cast<int>(lab - p.col0);
+    }
+  }
+  return in;
+}
+
+// One row of the staged tile (tile row r, token row grow, block columns n0 + ..): this lane's 8 chunks.
+template <int kMode>
+__device__ __forceinline__ void epilogue_row(const Params& p, const uint8_t* stg, int r, int grow, int n0, int nt,
+                                             int q, const RowIn& in) {
+  const bool live = grow < p.m;
+  uint4 raw[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    raw[i] = *reinterpret_cast<const uint4*>(stg + r * kRowBytes + (((q + 4 * i) ^ (r & 7)) << 4));
+  }
+  uint16_t* out = p.p + static_cast<int64_t>(grow) * p.ldp + n0 + 8 * q;
+  auto valid = [&](int i) { return n0 + 8 * (q + 4 * i) < p.width; };  // a chunk is all valid or all not
+  if constexpr (kMode == kModeCopy) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (live && valid(i)) *reinterpret_cast<uint4*>(out + 32 * i) = raw[i];
+    }
+  } else {
+    float bm = -__int_as_float(0x7f800000), xs = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (valid(i)) {
+        const uint32_t w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          bm = fmaxf(bm, fmaxf(bf_lo(w[h]), bf_hi(w[h])));
+          xs += bf_lo(w[h]) + bf_hi(w[h]);
+        }
       }
     }
-    s = warp_sum(s);
-    spz = warp_sum(spz);
-    zs = warp_sum(zs);
-    if (lane == 0) p.part[static_cast<int64_t>(grow) * p.tiles_n + nt] = make_float4(use, s, spz, zs);
+    // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
+    const float cm = __fmul_rn(quad_max(bm), p.scale);
+    const float use = cm > in.ref + p.slack ? cm : in.ref;  // ref = −inf: the tile's own max
+    const float c = p.scale * kLog2e, u2 = use * kLog2e;
+    float s = 0.f, sx = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+      uint32_t o[4];
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const float x0 = bf_lo(w[h]), x1 = bf_hi(w[h]);
+        const float e0 = valid(i) ? ex2(fmaf(x0, c, -u2)) : 0.f, e1 = valid(i) ? ex2(fmaf(x1, c, -u2)) : 0.f;
+        s += e0 + e1;
+        sx = fmaf(e0, x0, fmaf(e1, x1, sx));
+        o[h] = pack_bf16(e0 * p.scale, e1 * p.scale);
+      }
+      if (live && valid(i)) *reinterpret_cast<uint4*>(out + 32 * i) = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+    const int rel = in.lc - n0;  // the label's column inside this tile, if it is there
+    if (live && rel >= 0 && rel < kBN && ((rel >> 3) & 3) == q) {
+      const int il = rel >> 5, e = rel & 7;
+      uint4 v = raw[0];
+#pragma unroll
+      for (int i = 1; i < 8; ++i) v = il == i ? raw[i] : v;  // selects, not a local-memory index
+      const uint32_t wl = e < 4 ? (e < 2 ? v.x : v.y) : (e < 6 ? v.z : v.w);
+      float* st = p.stats + static_cast<int64_t>(grow) * 6;
+      st[4] = __fmul_rn((e & 1) ? bf_hi(wl) : bf_lo(wl), p.scale);
+      st[5] = p.scale;
+    }
+    s = quad_sum(s);
+    sx = quad_sum(sx);
+    xs = quad_sum(xs);
+    if (live && q == 0) {
+      p.part[static_cast<int64_t>(grow) * p.tiles_n + nt] = make_float4(use, s, sx * p.scale, xs * p.scale);
+    }
   }
 }
 
 template <int kCluster, int kMode, typename L>
 __device__ __forceinline__ void epilogue(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
-  const int ew = (threadIdx.x >> 5) - 1, lane = threadIdx.x & 31;
+  const int ew = (threadIdx.x >> 5) - 1, lane = threadIdx.x & 31, ri = lane >> 2, q = lane & 3;
   const uint8_t* stg = l.gen + kOffStaging;
   for (int j = 0; j < tiles.count; ++j) {
     const int2 t = tiles.at(j, rank);
     const int nt = t.y / kBN;
+    RowIn in[kGroupsPerWarp];
+#pragma unroll
+    for (int k = 0; k < kGroupsPerWarp; ++k) {
+      const int g = ew + kEpiWarps * k;
+      in[k] = RowIn{0.f, -1};
+      if (kMode == kModeSoftmax && g < kGroups) in[k] = load_row_in<L>(p, t.x + group_row(g, ri));
+    }
     mbar_wait(l.staged(), j & 1);
-    for (int r = ew; r < kBM; r += kEpiWarps) {
-      const int grow = t.x + r;
-      if (grow < p.m) epilogue_row<kMode, L>(p, stg, r, grow, t.y, nt, lane);
+#pragma unroll
+    for (int k = 0; k < kGroupsPerWarp; ++k) {
+      const int g = ew + kEpiWarps * k;
+      if (g < kGroups) {
+        const int r = group_row(g, ri);
+        epilogue_row<kMode>(p, stg, r, t.x + r, t.y, nt, q, in[k]);
+      }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(l.freed());
