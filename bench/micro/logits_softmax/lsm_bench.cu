@@ -124,36 +124,36 @@ static ls::Params make_params(const Problem& pr, const Block& b, int cluster, fl
   p.m = pr.m, p.width = b.width, p.k = pr.k, p.v0 = b.v0;
   p.tiles_m = b.tiles_m, p.tiles_n = b.tiles_n;
   p.scale = scale, p.slack = slack;
+  p.c_exp = static_cast<float>(scale * 1.4426950408889634);
+  p.log2_scale = static_cast<float>(std::log2(static_cast<double>(scale)));
   return p;
 }
 
-static void launch(const ls::Params& p, int cluster, int mode) {
+template <int kMode>
+static void launch_mode(const ls::Params& p, int cluster) {
   const int smem = ls::kSmemBytes;
   if (cluster == 1) {
     const int grid = std::min(p.tiles_m * p.tiles_n, g_sms);
-    if (mode == ls::kModeCopy) {
-      CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c1<ls::kModeCopy, int64_t>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      ls::logits_softmax_kernel_c1<ls::kModeCopy, int64_t><<<grid, ls::kThreads, smem>>>(p);
-    } else {
-      CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c1<ls::kModeSoftmax, int64_t>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      ls::logits_softmax_kernel_c1<ls::kModeSoftmax, int64_t><<<grid, ls::kThreads, smem>>>(p);
-    }
+    CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c1<kMode, int64_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            smem));
+    ls::logits_softmax_kernel_c1<kMode, int64_t><<<grid, ls::kThreads, smem>>>(p);
   } else {
     const int pairs = (p.tiles_m + 1) / 2 * p.tiles_n;
     const int grid = 2 * std::min(pairs, g_sms / 2);
-    if (mode == ls::kModeCopy) {
-      CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c2<ls::kModeCopy, int64_t>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      ls::logits_softmax_kernel_c2<ls::kModeCopy, int64_t><<<grid, ls::kThreads, smem>>>(p);
-    } else {
-      CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c2<ls::kModeSoftmax, int64_t>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      ls::logits_softmax_kernel_c2<ls::kModeSoftmax, int64_t><<<grid, ls::kThreads, smem>>>(p);
-    }
+    CK(cudaFuncSetAttribute(ls::logits_softmax_kernel_c2<kMode, int64_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            smem));
+    ls::logits_softmax_kernel_c2<kMode, int64_t><<<grid, ls::kThreads, smem>>>(p);
   }
   CK(cudaGetLastError());
+}
+static void launch(const ls::Params& p, int cluster, int mode) {
+  if (mode == ls::kModeCopy) {
+    launch_mode<ls::kModeCopy>(p, cluster);
+  } else if (mode == ls::kModeSoftmax) {
+    launch_mode<ls::kModeSoftmax>(p, cluster);
+  } else {
+    launch_mode<ls::kModeDiscard>(p, cluster);
+  }
 }
 
 static void cublas_z(cublasHandle_t hd, const Problem& pr, const Block& b) {
@@ -343,6 +343,21 @@ int main() {
     cublas_z(hd, pr, b);
     for (int mode : {ls::kModeCopy, ls::kModeSoftmax}) launch(make_params(pr, b, 1, 1.f, 32.f), 1, mode);
     CK(cudaDeviceSynchronize());
+    free_block(b);
+    return 0;
+  }
+  if (getenv("LSM_DISCARD")) {  // timing only: cuBLAS against the pipeline without any epilogue (this build's stages)
+    Block b = make_block(pr, 8192, 8192);
+    Timer tm;
+    const double flop = 2.0 * pr.m * b.width * pr.k;
+    const double t0 = tm.run("cuBLAS GEMM, width 8192", flop, [&] { cublas_z(hd, pr, b); });
+    for (int cl : {1, 2}) {
+      const ls::Params p = make_params(pr, b, cl, 1.f, 32.f);
+      char name[96];
+      snprintf(name, sizeof name, "ours cluster %d, %d stages, accumulators dropped", cl, ls::kStages);
+      const double t = tm.run(name, flop, [&] { launch(p, cl, ls::kModeDiscard); });
+      printf("      = %.3fx cuBLAS (%+.1f us)\n", t / t0, t - t0);
+    }
     free_block(b);
     return 0;
   }
