@@ -7,14 +7,15 @@
 // GEMM and a few MB of partials instead of the GEMM, a 32 MiB write of z and a 64 MiB read + write pass over it.
 //
 // CTA (384 threads, one per SM, persistent over 128-token × 256-column tiles):
-//   warp 0, lane 0: TMA producer into a 3-stage ring (A = 128 hidden rows × 64 k, B = 256 W rows × 64 k, both
+//   warp 0, lane 0: TMA producer into a 4-stage ring (A = 128 hidden rows × 64 k, B = 256 W rows × 64 k, both
 //     K-major with the 128-byte swizzle). With kCluster = 2 the two CTAs of a cluster take token tiles 2p and 2p + 1
-//     of the same columns and each loads half of B, multicast into both CTAs (B's L2 traffic halves).
-//   warpgroups 1 and 2: wgmma m64n256k16 with both operands in shared memory, 128 fp32 accumulators a thread; after a
-//     tile's last k-tile they round z to bf16 into a 64 KB staging tile (stmatrix, XOR-swizzled rows) and go on with
-//     the next tile at once.
-//   warps 1..3: the epilogue, under the next tile's MMAs: one row of the staging tile a warp at a time (a lane holds
-//     8 columns): row max, the reference decision, e, the row sums (warp shuffles), P stored 16 bytes a lane.
+//     of the same columns and each loads half of B, multicast into both CTAs (measured: no faster; kept as a knob).
+//   warpgroups 1 and 2: wgmma m64n256k16 with both operands in shared memory, 128 fp32 accumulators a thread. After
+//     a tile's last k-tile each thread runs the softmax on its two rows' 64 columns in registers (the row's other
+//     192 columns sit in the 3 other lanes of its quad: 2 shuffles a reduction), then stores P through a 2 KB
+//     per-warp staging buffer (16-byte global stores), while the producer already fills the ring for the next tile.
+// Why not an epilogue by separate warps under the next tile's MMAs (the first version): its 64 KB staging tile left
+// room for 3 stages only, and the GEMM alone runs 8% slower with 3 stages than with 4 (bench/NOTES.md, session 10).
 // Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1.
 #pragma once
 #include <cuda.h>  // CUtensorMap
@@ -29,26 +30,20 @@ namespace swiftlora::cuda::logits_sm90 {
 
 constexpr int kThreads = 384;
 constexpr int kBM = 128, kBN = 256, kBK = 64;
-#ifndef SWIFTLORA_LS_STAGES  // timing experiments only (bench/micro/logits_softmax)
-#define SWIFTLORA_LS_STAGES 3
-#endif
-#ifndef SWIFTLORA_LS_STAGING_ROWS
-#define SWIFTLORA_LS_STAGING_ROWS 128
-#endif
-constexpr int kStages = SWIFTLORA_LS_STAGES;
+constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK * 2;            // 16384
 constexpr int kBBytes = kBN * kBK * 2;            // 32768
 constexpr int kStageBytes = kABytes + kBBytes;    // 49152
-constexpr int kRowBytes = kBN * 2;                // a staging row: 256 bf16
-constexpr int kOffStaging = kStages * kStageBytes;             // 147456
-constexpr int kOffBars = kOffStaging + SWIFTLORA_LS_STAGING_ROWS * kRowBytes;  // 212992
-constexpr int kNumBars = 2 * kStages + 2;                      // full, empty, staged, freed
-constexpr int kSmemBytes = kOffBars + kNumBars * 8 + 1024;     // + slack to align the dynamic base to 1024
+constexpr int kWarpStagingBytes = 16 * 64 * 2;   // a consumer warp's 16 rows × 64 columns of bf16
+constexpr int kOffStaging = kStages * kStageBytes;                 // 196608
+constexpr int kOffBars = kOffStaging + 8 * kWarpStagingBytes;      // 212992
+constexpr int kNumBars = 2 * kStages;                              // full, empty
+constexpr int kSmemBytes = kOffBars + kNumBars * 8 + 1024;         // + slack to align the dynamic base to 1024
 static_assert(kSmemBytes <= 232448, "fits the sm_90 227 KB opt-in");
-constexpr int kEpiWarps = 3;  // warps 1..3 of warpgroup 0
-constexpr int kModeCopy = 0;     // timing aid: the epilogue stores z itself (bf16), nothing else
+constexpr int kModeCopy = 0;     // tests and timing: the tile's z (bf16) is stored, nothing else
 constexpr int kModeSoftmax = 1;  // the op: P and the partials
-constexpr int kModeDiscard = 2;  // timing aid: the accumulators are dropped (no staging, no epilogue)
+constexpr int kModeDiscard = 2;  // timing aid: the accumulators are dropped (the pipeline alone)
+constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
   CUtensorMap ta;  // hidden [M, K] bf16, box {64, 128}, 128B swizzle
@@ -125,6 +120,34 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[128], uint64_t desc_a, uint6
                : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// A tile's first MMA: D = A·B (scale-d false), D write-only for the compiler ("=f"), so the previous tile's
+// accumulators are dead once its epilogue has read them (with "+f" and a runtime scale-d they stayed live through
+// the epilogue, which spilled 2-4 KB).
+#define SWIFTLORA_LS_ACC128_OUT(d) \
+  "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), \
+  "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), \
+  "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), \
+  "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), \
+  "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), \
+  "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), \
+  "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), \
+  "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63]), \
+  "=f"(d[64]), "=f"(d[65]), "=f"(d[66]), "=f"(d[67]), "=f"(d[68]), "=f"(d[69]), "=f"(d[70]), "=f"(d[71]), \
+  "=f"(d[72]), "=f"(d[73]), "=f"(d[74]), "=f"(d[75]), "=f"(d[76]), "=f"(d[77]), "=f"(d[78]), "=f"(d[79]), \
+  "=f"(d[80]), "=f"(d[81]), "=f"(d[82]), "=f"(d[83]), "=f"(d[84]), "=f"(d[85]), "=f"(d[86]), "=f"(d[87]), \
+  "=f"(d[88]), "=f"(d[89]), "=f"(d[90]), "=f"(d[91]), "=f"(d[92]), "=f"(d[93]), "=f"(d[94]), "=f"(d[95]), \
+  "=f"(d[96]), "=f"(d[97]), "=f"(d[98]), "=f"(d[99]), "=f"(d[100]), "=f"(d[101]), "=f"(d[102]), "=f"(d[103]), \
+  "=f"(d[104]), "=f"(d[105]), "=f"(d[106]), "=f"(d[107]), "=f"(d[108]), "=f"(d[109]), "=f"(d[110]), "=f"(d[111]), \
+  "=f"(d[112]), "=f"(d[113]), "=f"(d[114]), "=f"(d[115]), "=f"(d[116]), "=f"(d[117]), "=f"(d[118]), "=f"(d[119]), \
+  "=f"(d[120]), "=f"(d[121]), "=f"(d[122]), "=f"(d[123]), "=f"(d[124]), "=f"(d[125]), "=f"(d[126]), "=f"(d[127])
+__device__ __forceinline__ void wgmma_ss_first(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " SWIFTLORA_WGMMA_ACC128_REGS
+               ", %128, %129, 0, 1, 1, 0, 0;\n"
+               : SWIFTLORA_LS_ACC128_OUT(d)
+               : "l"(desc_a), "l"(desc_b));
+}
+#undef SWIFTLORA_LS_ACC128_OUT
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
@@ -135,11 +158,9 @@ struct Smem {
   uint32_t base;  // its shared address
   __device__ __forceinline__ uint32_t a(int s) const { return base + s * kStageBytes; }
   __device__ __forceinline__ uint32_t b(int s) const { return base + s * kStageBytes + kABytes; }
-  __device__ __forceinline__ uint32_t staging() const { return base + kOffStaging; }
+  __device__ __forceinline__ uint32_t staging(int warp) const { return base + kOffStaging + warp * kWarpStagingBytes; }
   __device__ __forceinline__ uint32_t full(int s) const { return base + kOffBars + s * 8; }
   __device__ __forceinline__ uint32_t empty(int s) const { return base + kOffBars + (kStages + s) * 8; }
-  __device__ __forceinline__ uint32_t staged() const { return base + kOffBars + 2 * kStages * 8; }
-  __device__ __forceinline__ uint32_t freed() const { return base + kOffBars + (2 * kStages + 1) * 8; }
 };
 
 // The j-th tile of this CTA: token row m0, column n0 (relative to the block). Clusters of two take token tiles
@@ -182,93 +203,6 @@ __device__ __forceinline__ void produce(const Params& p, const Smem& l, const Ti
   }
 }
 
-// Tile accumulators -> bf16 rows of the staging tile: row R's 16-byte chunk c at R·512 + ((c ^ (R % 8))·16)
-// (stmatrix: conflict-free; the epilogue's row reads: conflict-free).
-__device__ __forceinline__ void stage_tile(const Smem& l, float (&acc)[128], int cw, int wi, int lane) {
-  const int q = lane >> 3, lr = lane & 7;
-  const int row = 64 * cw + 16 * wi + 8 * (q & 1) + lr;
-  const uint32_t rbase = l.staging() + row * kRowBytes;
-  // chunk j + (q >> 1) with j = 8a + b (b even): its swizzled slot is 8a + ((b + (q >> 1)) ^ lr), so four offsets and
-  // immediates 128·a make every address (keeping 32 addresses live across the tile loop spilled)
-  uint32_t off[4];
-#pragma unroll
-  for (int b = 0; b < 4; ++b) off[b] = rbase + ((((2 * b) + (q >> 1)) ^ lr) << 4);
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {  // 32 column blocks of 8 (4 accumulators each: 2 rows × 2 columns)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int j = 8 * a + 2 * b;
-      uint32_t r[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // matrix i = (column block j + i/2, row half i%2)
-        const int jj = j + (i >> 1), h = i & 1;
-        r[i] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
-      }
-      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(off[b] + 128 * a),
-                   "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-                   : "memory");
-    }
-  }
-}
-
-template <int kCluster, int kMode>
-__device__ __forceinline__ void consume(const Params& p, const Smem& l, const Tiles<kCluster>& tiles) {
-  const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int ktiles = (p.k + kBK - 1) / kBK;
-  float acc[128];  // set by each tile's first MMA (scale_d = 0)
-  auto release = [&](int s) {  // one arrival per warp, on the stage's empty barrier in every CTA of the cluster
-    if (lane == 0) {
-      if constexpr (kCluster == 1) {
-        mbar_arrive(l.empty(s));
-      } else {
-        mbar_arrive_cluster(l.empty(s), 0);
-        mbar_arrive_cluster(l.empty(s), 1);
-      }
-    }
-  };
-  int it = 0;
-  for (int j = 0; j < tiles.count; ++j) {
-    int kt = 0;
-    do {  // at least one k-tile (K >= 1): with a possibly empty loop ptxas kept a path staging never-computed
-          // accumulators and spilled (~240 bytes)
-      const int s = it % kStages;
-      mbar_wait(l.full(s), (it / kStages) & 1);
-      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
-      wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < 4; ++k16) {
-        wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), (kt > 0 || k16 > 0) ? 1u : 0u);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // k-tile it − 1 has completed: its stage may be refilled
-      if (kt > 0) release((it - 1) % kStages);
-      ++kt, ++it;
-    } while (kt < ktiles);
-    wgmma_wait<0>();
-    pin(acc);
-    release((it - 1) % kStages);
-    if constexpr (kMode == kModeDiscard) {  // one data-dependent (never taken) store keeps the MMAs alive
-      if (acc[0] + acc[127] == 1.2345e-30f) p.part[0].x = acc[64];
-    } else {
-      if (j > 0) mbar_wait(l.freed(), (j - 1) & 1);  // the epilogue warps are done with the previous tile
-      stage_tile(l, acc, cw, wi, lane);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(l.staged());
-    }
-  }
-}
-
-// Epilogue mapping: a warp takes 8 rows of the staging tile at a time, 4 lanes a row (lane = 4·ri + q); lane q holds
-// the row's 16-byte chunks q, q + 4, ..., q + 28 (8 columns each). Row group g is rows 8g + ((ri >> 1) | (ri & 1) << 2):
-// the two rows of each 8-lane phase of a 16-byte shared load differ in bit 2, so under the staging swizzle the phase
-// touches 8 distinct bank groups. Row reductions are 2 shuffles. A row's reference max and label are loaded before
-// the tile is staged (a global load inside the row loop put its latency on every row: 1.7x cuBLAS, first GPU run).
-constexpr int kGroups = kBM / 8;
-constexpr int kGroupsPerWarp = (kGroups + kEpiWarps - 1) / kEpiWarps;
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ int group_row(int g, int ri) { return 8 * g + ((ri >> 1) | ((ri & 1) << 2)); }
-
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -284,16 +218,22 @@ __device__ __forceinline__ float ex2(float x) {
 }
 __device__ __forceinline__ float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+__device__ __forceinline__ uint32_t hmax2_bf16(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 m = __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&m);
+}
 
 struct RowIn {
   float ref;  // the row's reference max (stats[row][0])
   int lc;     // its label's column in the block, −1 if none (ignored, or in another block)
 };
 
-template <typename L>
+// Loaded when a tile starts, used in its epilogue: the latency hides under the tile's MMAs.
+template <int kMode, typename L>
 __device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
   RowIn in{0.f, -1};
-  if (grow < p.m) {
+  if (kMode == kModeSoftmax && grow < p.m) {
     in.ref = p.stats[static_cast<int64_t>(grow) * 6];
     if (p.labels != nullptr) {
       const int64_t lab = static_cast<int64_t>(static_cast<const L*>(p.labels)[grow]);
@@ -303,109 +243,168 @@ __device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
   return in;
 }
 
-// One row of the staged tile (tile row r, token row grow, block columns n0 + ..): this lane's 8 chunks.
-template <int kMode>
-__device__ __forceinline__ void epilogue_row(const Params& p, const uint8_t* stg, int r, int grow, int n0, int nt,
-                                             int q, const RowIn& in) {
-  const bool live = grow < p.m;
-  uint4 raw[8];
+// The accumulator fragment (wgmma m64nNk16, fp32 D): thread lane = 4g + tq of warp wi holds acc[4j + 2h + e] at
+// row 16·wi + g + 8h, column 8j + 2tq + e (j < 32). pk[2j + h] = that pair rounded to bf16: the logits as a bf16 GEMM
+// gives them, so z here is exactly the z online_softmax_block_ reads. The softmax then overwrites pk with P.
+// kFull: all 256 columns of the tile are in the block (no per-column-block checks: with them ptxas kept 32
+// predicates alive and spilled).
+template <bool kFull>
+__device__ __forceinline__ void softmax_rows(const Params& p, uint32_t (&pk)[64], const RowIn (&in)[2], int row0,
+                                             int n0, int nt, int tq) {
+  const float c = p.c_exp;
+  const int nvalid = kFull ? 32 : (p.width - n0 + 7) >> 3;  // valid column blocks (a block is all valid or not)
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    raw[i] = *reinterpret_cast<const uint4*>(stg + r * kRowBytes + (((q + 4 * i) ^ (r & 7)) << 4));
-  }
-  uint16_t* out = p.p + static_cast<int64_t>(grow) * p.ldp + n0 + 8 * q;
-  auto valid = [&](int i) { return n0 + 8 * (q + 4 * i) < p.width; };  // a chunk is all valid or all not
-  if constexpr (kMode == kModeCopy) {
+  for (int h = 0; h < 2; ++h) {
+    const int grow = row0 + 8 * h;
+    const int rel = in[h].lc - n0;  // the label's column in this tile, if it is here
+    if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {  // rare: one tile of the row's ~500
+      uint32_t w = pk[h];
+      const int jl = rel >> 3;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (live && valid(i)) *reinterpret_cast<uint4*>(out + 32 * i) = raw[i];
-    }
-  } else {
-    // per pair: 2 conversions, 1 packed max, 2 adds (Σx); then 2 FFMA + 2 ex2 (P = e·scale straight from the
-    // exponent), 2 adds, 2 FFMA (Σ P·x = Σ e·z) and one pack
-    float x[8][8];
-    uint32_t mw = 0xFF80FF80u;  // (−inf, −inf) in bf16
-    float xs = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        x[i][2 * h] = bf_lo(w[h]);
-        x[i][2 * h + 1] = bf_hi(w[h]);
-        if (valid(i)) {
-          const __nv_bfloat162 m2 = __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&mw),
-                                            *reinterpret_cast<const __nv_bfloat162*>(&w[h]));
-          mw = *reinterpret_cast<const uint32_t*>(&m2);
-          xs += x[i][2 * h] + x[i][2 * h + 1];
-        }
+      for (int j = 1; j < 32; ++j) {  // selects in asm: as C++, the chain became an indexed local-memory copy of pk
+        asm("{\n .reg .pred q;\n setp.eq.s32 q, %2, %3;\n selp.b32 %0, %4, %1, q;\n}"
+            : "=r"(w)
+            : "r"(w), "r"(jl), "r"(j), "r"(pk[2 * j + h]));
       }
+      float* st = p.stats + static_cast<int64_t>(grow) * 6;
+      st[4] = __fmul_rn((rel & 1) ? bf_hi(w) : bf_lo(w), p.scale);
+      st[5] = p.scale;
+    }
+    uint32_t mw = 0xFF80FF80u;  // (−inf, −inf)
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (kFull || j < nvalid) mw = hmax2_bf16(mw, pk[2 * j + h]);
     }
     // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
     const float cm = __fmul_rn(quad_max(fmaxf(bf_lo(mw), bf_hi(mw))), p.scale);
-    const float use = cm > in.ref + p.slack ? cm : in.ref;  // ref = −inf: the tile's own max
+    const float use = cm > in[h].ref + p.slack ? cm : in[h].ref;  // ref = −inf: the tile's own max
     const float u3 = use * kLog2e - p.log2_scale;
-    float s = 0.f, sx = 0.f;
+    float s = 0.f, sx = 0.f, xs = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      uint32_t o[4];
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        const float x0 = x[i][2 * h], x1 = x[i][2 * h + 1];
-        const float p0 = valid(i) ? ex2(fmaf(x0, p.c_exp, -u3)) : 0.f;
-        const float p1 = valid(i) ? ex2(fmaf(x1, p.c_exp, -u3)) : 0.f;
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t w = pk[2 * j + h];
+      const float x0 = bf_lo(w), x1 = bf_hi(w);
+      float p0 = 0.f, p1 = 0.f;
+      if (kFull || j < nvalid) {
+        xs += x0 + x1;
+        p0 = ex2(fmaf(x0, c, -u3));  // e^{z − use}·scale
+        p1 = ex2(fmaf(x1, c, -u3));
         s += p0 + p1;
-        sx = fmaf(p0, x0, fmaf(p1, x1, sx));
-        o[h] = pack_bf16(p0, p1);
+        sx = fmaf(p0, x0, fmaf(p1, x1, sx));  // Σ P·x = Σ e·z
       }
-      if (live && valid(i)) *reinterpret_cast<uint4*>(out + 32 * i) = make_uint4(o[0], o[1], o[2], o[3]);
-    }
-    const int rel = in.lc - n0;  // the label's column inside this tile, if it is there
-    if (live && rel >= 0 && rel < kBN && ((rel >> 3) & 3) == q) {
-      const int il = rel >> 5, e = rel & 7;
-      uint4 v = raw[0];
-#pragma unroll
-      for (int i = 1; i < 8; ++i) v = il == i ? raw[i] : v;  // selects, not a local-memory index
-      const uint32_t wl = e < 4 ? (e < 2 ? v.x : v.y) : (e < 6 ? v.z : v.w);
-      float* st = p.stats + static_cast<int64_t>(grow) * 6;
-      st[4] = __fmul_rn((e & 1) ? bf_hi(wl) : bf_lo(wl), p.scale);
-      st[5] = p.scale;
+      pk[2 * j + h] = pack_bf16(p0, p1);
     }
     s = quad_sum(s);
     sx = quad_sum(sx);
     xs = quad_sum(xs);
-    if (live && q == 0) {
-      // Σe = Σ P / scale; Σ e·z = Σ P·x (P = e·scale, z = x·scale)
+    if (tq == 0 && grow < p.m) {
       p.part[static_cast<int64_t>(grow) * p.tiles_n + nt] = make_float4(use, s / p.scale, sx, xs * p.scale);
     }
   }
 }
 
-template <int kCluster, int kMode, typename L>
-__device__ __forceinline__ void epilogue(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
-  const int ew = (threadIdx.x >> 5) - 1, lane = threadIdx.x & 31, ri = lane >> 2, q = lane & 3;
-  const uint8_t* stg = l.gen + kOffStaging;
-  for (int j = 0; j < tiles.count; ++j) {
-    const int2 t = tiles.at(j, rank);
-    const int nt = t.y / kBN;
-    RowIn in[kGroupsPerWarp];
+// pk (bf16 pairs as above) -> rows row0 .. row0 + 15 of the output, 64 columns at a time through the warp's staging
+// buffer [16 rows][64 columns], 16-byte chunk ch of row R at R·128 + ((ch ^ (R % 8))·16): stmatrix and the row
+// reads are both conflict-free, and each global store instruction writes 8 rows × 64 contiguous bytes... × 2.
+__device__ __forceinline__ void store_rows(const Params& p, const uint32_t (&pk)[64], uint32_t buf, const uint8_t* bp,
+                                           int row0, int n0, int lane) {
+  const int li = lane >> 3, lr = lane & 7;
 #pragma unroll
-    for (int k = 0; k < kGroupsPerWarp; ++k) {
-      const int g = ew + kEpiWarps * k;
-      in[k] = RowIn{0.f, -1};
-      if (kMode == kModeSoftmax && g < kGroups) in[k] = load_row_in<L>(p, t.x + group_row(g, ri));
+  for (int q = 0; q < 4; ++q) {  // columns 64q .. 64q + 63 = column blocks j = 8q .. 8q + 7
+#pragma unroll
+    for (int jp = 0; jp < 8; jp += 2) {
+      const int j = 8 * q + jp;
+      const int R = 8 * (li & 1) + lr, ch = jp + (li >> 1);  // the row this lane addresses (matrix li)
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                       buf + R * 128 + ((ch ^ (R & 7)) << 4)),
+                   "r"(pk[2 * j]), "r"(pk[2 * j + 1]), "r"(pk[2 * j + 2]), "r"(pk[2 * j + 3])
+                   : "memory");
     }
-    mbar_wait(l.staged(), j & 1);
+    __syncwarp();
 #pragma unroll
-    for (int k = 0; k < kGroupsPerWarp; ++k) {
-      const int g = ew + kEpiWarps * k;
-      if (g < kGroups) {
-        const int r = group_row(g, ri);
-        epilogue_row<kMode>(p, stg, r, t.x + r, t.y, nt, q, in[k]);
+    for (int i = 0; i < 4; ++i) {
+      const int piece = lane + 32 * i, R = piece >> 3, ch = piece & 7;
+      const int grow = row0 + R, col = n0 + 64 * q + 8 * ch;
+      if (grow < p.m && col < p.width) {
+        const uint4 v = *reinterpret_cast<const uint4*>(bp + R * 128 + ((ch ^ (R & 7)) << 4));
+        *reinterpret_cast<uint4*>(p.p + static_cast<int64_t>(grow) * p.ldp + col) = v;
       }
     }
     __syncwarp();
-    if (lane == 0) mbar_arrive(l.freed());
+  }
+}
+
+template <int kCluster, int kMode, typename L>
+__device__ __forceinline__ void consume(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
+  const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int cwarp = 4 * cw + wi;
+  const uint32_t buf = l.staging(cwarp);
+  const uint8_t* bp = l.gen + kOffStaging + cwarp * kWarpStagingBytes;
+  const int ktiles = (p.k + kBK - 1) / kBK;
+  float acc[128];  // set by each tile's first MMA (scale_d = 0)
+  auto release = [&](int s) {  // one arrival per warp, on the stage's empty barrier in every CTA of the cluster
+    if (lane == 0) {
+      if constexpr (kCluster == 1) {
+        mbar_arrive(l.empty(s));
+      } else {
+        mbar_arrive_cluster(l.empty(s), 0);
+        mbar_arrive_cluster(l.empty(s), 1);
+      }
+    }
+  };
+  int it = 0;
+  for (int j = 0; j < tiles.count; ++j) {
+    const int2 t = tiles.at(j, rank);
+    const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);  // this thread's rows: row0, row0 + 8
+    const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
+    // k-tile 0 peeled (straight-line, so no wgmma sits in a divergent path): its first MMA starts the accumulators
+    const int s0 = it % kStages;
+    mbar_wait(l.full(s0), (it / kStages) & 1);
+    {
+      const uint32_t a0 = l.a(s0) + cw * (64 * 128), b0 = l.b(s0);
+      wgmma_fence();
+      wgmma_ss_first(acc, desc_sw128(a0), desc_sw128(b0));
+#pragma unroll
+      for (int k16 = 1; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
+      wgmma_commit();
+    }
+    ++it;
+    for (int kt = 1; kt < ktiles; ++kt, ++it) {
+      const int s = it % kStages;
+      mbar_wait(l.full(s), (it / kStages) & 1);
+      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
+      wgmma_commit();
+      wgmma_wait<1>();  // k-tile it − 1 has completed: its stage may be refilled
+      release((it - 1) % kStages);
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    release((it - 1) % kStages);
+    if constexpr (kMode == kModeDiscard) {  // one data-dependent (never taken) store keeps the MMAs alive
+      if (acc[0] + acc[127] == 1.2345e-30f) p.part[0].x = acc[64];
+    } else {
+      uint32_t pk[64];
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) pk[2 * jj + h] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+      }
+      // pinned here: the accumulators die now (left to itself ptxas repacked them at every use, keeping all 128
+      // alive through the softmax, and spilled 2 KB)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
+      if constexpr (kMode == kModeSoftmax) {
+        if (t.y + kBN <= p.width) {
+          softmax_rows<true>(p, pk, in, row0, t.y, t.y / kBN, lane & 3);
+        } else {
+          softmax_rows<false>(p, pk, in, row0, t.y, t.y / kBN, lane & 3);
+        }
+      }
+      store_rows(p, pk, buf, bp, t.x + 64 * cw + 16 * wi, t.y, lane);
+    }
   }
 }
 
@@ -422,8 +421,6 @@ __device__ __forceinline__ void logits_softmax_body(const Params& p) {
       mbar_init(l.full(s), 1);                // the producer's arrive.expect_tx
       mbar_init(l.empty(s), 8 * kCluster);    // every consumer warp of every CTA that reads the stage's B
     }
-    mbar_init(l.staged(), 8);          // the consumer warps
-    mbar_init(l.freed(), kEpiWarps);   // the epilogue warps
     fence_mbar_init();
   }
   if constexpr (kCluster == 1) {
@@ -432,13 +429,10 @@ __device__ __forceinline__ void logits_softmax_body(const Params& p) {
     cluster_sync();  // the peer's barriers are initialized before any multicast or remote arrival reaches them
   }
   const Tiles<kCluster> tiles(p);
-  const int warp = threadIdx.x >> 5;
-  if (warp == 0) {
-    if ((threadIdx.x & 31) == 0) produce<kCluster>(p, l, tiles, rank);
-  } else if (warp < 4) {
-    if constexpr (kMode != kModeDiscard) epilogue<kCluster, kMode, L>(p, l, tiles, rank);
+  if (threadIdx.x < 128) {
+    if (threadIdx.x == 0) produce<kCluster>(p, l, tiles, rank);
   } else {
-    consume<kCluster, kMode>(p, l, tiles);
+    consume<kCluster, kMode, L>(p, l, tiles, rank);
   }
   if constexpr (kCluster == 2) {
     __syncwarp();

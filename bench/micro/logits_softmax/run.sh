@@ -10,9 +10,6 @@ rm -f /tmp/lsm_bench
 [ -x /tmp/lsm_bench ] || { echo "build failed"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv 2>/dev/null || true
 timeout ${LSM_TIMEOUT:-300} /tmp/lsm_bench
-if [ -n "${LSM_STAGES_EXPERIMENT:-}" ]; then  # the pipeline alone (no epilogue) at 3 and 4 stages, beside cuBLAS
+if [ -n "${LSM_PIPELINE:-}" ]; then  # the pipeline alone (accumulators dropped), beside cuBLAS
   LSM_DISCARD=1 timeout 120 /tmp/lsm_bench
-  "$NVCC" -O3 -std=c++17 -arch=sm_90a -I csrc -DSWIFTLORA_LS_STAGES=4 -DSWIFTLORA_LS_STAGING_ROWS=0 -o /tmp/lsm4 \
-    "$D/lsm_bench.cu" -lcublas
-  LSM_DISCARD=1 timeout 120 /tmp/lsm4
 fi
