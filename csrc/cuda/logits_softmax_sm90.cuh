@@ -16,7 +16,10 @@
 //     per-warp staging buffer (16-byte global stores), while the producer already fills the ring for the next tile.
 // Why not an epilogue by separate warps under the next tile's MMAs (the first version): its 64 KB staging tile left
 // room for 3 stages only, and the GEMM alone runs 8% slower with 3 stages than with 4 (bench/NOTES.md, session 10).
-// Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1.
+// Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1, scale > 0.
+// Status: not called by the library yet. Its one user is bench/micro/logits_softmax (checks against cuBLAS and the
+// host, timing); wiring it into lm_head_blocks_ waits for the epilogue to overlap the next tile's MMAs
+// (bench/NOTES.md, "Session 10").
 #pragma once
 #include <cuda.h>  // CUtensorMap
 #include <cuda_bf16.h>
