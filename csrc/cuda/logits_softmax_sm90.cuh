@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/tma_bulk.cuh"
 #include "cuda/wgmma_sm90.cuh"
@@ -251,13 +252,13 @@ __device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
 // gives them, so z here is exactly the z online_softmax_block_ reads. The softmax then overwrites pk with P.
 // kFull: all 256 columns of the tile are in the block (no per-column-block checks: with them ptxas kept 32
 // predicates alive and spilled).
-template <bool kFull>
+template <bool kFull, int kH0 = 0, int kH1 = 2>  // rows h in [kH0, kH1) (the overlapped epilogue does one at a time)
 __device__ __forceinline__ void softmax_rows(const Params& p, uint32_t (&pk)[64], const RowIn (&in)[2], int row0,
                                              int n0, int nt, int tq) {
   const float c = p.c_exp;
   const int nvalid = kFull ? 32 : (p.width - n0 + 7) >> 3;  // valid column blocks (a block is all valid or not)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = kH0; h < kH1; ++h) {
     const int grow = row0 + 8 * h;
     const int rel = in[h].lc - n0;  // the label's column in this tile, if it is here
     if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {  // rare: one tile of the row's ~500
@@ -311,11 +312,12 @@ __device__ __forceinline__ void softmax_rows(const Params& p, uint32_t (&pk)[64]
 // pk (bf16 pairs as above) -> rows row0 .. row0 + 15 of the output, 64 columns at a time through the warp's staging
 // buffer [16 rows][64 columns], 16-byte chunk ch of row R at R·128 + ((ch ^ (R % 8))·16): stmatrix and the row
 // reads are both conflict-free, and each global store instruction writes 8 rows × 64 contiguous bytes... × 2.
+template <int kQ0 = 0, int kQ1 = 4>  // column slices q in [kQ0, kQ1)
 __device__ __forceinline__ void store_rows(const Params& p, const uint32_t (&pk)[64], uint32_t buf, const uint8_t* bp,
                                            int row0, int n0, int lane) {
   const int li = lane >> 3, lr = lane & 7;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {  // columns 64q .. 64q + 63 = column blocks j = 8q .. 8q + 7
+  for (int q = kQ0; q < kQ1; ++q) {  // columns 64q .. 64q + 63 = column blocks j = 8q .. 8q + 7
 #pragma unroll
     for (int jp = 0; jp < 8; jp += 2) {
       const int j = 8 * q + jp;
@@ -413,7 +415,123 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
   }
 }
 
+// The epilogue of a finished tile (its z packed in pk) in 6 slices: the softmax of row h = 0, of h = 1, then the 4
+// column slices of the stores. The overlapped consumer runs slice s right after issuing k-tile s + 1 of the next
+// tile, so it runs while the tensor cores work on that tile.
+struct Pending {
+  int row0, n0, nt, orow;  // this thread's first row; the tile's first column, column tile; the warp's first row
+  RowIn in[2];
+};
+template <int kMode, int kSlice>
+__device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[64], const Pending& e, uint32_t buf,
+                                               const uint8_t* bp, int lane) {
+  if constexpr (kSlice < 2) {
+    if constexpr (kMode == kModeSoftmax) {
+      if (e.n0 + kBN <= p.width) {
+        softmax_rows<true, kSlice, kSlice + 1>(p, pk, e.in, e.row0, e.n0, e.nt, lane & 3);
+      } else {
+        softmax_rows<false, kSlice, kSlice + 1>(p, pk, e.in, e.row0, e.n0, e.nt, lane & 3);
+      }
+    }
+  } else {
+    store_rows<kSlice - 2, kSlice - 1>(p, pk, buf, bp, e.orow, e.n0, lane);
+  }
+}
+
+// One k-tile's four MMAs (not the tile's first k-tile), committed as one group.
+__device__ __forceinline__ void issue_ktile(const Smem& l, float (&acc)[128], int it, int cw) {
+  const int s = it % kStages;
+  mbar_wait(l.full(s), (it / kStages) & 1);
+  const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+  wgmma_fence();
+#pragma unroll
+  for (int k16 = 0; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
+  wgmma_commit();
+}
+
+// The consumer with the epilogue of tile j − 1 under the MMAs of tile j (FA3-style): needs 128 accumulators in flight
+// plus the 64 packed registers of the finished tile, so the consumer warpgroups run with setmaxnreg 232 (the
+// producer warpgroup gives its registers back). K ≥ 7·64 (the host's condition): the 6 slices ride k-tiles 1..6.
 template <int kCluster, int kMode, typename L>
+__device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& l, const Tiles<kCluster>& tiles,
+                                                   uint32_t rank) {
+  const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int cwarp = 4 * cw + wi;
+  const uint32_t buf = l.staging(cwarp);
+  const uint8_t* bp = l.gen + kOffStaging + cwarp * kWarpStagingBytes;
+  const int ktiles = (p.k + kBK - 1) / kBK;
+  float acc[128];
+  uint32_t pk[64];
+  Pending e{};
+  bool pending = false;
+  auto release = [&](int s) {
+    if (lane == 0) {
+      if constexpr (kCluster == 1) {
+        mbar_arrive(l.empty(s));
+      } else {
+        mbar_arrive_cluster(l.empty(s), 0);
+        mbar_arrive_cluster(l.empty(s), 1);
+      }
+    }
+  };
+  int it = 0;
+  for (int j = 0; j < tiles.count; ++j) {
+    const int2 t = tiles.at(j, rank);
+    const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);
+    const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
+    {  // k-tile 0: its first MMA starts the accumulators (write-only)
+      const int s0 = it % kStages;
+      mbar_wait(l.full(s0), (it / kStages) & 1);
+      const uint32_t a0 = l.a(s0) + cw * (64 * 128), b0 = l.b(s0);
+      wgmma_fence();
+      wgmma_ss_first(acc, desc_sw128(a0), desc_sw128(b0));
+#pragma unroll
+      for (int k16 = 1; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
+      wgmma_commit();
+      ++it;
+    }
+    auto step = [&](auto slice) {  // k-tile it, then (if a tile is pending) one epilogue slice under it
+      issue_ktile(l, acc, it, cw);
+      if (pending) epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane);
+      wgmma_wait<1>();
+      release((it - 1) % kStages);
+      ++it;
+    };
+    step(std::integral_constant<int, 0>{});
+    step(std::integral_constant<int, 1>{});
+    step(std::integral_constant<int, 2>{});
+    step(std::integral_constant<int, 3>{});
+    step(std::integral_constant<int, 4>{});
+    step(std::integral_constant<int, 5>{});
+    for (int kt = 7; kt < ktiles; ++kt, ++it) {
+      issue_ktile(l, acc, it, cw);
+      wgmma_wait<1>();
+      release((it - 1) % kStages);
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    release((it - 1) % kStages);
+#pragma unroll
+    for (int jj = 0; jj < 32; ++jj) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) pk[2 * jj + h] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
+    e = Pending{row0, t.y, t.y / kBN, t.x + 64 * cw + 16 * wi, {in[0], in[1]}};
+    pending = true;
+  }
+  if (pending) {  // the last tile's epilogue, with nothing left to hide under
+    epilogue_slice<kMode, 0>(p, pk, e, buf, bp, lane);
+    epilogue_slice<kMode, 1>(p, pk, e, buf, bp, lane);
+    epilogue_slice<kMode, 2>(p, pk, e, buf, bp, lane);
+    epilogue_slice<kMode, 3>(p, pk, e, buf, bp, lane);
+    epilogue_slice<kMode, 4>(p, pk, e, buf, bp, lane);
+    epilogue_slice<kMode, 5>(p, pk, e, buf, bp, lane);
+  }
+}
+
+template <int kCluster, int kMode, typename L, bool kOverlap = false>
 __device__ __forceinline__ void logits_softmax_body(const Params& p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   Smem l;
@@ -435,7 +553,11 @@ __device__ __forceinline__ void logits_softmax_body(const Params& p) {
   }
   const Tiles<kCluster> tiles(p);
   if (threadIdx.x < 128) {
+    if constexpr (kOverlap) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) produce<kCluster>(p, l, tiles, rank);
+  } else if constexpr (kOverlap) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    consume_overlapped<kCluster, kMode, L>(p, l, tiles, rank);
   } else {
     consume<kCluster, kMode, L>(p, l, tiles, rank);
   }
@@ -448,10 +570,10 @@ __device__ __forceinline__ void logits_softmax_body(const Params& p) {
 #endif  // sm_90a
 
 // The kernels (cluster dims are a compile-time attribute, so one kernel per cluster size).
-template <int kMode, typename L>
+template <int kMode, typename L, bool kOverlap = false>
 __global__ void __launch_bounds__(kThreads, 1) logits_softmax_kernel_c1(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  logits_softmax_body<1, kMode, L>(p);
+  logits_softmax_body<1, kMode, L, kOverlap>(p);
 #endif
 }
 template <int kMode, typename L>
