@@ -341,6 +341,37 @@ __device__ __forceinline__ void store_rows(const Params& p, const uint32_t (&pk)
   }
 }
 
+// One stage released by a consumer warp: an arrival on its empty barrier in every CTA of the cluster.
+template <int kCluster>
+__device__ __forceinline__ void release_stage(const Smem& l, int s, int lane) {
+  if (lane == 0) {
+    if constexpr (kCluster == 1) {
+      mbar_arrive(l.empty(s));
+    } else {
+      mbar_arrive_cluster(l.empty(s), 0);
+      mbar_arrive_cluster(l.empty(s), 1);
+    }
+  }
+}
+
+// K-tile `it`'s four MMAs for consumer warpgroup cw, committed as one group; kFirst: the tile's first k-tile, whose
+// first MMA starts the accumulators (write-only).
+template <bool kFirst>
+__device__ __forceinline__ void issue_ktile(const Smem& l, float (&acc)[128], int it, int cw) {
+  const int s = it % kStages;
+  mbar_wait(l.full(s), (it / kStages) & 1);
+  const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
+  wgmma_fence();
+  if constexpr (kFirst) {
+    wgmma_ss_first(acc, desc_sw128(a0), desc_sw128(b0));
+  } else {
+    wgmma_ss(acc, desc_sw128(a0), desc_sw128(b0), 1u);
+  }
+#pragma unroll
+  for (int k16 = 1; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
+  wgmma_commit();
+}
+
 template <int kCluster, int kMode, typename L>
 __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Tiles<kCluster>& tiles, uint32_t rank) {
   const int cw = (threadIdx.x >> 7) - 1, wi = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -349,41 +380,16 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
   const uint8_t* bp = l.gen + kOffStaging + cwarp * kWarpStagingBytes;
   const int ktiles = (p.k + kBK - 1) / kBK;
   float acc[128];  // set by each tile's first MMA (scale_d = 0)
-  auto release = [&](int s) {  // one arrival per warp, on the stage's empty barrier in every CTA of the cluster
-    if (lane == 0) {
-      if constexpr (kCluster == 1) {
-        mbar_arrive(l.empty(s));
-      } else {
-        mbar_arrive_cluster(l.empty(s), 0);
-        mbar_arrive_cluster(l.empty(s), 1);
-      }
-    }
-  };
+  auto release = [&](int s) { release_stage<kCluster>(l, s, lane); };
   int it = 0;
   for (int j = 0; j < tiles.count; ++j) {
     const int2 t = tiles.at(j, rank);
     const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);  // this thread's rows: row0, row0 + 8
     const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
     // k-tile 0 peeled (straight-line, so no wgmma sits in a divergent path): its first MMA starts the accumulators
-    const int s0 = it % kStages;
-    mbar_wait(l.full(s0), (it / kStages) & 1);
-    {
-      const uint32_t a0 = l.a(s0) + cw * (64 * 128), b0 = l.b(s0);
-      wgmma_fence();
-      wgmma_ss_first(acc, desc_sw128(a0), desc_sw128(b0));
-#pragma unroll
-      for (int k16 = 1; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
-      wgmma_commit();
-    }
-    ++it;
+    issue_ktile<true>(l, acc, it++, cw);
     for (int kt = 1; kt < ktiles; ++kt, ++it) {
-      const int s = it % kStages;
-      mbar_wait(l.full(s), (it / kStages) & 1);
-      const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
-      wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
-      wgmma_commit();
+      issue_ktile<false>(l, acc, it, cw);
       wgmma_wait<1>();  // k-tile it − 1 has completed: its stage may be refilled
       release((it - 1) % kStages);
     }
@@ -438,17 +444,6 @@ __device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[6
   }
 }
 
-// One k-tile's four MMAs (not the tile's first k-tile), committed as one group.
-__device__ __forceinline__ void issue_ktile(const Smem& l, float (&acc)[128], int it, int cw) {
-  const int s = it % kStages;
-  mbar_wait(l.full(s), (it / kStages) & 1);
-  const uint32_t a0 = l.a(s) + cw * (64 * 128), b0 = l.b(s);
-  wgmma_fence();
-#pragma unroll
-  for (int k16 = 0; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
-  wgmma_commit();
-}
-
 // The consumer with the epilogue of tile j − 1 under the MMAs of tile j (FA3-style): needs 128 accumulators in flight
 // plus the 64 packed registers of the finished tile, so the consumer warpgroups run with setmaxnreg 232 (the
 // producer warpgroup gives its registers back). K ≥ 7·64 (the host's condition): the 6 slices ride k-tiles 1..6.
@@ -464,34 +459,15 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
   uint32_t pk[64];
   Pending e{};
   bool pending = false;
-  auto release = [&](int s) {
-    if (lane == 0) {
-      if constexpr (kCluster == 1) {
-        mbar_arrive(l.empty(s));
-      } else {
-        mbar_arrive_cluster(l.empty(s), 0);
-        mbar_arrive_cluster(l.empty(s), 1);
-      }
-    }
-  };
+  auto release = [&](int s) { release_stage<kCluster>(l, s, lane); };
   int it = 0;
   for (int j = 0; j < tiles.count; ++j) {
     const int2 t = tiles.at(j, rank);
     const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);
     const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
-    {  // k-tile 0: its first MMA starts the accumulators (write-only)
-      const int s0 = it % kStages;
-      mbar_wait(l.full(s0), (it / kStages) & 1);
-      const uint32_t a0 = l.a(s0) + cw * (64 * 128), b0 = l.b(s0);
-      wgmma_fence();
-      wgmma_ss_first(acc, desc_sw128(a0), desc_sw128(b0));
-#pragma unroll
-      for (int k16 = 1; k16 < 4; ++k16) wgmma_ss(acc, desc_sw128(a0 + 32 * k16), desc_sw128(b0 + 32 * k16), 1u);
-      wgmma_commit();
-      ++it;
-    }
+    issue_ktile<true>(l, acc, it++, cw);  // k-tile 0: its first MMA starts the accumulators (write-only)
     auto step = [&](auto slice) {  // k-tile it, then (if a tile is pending) one epilogue slice under it
-      issue_ktile(l, acc, it, cw);
+      issue_ktile<false>(l, acc, it, cw);
       if (pending) epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane);
       wgmma_wait<1>();
       release((it - 1) % kStages);
@@ -504,7 +480,7 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
     step(std::integral_constant<int, 4>{});
     step(std::integral_constant<int, 5>{});
     for (int kt = 7; kt < ktiles; ++kt, ++it) {
-      issue_ktile(l, acc, it, cw);
+      issue_ktile<false>(l, acc, it, cw);
       wgmma_wait<1>();
       release((it - 1) % kStages);
     }
