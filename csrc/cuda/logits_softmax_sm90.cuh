@@ -421,32 +421,105 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
   }
 }
 
-// The epilogue of a finished tile (its z packed in pk) in 6 slices: the softmax of row h = 0, of h = 1, then the 4
-// column slices of the stores. The overlapped consumer runs slice s right after issuing k-tile s + 1 of the next
-// tile, so it runs while the tensor cores work on that tile.
+// The epilogue of a finished tile (its z packed in pk) in kSlices slices, so that the overlapped consumer can run one
+// right after issuing each of k-tiles 1..kSlices of the next tile, while the tensor cores work:
+//   slice 0: both rows' max, reference decision and label column; 1..8: e for column blocks 4(s − 1) .. 4(s − 1) + 3
+//   of both rows (16 ex2 a thread per slice: the MUFU work spread thin); 9: the row sums and partials; 10..13: the
+//   stores, 64 columns each. (Six slices, the whole softmax of a row in one, ran slower than no overlap at all.)
+constexpr int kSlices = 14;
 struct Pending {
-  int row0, n0, nt, orow;  // this thread's first row; the tile's first column, column tile; the warp's first row
+  int row0, n0;  // this thread's first row (the other is row0 + 8); the tile's first column
   RowIn in[2];
+  float use[2], u3[2];       // slice 0: the reference used, and the exponent offset
+  float s[2], sx[2], xs[2];  // slices 1..8: this lane's sums
 };
+
+template <int S, int N, class F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (S < N) {
+    f(std::integral_constant<int, S>{});
+    static_for<S + 1, N>(f);
+  }
+}
+
 template <int kMode, int kSlice>
-__device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[64], const Pending& e, uint32_t buf,
+__device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[64], Pending& e, uint32_t buf,
                                                const uint8_t* bp, int lane) {
-  if constexpr (kSlice < 2) {
+  const int tq = lane & 3;
+  const int nvalid = min(32, (p.width - e.n0 + 7) >> 3);  // valid column blocks (a block is all valid or not)
+  if constexpr (kSlice == 0) {
     if constexpr (kMode == kModeSoftmax) {
-      if (e.n0 + kBN <= p.width) {
-        softmax_rows<true, kSlice, kSlice + 1>(p, pk, e.in, e.row0, e.n0, e.nt, lane & 3);
-      } else {
-        softmax_rows<false, kSlice, kSlice + 1>(p, pk, e.in, e.row0, e.n0, e.nt, lane & 3);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int grow = e.row0 + 8 * h;
+        const int rel = e.in[h].lc - e.n0;  // the label's column in this tile, if it is here
+        if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {  // rare: one tile of the row's ~500
+          uint32_t w = pk[h];
+          const int jl = rel >> 3;
+#pragma unroll
+          for (int j = 1; j < 32; ++j) {  // selects in asm: as C++, the chain became an indexed local-memory array
+            asm("{\n .reg .pred q;\n setp.eq.s32 q, %2, %3;\n selp.b32 %0, %4, %1, q;\n}"
+                : "=r"(w)
+                : "r"(w), "r"(jl), "r"(j), "r"(pk[2 * j + h]));
+          }
+          float* st = p.stats + static_cast<int64_t>(grow) * 6;
+          st[4] = __fmul_rn((rel & 1) ? bf_hi(w) : bf_lo(w), p.scale);
+          st[5] = p.scale;
+        }
+        uint32_t mw[4] = {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u};  // (−inf, −inf)
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          if (j < nvalid) mw[j & 3] = hmax2_bf16(mw[j & 3], pk[2 * j + h]);
+        }
+        const uint32_t m2 = hmax2_bf16(hmax2_bf16(mw[0], mw[1]), hmax2_bf16(mw[2], mw[3]));
+        // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
+        const float cm = __fmul_rn(quad_max(fmaxf(bf_lo(m2), bf_hi(m2))), p.scale);
+        e.use[h] = cm > e.in[h].ref + p.slack ? cm : e.in[h].ref;  // ref = −inf: the tile's own max
+        e.u3[h] = e.use[h] * kLog2e - p.log2_scale;
+        e.s[h] = e.sx[h] = e.xs[h] = 0.f;
+      }
+    }
+  } else if constexpr (kSlice <= 8) {
+    if constexpr (kMode == kModeSoftmax) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const int j = 4 * (kSlice - 1) + jj;
+          if (j < nvalid) {
+            const uint32_t w = pk[2 * j + h];
+            const float x0 = bf_lo(w), x1 = bf_hi(w);
+            const float p0 = ex2(fmaf(x0, p.c_exp, -e.u3[h]));  // e^{z − use}·scale
+            const float p1 = ex2(fmaf(x1, p.c_exp, -e.u3[h]));
+            e.xs[h] += x0 + x1;
+            e.s[h] += p0 + p1;
+            e.sx[h] = fmaf(p0, x0, fmaf(p1, x1, e.sx[h]));  // Σ P·x = Σ e·z
+            pk[2 * j + h] = pack_bf16(p0, p1);
+          }
+        }
+      }
+    }
+  } else if constexpr (kSlice == 9) {
+    if constexpr (kMode == kModeSoftmax) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float s = quad_sum(e.s[h]), sx = quad_sum(e.sx[h]), xs = quad_sum(e.xs[h]);
+        const int grow = e.row0 + 8 * h;
+        if (tq == 0 && grow < p.m) {
+          p.part[static_cast<int64_t>(grow) * p.tiles_n + e.n0 / kBN] =
+              make_float4(e.use[h], s / p.scale, sx, xs * p.scale);
+        }
       }
     }
   } else {
-    store_rows<kSlice - 2, kSlice - 1>(p, pk, buf, bp, e.orow, e.n0, lane);
+    store_rows<kSlice - 10, kSlice - 9>(p, pk, buf, bp, e.row0 - (lane >> 2), e.n0, lane);
   }
 }
 
 // The consumer with the epilogue of tile j − 1 under the MMAs of tile j (FA3-style): needs 128 accumulators in flight
 // plus the 64 packed registers of the finished tile, so the consumer warpgroups run with setmaxnreg 232 (the
-// producer warpgroup gives its registers back). K ≥ 7·64 (the host's condition): the 6 slices ride k-tiles 1..6.
+// producer warpgroup gives its registers back). K > kSlices·64 (the host's condition): the slices ride k-tiles
+// 1..kSlices.
 template <int kCluster, int kMode, typename L>
 __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& l, const Tiles<kCluster>& tiles,
                                                    uint32_t rank) {
@@ -466,20 +539,14 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
     const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);
     const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
     issue_ktile<true>(l, acc, it++, cw);  // k-tile 0: its first MMA starts the accumulators (write-only)
-    auto step = [&](auto slice) {  // k-tile it, then (if a tile is pending) one epilogue slice under it
+    static_for<0, kSlices>([&](auto slice) {  // k-tile it, then (if a tile is pending) one epilogue slice under it
       issue_ktile<false>(l, acc, it, cw);
       if (pending) epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane);
       wgmma_wait<1>();
       release((it - 1) % kStages);
       ++it;
-    };
-    step(std::integral_constant<int, 0>{});
-    step(std::integral_constant<int, 1>{});
-    step(std::integral_constant<int, 2>{});
-    step(std::integral_constant<int, 3>{});
-    step(std::integral_constant<int, 4>{});
-    step(std::integral_constant<int, 5>{});
-    for (int kt = 7; kt < ktiles; ++kt, ++it) {
+    });
+    for (int kt = kSlices + 1; kt < ktiles; ++kt, ++it) {
       issue_ktile<false>(l, acc, it, cw);
       wgmma_wait<1>();
       release((it - 1) % kStages);
@@ -494,16 +561,11 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
-    e = Pending{row0, t.y, t.y / kBN, t.x + 64 * cw + 16 * wi, {in[0], in[1]}};
+    e.row0 = row0, e.n0 = t.y, e.in[0] = in[0], e.in[1] = in[1];
     pending = true;
   }
   if (pending) {  // the last tile's epilogue, with nothing left to hide under
-    epilogue_slice<kMode, 0>(p, pk, e, buf, bp, lane);
-    epilogue_slice<kMode, 1>(p, pk, e, buf, bp, lane);
-    epilogue_slice<kMode, 2>(p, pk, e, buf, bp, lane);
-    epilogue_slice<kMode, 3>(p, pk, e, buf, bp, lane);
-    epilogue_slice<kMode, 4>(p, pk, e, buf, bp, lane);
-    epilogue_slice<kMode, 5>(p, pk, e, buf, bp, lane);
+    static_for<0, kSlices>([&](auto slice) { epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane); });
   }
 }
 
