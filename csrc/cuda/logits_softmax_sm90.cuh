@@ -539,11 +539,13 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
     const int row0 = t.x + 64 * cw + 16 * wi + (lane >> 2);
     const RowIn in[2] = {load_row_in<kMode, L>(p, row0), load_row_in<kMode, L>(p, row0 + 8)};
     issue_ktile<true>(l, acc, it++, cw);  // k-tile 0: its first MMA starts the accumulators (write-only)
-    static_for<0, kSlices>([&](auto slice) {  // k-tile it, then (if a tile is pending) one epilogue slice under it
+    // k-tile it, k-tile it − 1's stage released, then (if a tile is pending) one epilogue slice under k-tile it.
+    // (With the slice first, every stage was held back by a slice's time before its release.)
+    static_for<0, kSlices>([&](auto slice) {
       issue_ktile<false>(l, acc, it, cw);
-      if (pending) epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane);
       wgmma_wait<1>();
       release((it - 1) % kStages);
+      if (pending) epilogue_slice<kMode, decltype(slice)::value>(p, pk, e, buf, bp, lane);
       ++it;
     });
     for (int kt = kSlices + 1; kt < ktiles; ++kt, ++it) {
