@@ -348,6 +348,9 @@ int main() {
     Block b = make_block(pr, 8192, 8192);
     cublas_z(hd, pr, b);
     for (int mode : {ls::kModeCopy, ls::kModeSoftmax}) launch(make_params(pr, b, 1, 1.f, 32.f), 1, mode);
+    g_overlap = true;
+    for (int mode : {ls::kModeCopy, ls::kModeSoftmax}) launch(make_params(pr, b, 1, 1.f, 32.f), 1, mode);
+    g_overlap = false;
     CK(cudaDeviceSynchronize());
     free_block(b);
     return 0;
