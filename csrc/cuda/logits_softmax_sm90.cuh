@@ -65,7 +65,9 @@ struct Params {
   float scale, slack;
   float c_exp;      // scale·log2(e): e^{x·scale − use}·scale = 2^{x·c_exp − (use·log2(e) − log2_scale)}
   float log2_scale;
+  int sums;         // 0: Σe only; kSumZ: also Σz (label smoothing); kSumEz: also Σe·z (entropy)
 };
+constexpr int kSumZ = 1, kSumEz = 2;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -491,9 +493,9 @@ __device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[6
             const float x0 = bf_lo(w), x1 = bf_hi(w);
             const float p0 = ex2(fmaf(x0, p.c_exp, -e.u3[h]));  // e^{z − use}·scale
             const float p1 = ex2(fmaf(x1, p.c_exp, -e.u3[h]));
-            e.xs[h] += x0 + x1;
             e.s[h] += p0 + p1;
-            e.sx[h] = fmaf(p0, x0, fmaf(p1, x1, e.sx[h]));  // Σ P·x = Σ e·z
+            if (p.sums & kSumZ) e.xs[h] += x0 + x1;  // (uniform branches: the op needs these sums rarely)
+            if (p.sums & kSumEz) e.sx[h] = fmaf(p0, x0, fmaf(p1, x1, e.sx[h]));  // Σ P·x = Σ e·z
             pk[2 * j + h] = pack_bf16(p0, p1);
           }
         }
