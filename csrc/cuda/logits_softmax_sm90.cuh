@@ -444,6 +444,33 @@ __device__ __forceinline__ void static_for(F&& f) {
   }
 }
 
+// Slice kSlice (1..8) of the exponentials: column blocks 4(kSlice − 1) .. + 3 of both rows.
+template <int kSlice, bool kFull, int kSums>
+__device__ __forceinline__ void exp_slice(const Params& p, uint32_t (&pk)[64], Pending& e, int nvalid) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float u3 = e.u3[h];
+    float s = 0.f, sx = 0.f, xs = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * (kSlice - 1) + jj;
+      if (kFull || j < nvalid) {
+        const uint32_t w = pk[2 * j + h];
+        const float x0 = bf_lo(w), x1 = bf_hi(w);
+        const float p0 = ex2(fmaf(x0, p.c_exp, -u3));  // e^{z − use}·scale
+        const float p1 = ex2(fmaf(x1, p.c_exp, -u3));
+        s += p0 + p1;
+        if constexpr ((kSums & kSumZ) != 0) xs += x0 + x1;
+        if constexpr ((kSums & kSumEz) != 0) sx = fmaf(p0, x0, fmaf(p1, x1, sx));  // Σ P·x = Σ e·z
+        pk[2 * j + h] = pack_bf16(p0, p1);
+      }
+    }
+    e.s[h] += s;
+    if constexpr ((kSums & kSumZ) != 0) e.xs[h] += xs;
+    if constexpr ((kSums & kSumEz) != 0) e.sx[h] += sx;
+  }
+}
+
 template <int kMode, int kSlice>
 __device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[64], Pending& e, uint32_t buf,
                                                const uint8_t* bp, int lane) {
@@ -483,22 +510,15 @@ __device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[6
     }
   } else if constexpr (kSlice <= 8) {
     if constexpr (kMode == kModeSoftmax) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          const int j = 4 * (kSlice - 1) + jj;
-          if (j < nvalid) {
-            const uint32_t w = pk[2 * j + h];
-            const float x0 = bf_lo(w), x1 = bf_hi(w);
-            const float p0 = ex2(fmaf(x0, p.c_exp, -e.u3[h]));  // e^{z − use}·scale
-            const float p1 = ex2(fmaf(x1, p.c_exp, -e.u3[h]));
-            e.s[h] += p0 + p1;
-            if (p.sums & kSumZ) e.xs[h] += x0 + x1;  // (uniform branches: the op needs these sums rarely)
-            if (p.sums & kSumEz) e.sx[h] = fmaf(p0, x0, fmaf(p1, x1, e.sx[h]));  // Σ P·x = Σ e·z
-            pk[2 * j + h] = pack_bf16(p0, p1);
-          }
-        }
+      // one uniform choice per slice, so the column-block loop has no per-block tests or flag loads (the first
+      // build branched and reloaded the flags for every block)
+      const bool full = e.n0 + kBN <= p.width;
+      if (full && p.sums == 0) {
+        exp_slice<kSlice, true, 0>(p, pk, e, nvalid);
+      } else if (full && p.sums == kSumZ) {
+        exp_slice<kSlice, true, kSumZ>(p, pk, e, nvalid);
+      } else {
+        exp_slice<kSlice, false, kSumZ | kSumEz>(p, pk, e, nvalid);  // partial tiles and entropy: everything
       }
     }
   } else if constexpr (kSlice == 9) {

@@ -273,7 +273,8 @@ static bool check_softmax(const Problem& pr, Block& b, int cluster, float scale,
         return std::fabs(got - want) <= 1e-4 * std::fabs(want) + 1e-5 * scale_abs + 1e-30;
       };
       const double es = s + 1.0;
-      if (g.x != use || !close(g.y, s, es) || !close(g.z, spz, es * 8) || !close(g.w, zs, 256.0 * 4)) {
+      const double want_spz = (g_sums & ls::kSumEz) ? spz : 0.0, want_zs = (g_sums & ls::kSumZ) ? zs : 0.0;
+      if (g.x != use || !close(g.y, s, es) || !close(g.z, want_spz, es * 8) || !close(g.w, want_zs, 256.0 * 4)) {
         if (bad_part < 5)
           printf("      row %d tile %d: got (%g %g %g %g) want (%g %g %g %g)\n", r, t, g.x, g.y, g.z, g.w, use, s,
                  spz, zs);
@@ -288,9 +289,9 @@ static bool check_softmax(const Problem& pr, Block& b, int cluster, float scale,
     if (st2[r * 6 + 4] != want4 || st2[r * 6 + 5] != want5 || st2[r * 6] != st[r * 6]) ++bad_lab;
   }
   const bool ok = bad_p == 0 && bad_part == 0 && bad_lab == 0;
-  printf("  [2] softmax, cluster %d, v0 %d width %d, scale %.3f slack %.0f: %zu flagged tiles; P bad %zu (worst rel "
+  printf("  [2] softmax, cluster %d, sums %d, v0 %d width %d, scale %.3f slack %.0f: %zu flagged tiles; P bad %zu (worst rel "
          "%.2e), partials bad %zu (Σe worst rel %.2e), label stats bad %zu: %s\n",
-         cluster, b.v0, b.width, scale, slack, flagged, bad_p, worst_p, bad_part, worst_s, bad_lab,
+         cluster, g_sums, b.v0, b.width, scale, slack, flagged, bad_p, worst_p, bad_part, worst_s, bad_lab,
          ok ? "PASS" : "FAIL");
   return ok;
 }
@@ -386,10 +387,16 @@ int main() {
   ok &= check_z(hd, pr, full, 1);
   ok &= check_z(hd, pr, ragged, 1);
   ok &= check_z(hd, pr, odd, 1);
-  printf("[2o] softmax epilogue against the host, overlapped\n");
+  printf("[2o] softmax epilogue against the host, overlapped (optional sums: all; none; Σz only)\n");
   ok &= check_softmax(pr, full, 1, 1.f, 32.f);
   ok &= check_softmax(pr, odd, 1, 0.75f, 16.f);
   ok &= check_softmax(pr, ragged, 1, 1.f, 32.f);
+  for (int sums : {0, static_cast<int>(ls::kSumZ)}) {
+    g_sums = sums;
+    ok &= check_softmax(pr, full, 1, 1.f, 32.f);
+    ok &= check_softmax(pr, odd, 1, 0.75f, 16.f);
+  }
+  g_sums = ls::kSumZ | ls::kSumEz;
   g_overlap = false;
   printf("[2] softmax epilogue against the host\n");
   for (int cl : {1, 2}) {
