@@ -164,6 +164,60 @@ def bnb_4bit_weight(module):
     return weight.data, state
 
 
+def fix_bnb_cpu_dequantize() -> bool:
+    """Makes bitsandbytes' CPU ``dequantize_4bit`` correct where its native kernel is not; returns whether it did.
+
+    bitsandbytes 0.50's CPU kernel walks the weight row by row, and on AVX512 machines (seen on an AMD EPYC with
+    AVX512-BF16, 2026-11-27) its blocks go wrong when a quantization block crosses a row: [48, 256] at blocksize
+    512 or 1024 and [40, 96] at blocksize 64 came back with other blocks' scales, while its own generic
+    implementation (the fallback it already takes at blocksize >= 2048 "for accuracy issues") and swiftlora's
+    kernels agree. A [2, 96] probe at blocksize 64 tells which kernel this machine has; only a kernel that fails it
+    is replaced, by that generic implementation. Checked once per process; a no-op without bitsandbytes."""
+    global _BNB_CPU_DEQUANT_FIXED
+    if _BNB_CPU_DEQUANT_FIXED is not None:
+        return _BNB_CPU_DEQUANT_FIXED
+    _BNB_CPU_DEQUANT_FIXED = False
+    import warnings
+
+    import torch
+    try:
+        import bitsandbytes  # noqa: F401  (registers its ops)
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except Exception:  # not installed, or another layout of its backends: leave it alone
+        return False
+
+    def generic(A, absmax, blocksize, quant_type, shape, dtype):
+        A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device),
+                                        blocksize, shape, dtype)
+
+    packed = torch.arange(96, dtype=torch.uint8).reshape(96, 1)  # 192 codes: 3 blocks of 64 over 2 rows of 96
+    absmax = torch.tensor([1.0, 2.0, 3.0])
+    try:
+        native = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, 64, "nf4", [2, 96], torch.float32)
+    except Exception:
+        return False
+    if torch.equal(native, generic(packed, absmax, 64, "nf4", (2, 96), torch.float32)):
+        return False
+    with warnings.catch_warnings():  # torch warns that a registered kernel is being overridden: that is the point
+        warnings.simplefilter("ignore")
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic)
+    _BNB_CPU_DEQUANT_FIXED = True
+    return True
+
+
+_BNB_CPU_DEQUANT_FIXED: bool | None = None
+
+
+def keep_bnb_standard_layout(module) -> None:
+    """Stops a ``bnb.nn.Linear4bit`` from repacking its CPU weight into bitsandbytes' AVX512-BF16 layout on its next
+    eval forward (bitsandbytes >= 0.48, on CPUs with AVX512-BF16): swiftlora's kernels read the standard layout, and
+    a repacked module would send every later decode step past them (and needs the ``kernels`` package)."""
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # TRL
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swiftlora._compat import fix_bnb_cpu_dequantize
 from swiftlora.ops._nf4_tables import dynamic_code, nf4_code, nf4_thresholds
 from swiftlora.ops.nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_reference
 from tests.helpers import DTYPES, randn
 from tests.ops.nf4_helpers import adversarial_input
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
+# On AVX512 CPUs bitsandbytes' native CPU dequantize kernel misplaces blocks that cross a row; swiftlora swaps in
+# bitsandbytes' own generic implementation there (_compat.fix_bnb_cpu_dequantize), as every swiftlora entry point
+# into bitsandbytes does. Applied here so that the comparisons below do not depend on which test ran first.
+BNB_CPU_KERNEL_REPLACED = fix_bnb_cpu_dequantize()
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -107,3 +112,16 @@ def test_cuda_matches_bitsandbytes_cuda(dtype, blocksize, compress):
             assert torch.equal(_bits(out.offset), _bits(state.offset))
         y = nf4_dequantize(*out, blocksize=blocksize, shape=x.shape, dtype=dtype)
         assert torch.equal(_bits(y), _bits(bnb_f.dequantize_4bit(packed, state)))
+
+
+def test_bnb_cpu_dequantize_is_right_for_blocks_that_cross_rows():
+    """The shapes the AVX512 kernel got wrong (seen 2026-11-27): blocks crossing rows, at blocksize 64, 512, 1024.
+    bitsandbytes' CPU dequantize_4bit (native kernel, or its generic implementation where the fix replaced the
+    kernel) against swiftlora's, bit for bit; and the fix's verdict is stable."""
+    for blocksize, shape in ((64, (40, 96)), (512, (48, 256)), (1024, (48, 256)), (64, (3, 200))):
+        x = randn(*shape, dtype=torch.float32)
+        q = nf4_quantize(x, blocksize, False)
+        ref = bnb_f.dequantize_4bit(q.packed, _bnb_state(q, shape, torch.float32, blocksize))
+        ours = nf4_dequantize(*q, blocksize=blocksize, shape=shape, dtype=torch.float32)
+        assert torch.equal(_bits(ours), _bits(ref)), (blocksize, shape, BNB_CPU_KERNEL_REPLACED)
+    assert fix_bnb_cpu_dequantize() == BNB_CPU_KERNEL_REPLACED

@@ -131,6 +131,11 @@ def load_model(model_name="unsloth/Llama-3.2-1B-Instruct", max_seq_length=2048, 
         source.weights_dir = sources.hub_snapshot_dir(source, token, revision)
     if not sources.is_16bit_checkpoint(source.weights_dir):
         source.weights_dir = None
+    bnb_layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for m in bnb_layers:  # bitsandbytes' standard NF4 layout stays (our kernels read it), on CPUs with AVX512-BF16 too
+        _compat.keep_bnb_standard_layout(m)
+    if bnb_layers:
+        _compat.fix_bnb_cpu_dequantize()
     patched = apply_swaps(model, arch, model.config) if arch else {}
     patch_causal_lm(model)
     tokenizer = sources.load_tokenizer(_tokenizer_source(source), token, revision, trust_remote_code, **hub)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._compat import fix_bnb_cpu_dequantize, keep_bnb_standard_layout
 from .nf4 import dequantize_nf4, quantize_nf4
 from .nf4_state import QuantState
 
@@ -21,6 +22,7 @@ def _bnb():
     except ImportError as e:
         raise ImportError("this needs bitsandbytes (pip install bitsandbytes); swiftlora's own NF4 ops do not")\
             from e
+    fix_bnb_cpu_dequantize()  # the modules made here dequantize through it on CPU (PEFT's merge, bnb's matmul)
     return bitsandbytes
 
 
@@ -77,6 +79,7 @@ def quantize_linear_to_bnb(linear: torch.nn.Linear, blocksize: int = 64, compres
                                                         device=weight.device, module=module)
     if linear.bias is not None:
         module.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    keep_bnb_standard_layout(module)  # no repacking into bitsandbytes' AVX512-BF16 CPU layout behind our back
     return module.train(linear.training)
 
 
