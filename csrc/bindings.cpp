@@ -67,8 +67,10 @@ TORCH_LIBRARY(swiftlora, m) {
   // block of `cols` columns, logits = hc @ W_bᵀ (+ bias_b), online_softmax_block_, G = r·G + P @ W_b (float32).
   // Overwrites stats [C, 6] (the final row statistics, as online_softmax_block_'s), g [C, H] = Σ_b e^{z−m}·dz·W_b
   // and, when given, gz [C, H] = Σ_b e^{z−m}·z·dz·W_b, all float32; labels [C] as there.
+  // sums: which optional statistics the caller needs (1: stats[:, 2] = Σz, 2: stats[:, 3] = Σe^{z−m}·z); a backend
+  // may leave the others unspecified (the sm_90a fused path does).
   m.def("lm_head_blocks_(Tensor hc, Tensor weight, Tensor? bias, Tensor? labels, Tensor(a!) stats, Tensor(b!) g, "
-        "Tensor(c!)? gz, int cols, int ignore_index, float softcap, float logit_scale) -> ()");
+        "Tensor(c!)? gz, int cols, int ignore_index, float softcap, float logit_scale, int sums=3) -> ()");
 
   // NF4 in bitsandbytes' layout (csrc/common/nf4.h; python/swiftlora/ops/nf4.py). A weight is (packed, absmax,
   // absmax2, code2, offset): packed uint8 [(n+1)/2, 1]; absmax float32 [nblocks], or with double quantization uint8

@@ -169,7 +169,7 @@ namespace {
 void lm_head_blocks_cpu(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& labels, at::Tensor& stats, at::Tensor& g,
                         const std::optional<at::Tensor>& gz, int64_t cols, int64_t ignore_index, double softcap,
-                        double logit_scale) {
+                        double logit_scale, int64_t /*sums: the CPU forms every statistic*/) {
   // CPU GEMMs have no float32-output 16-bit overload: 16-bit P and W are upcast (as _compat.addmm_fp32_ does)
   lm_head_blocks_host(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale, false);
 }

@@ -48,6 +48,7 @@ constexpr int kModeCopy = 0;     // tests and timing: the tile's z (bf16) is sto
 constexpr int kModeSoftmax = 1;  // the op: P and the partials
 constexpr int kModeDiscard = 2;  // timing aid: the accumulators are dropped (the pipeline alone)
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kSlices = 14;  // the overlapped epilogue's slices (it needs K > kSlices·kBK)
 
 struct Params {
   CUtensorMap ta;  // hidden [M, K] bf16, box {64, 128}, 128B swizzle
@@ -428,7 +429,6 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
 //   slice 0: both rows' max, reference decision and label column; 1..8: e for column blocks 4(s − 1) .. 4(s − 1) + 3
 //   of both rows (16 ex2 a thread per slice: the MUFU work spread thin); 9: the row sums and partials; 10..13: the
 //   stores, 64 columns each. (Six slices, the whole softmax of a row in one, ran slower than no overlap at all.)
-constexpr int kSlices = 14;
 struct Pending {
   int row0, n0;  // this thread's first row (the other is row0 + 8); the tile's first column
   RowIn in[2];
@@ -638,6 +638,9 @@ __global__ void __launch_bounds__(kThreads, 1) logits_softmax_kernel_c1(const __
   logits_softmax_body<1, kMode, L, kOverlap>(p);
 #endif
 }
+// The 2-CTA cluster kernel (measured: no faster than cluster 1; the micro keeps it). __cluster_dims__ does not
+// compile for sm_80, which the library also builds: only programs that define SWIFTLORA_LS_CLUSTER_KERNEL get it.
+#ifdef SWIFTLORA_LS_CLUSTER_KERNEL
 template <int kMode, typename L>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(kThreads, 1)
     logits_softmax_kernel_c2(const __grid_constant__ Params p) {
@@ -645,5 +648,6 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(kThreads, 1)
   logits_softmax_body<2, kMode, L>(p);
 #endif
 }
+#endif
 
 }  // namespace swiftlora::cuda::logits_sm90

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../cuda_check.cuh"
+#define SWIFTLORA_LS_CLUSTER_KERNEL 1
 #include "cuda/logits_softmax_sm90.cuh"
 
 namespace ls = swiftlora::cuda::logits_sm90;

@@ -24,7 +24,8 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import (backward_scale, ce_options, cross_entropy_reference, forward_grad_scale, mean_divisor,
                             reduce_rows, row_loss, rows_of)
-from .lm_head_blocks import block_plan, head_chunks, issue_first, label_index, label_masks, label_rows
+from .lm_head_blocks import (SUM_Z, block_plan, head_chunks, issue_first, label_index, label_masks,
+                             label_rows)
 
 _lib = torch.ops.swiftlora
 # 64 MiB of logits per chunk: 256 rows at V = 128256 bf16, which with grad_hidden ([N, H]: 32 MiB at 8192 x 2048)
@@ -204,7 +205,7 @@ def _frozen_head_chunks(h2, weight, bias, y, o, budget):
     plan = block_plan(h2.shape[0], weight.shape[0], h2.dtype, budget)
     stats = torch.empty(h2.shape[0], 6, dtype=torch.float32, device=h2.device)
     return stats, issue_first(head_chunks(h2, weight, bias, y, o.ignore_index, o.softcap, o.logit_scale, plan,
-                                          stats=stats))
+                                          stats=stats, sums=SUM_Z if o.label_smoothing else 0))
 
 
 def _frozen_head_grad(head, h2, weight, y, o, scale):

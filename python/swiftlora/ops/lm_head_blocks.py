@@ -26,6 +26,7 @@ from .._compat import addmm_fp32_
 _lib = torch.ops.swiftlora
 ROW_CHUNK = 2048  # tokens per chunk: 16 x 128-row GEMM tiles, and G [2048, H] float32 (16 MiB at H = 2048)
 COL_ALIGN = 256
+SUM_Z, SUM_EZ = 1, 2  # head_chunks(sums=...): the optional statistics a caller reads (Σz; Σe^{z−m}·z)
 CUDA_MAX_COLS = {2: 8192, 4: 4096}  # the CUDA kernel's register-resident row, by element size
 # A block stays in the H100's 50 MB L2 between the GEMM that writes it, the softmax kernel and the GEMM that reads
 # it (measured: 64 MiB blocks made the kernel run at 1.9 TB/s, from HBM)
@@ -138,7 +139,7 @@ def _side_stream(device: torch.device):
 def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor | None,
                 ignore_index: int, softcap: float, logit_scale: float, plan: BlockPlan,
                 with_gz: bool = False, overlap: bool | None = None,
-                stats: torch.Tensor | None = None) -> Iterator[ChunkSums]:
+                stats: torch.Tensor | None = None, sums: int = SUM_Z | SUM_EZ) -> Iterator[ChunkSums]:
     """Yields each token chunk's row statistics and float32 softmax-weighted sums of W's rows.
 
     Schedule per chunk (bench/NOTES.md, "Third step"): the logits GEMM of block j+1 is issued before block j's
@@ -151,12 +152,14 @@ def head_chunks(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     ``stats``: an optional float32 ``[N, 6]`` buffer that keeps every chunk's statistics (rows start:end), so the
     caller can turn them into per-row results once per call; by default one ``[rows, 6]`` buffer is reused.
+    ``sums``: the optional statistics the caller reads (``SUM_Z``: ``stats[:, 2]``, ``SUM_EZ``: ``stats[:, 3]``); on
+    sm_90a the fused kernels skip the others, which are then unspecified.
     """
     overlap = (OVERLAP if overlap is None else overlap) and h2.is_cuda and not torch.compiler.is_compiling()
     if overlap or not NATIVE:
         return head_chunks_reference(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz,
                                      overlap, stats)
-    return _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats)
+    return _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats, sums)
 
 
 def _sum_buffers(h2, plan, with_gz, stats):
@@ -169,7 +172,7 @@ def _sum_buffers(h2, plan, with_gz, stats):
     return all_stats, stats, g, torch.empty_like(g) if with_gz else None
 
 
-def _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats):
+def _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale, plan, with_gz, stats, sums):
     """head_chunks through ``lm_head_blocks_``, one call per token chunk."""
     n = h2.shape[0]
     all_stats, stats, g, gz = _sum_buffers(h2, plan, with_gz, stats)
@@ -178,7 +181,7 @@ def _native_chunks(h2, weight, bias, labels, ignore_index, softcap, logit_scale,
         c = e - s
         stats_c, g_c, gz_c = stats[s:e] if all_stats else stats[:c], g[:c], None if gz is None else gz[:c]
         _lib.lm_head_blocks_(h2[s:e], weight, bias, None if labels is None else labels[s:e], stats_c, g_c, gz_c,
-                             plan.cols, ignore_index, softcap, logit_scale)
+                             plan.cols, ignore_index, softcap, logit_scale, sums)
         yield ChunkSums(s, e, stats_c, g_c, gz_c)
 
 
@@ -295,7 +298,7 @@ def label_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("swiftlora::lm_head_blocks_")
-def _(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale):
+def _(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale, sums=3):
     return None
 
 

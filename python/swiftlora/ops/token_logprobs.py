@@ -29,7 +29,8 @@ import torch
 from .._compat import addmm_fp32_, below_autograd
 from .cross_entropy import rows_of
 from .fused_linear_cross_entropy import DEFAULT_MEMORY_BUDGET_MB, check_linear, chunk_logits, chunk_rows
-from .lm_head_blocks import block_plan, head_chunks, issue_first, label_index, label_masks, label_rows
+from .lm_head_blocks import (SUM_EZ, block_plan, head_chunks, issue_first, label_index, label_masks,
+                             label_rows)
 
 _lib = torch.ops.swiftlora
 
@@ -149,7 +150,7 @@ def _forward_blocks(h2, weight, y, args):
     w = torch.empty_like(u) if with_entropy else None
     # the first chunk's blocks go to the GPU before the host issues the per-row factors' small ops
     chunks = issue_first(head_chunks(h2, weight, None, y, ignore_index, 0.0, scale, plan, with_gz=with_entropy,
-                                     stats=stats))
+                                     stats=stats, sums=SUM_EZ if with_entropy else 0))
     known, fill = label_masks(y, ignore_index, vocab)
     gate = torch.where(known, 1.0, fill)
     neg_gate, index = -gate, label_index(y, known)
