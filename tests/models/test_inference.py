@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swiftlora import FastLanguageModel
+from swiftlora._compat import keep_bnb_standard_layout
 from tests.helpers import DEVICES
 from tests.models.helpers import save_tiny
 
@@ -55,6 +56,8 @@ def test_batched_left_padded_greedy_equals_hf(checkpoints, arch, bits, device):
                                bnb_4bit_compute_dtype=torch.float32) if bits == 4 else None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant, device_map=device,
                                               attn_implementation=ours.config._attn_implementation).eval()
+    for m in hf.modules():  # bitsandbytes' standard float32 path, as ours (no AVX512-BF16 repacking on some CPUs)
+        keep_bnb_standard_layout(m)
     enc = _batch(tok)
     assert (enc["attention_mask"][:, 0] == 0).any(), "the batch must be left padded"
     with torch.no_grad():
