@@ -1,7 +1,8 @@
 // lm_head_blocks_ on sm_90a with the online softmax inside the logits GEMM (csrc/cuda/logits_softmax_sm90.cuh):
 // per vocabulary block after the first, one launch writes P and per-tile statistics, cuBLAS accumulates G += P·W_b,
 // and a small merge launch folds the statistics into the rows (and corrects the rare rows whose reference max had
-// to move). Block 0 keeps the cuBLAS + online_softmax_block_ path: it sets the reference max the others use.
+// to move). Block 0 (`cols` columns) keeps the cuBLAS + online_softmax_block_ path: it sets the reference max the
+// others use; the blocks after it are 2·cols wide, in the memory of the host loop's two block buffers.
 #pragma once
 #include <ATen/core/Tensor.h>
 

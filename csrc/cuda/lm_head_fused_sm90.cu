@@ -1,5 +1,5 @@
 // lm_head_blocks_ on sm_90a with the online softmax inside the logits GEMM (see lm_head_fused.h for the scheme and
-// csrc/cuda/logits_softmax_sm90.cuh for the kernel). Per vocabulary block j >= 1:
+// csrc/cuda/logits_softmax_sm90.cuh for the kernel). Per vocabulary block j >= 1 (2·cols columns each):
 //   1. the fused GEMM: P_j = e^{z − m_ref}·scale into the block buffer (m_ref: stats[:, 0], block 0's max unless a
 //      tile moved it) and per (row, 256-column tile) the partial (use, Σe, Σe·z, Σz) — no logits in memory, no
 //      softmax pass over them (bench/NOTES.md, "Session 10");
@@ -179,15 +179,17 @@ void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const 
   const c10::cuda::CUDAGuard guard(hc.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t c = hc.size(0), h = hc.size(1), vocab = weight.size(0);
-  const int64_t nblocks = (vocab + cols - 1) / cols;
   const std::optional<at::Tensor> labels =
       labels_in.has_value() ? std::optional<at::Tensor>(labels_in->contiguous()) : std::nullopt;
-  const int64_t slot = (c * cols + 127) / 128 * 128;  // as the host loop: 256-byte aligned block buffers
-  const at::Tensor bufs = at::empty({std::min<int64_t>(nblocks, 2), slot}, hc.options());
+  // One buffer of the host loop's two (the same memory): block j + 1's kernel runs after block j's accumulation
+  // and merge have read P_j, so the blocks after the first can be twice as wide (half the launches and merges).
+  // Block 0 keeps `cols` columns (online_softmax_block_'s row limit).
+  const int64_t wide = std::min(2 * cols, vocab);
+  const at::Tensor buf = at::empty({c * wide}, hc.options());
 
   // block 0: cuBLAS and online_softmax_block_ set the statistics (and the reference max), G = P_0 @ W_0
   const int64_t w0 = std::min(cols, vocab);
-  at::Tensor block0 = bufs.select(0, 0).narrow(0, 0, c * w0).view({c, w0});
+  at::Tensor block0 = buf.narrow(0, 0, c * w0).view({c, w0});
   const at::Tensor wt0 = weight.narrow(0, 0, w0);
   at::mm_out(block0, hc, wt0.t());
   stats.zero_();
@@ -195,9 +197,9 @@ void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const 
   softmax_block_op().call(block0, stats, labels, std::nullopt, 0, ignore_index, 0.0, logit_scale, std::nullopt,
                           std::nullopt, std::nullopt);
   compat::addmm_fp32_(g, block0, wt0, true, 0.0);
-  if (nblocks == 1) return;
+  if (w0 == vocab) return;
 
-  const int64_t tiles_max = ceil_div(cols, ls::kBN);
+  const int64_t tiles_max = ceil_div(wide, ls::kBN);
   const at::Tensor part = at::empty({c, tiles_max, 4}, stats.options());
   ls::Params p{};
   p.ta = tensor_map_2d(hc.const_data_ptr(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, h, c, hc.stride(0) * 2, ls::kBK, ls::kBM,
@@ -215,9 +217,9 @@ void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const 
   p.log2_scale = static_cast<float>(std::log2(logit_scale));
   p.sums = static_cast<int>(sums & (kLmHeadSumZ | kLmHeadSumEz));
   const bool i32 = labels.has_value() && labels->scalar_type() == at::kInt;
-  for (int64_t j = 1; j < nblocks; ++j) {
-    const int64_t v0 = j * cols, width = std::min(cols, vocab - v0);
-    at::Tensor block = bufs.select(0, j % 2).narrow(0, 0, c * width).view({c, width});
+  for (int64_t v0 = w0; v0 < vocab; v0 += wide) {
+    const int64_t width = std::min(wide, vocab - v0);
+    at::Tensor block = buf.narrow(0, 0, c * width).view({c, width});
     p.p = reinterpret_cast<uint16_t*>(block.mutable_data_ptr());
     p.ldp = width;
     p.col0 = v0, p.v0 = static_cast<int>(v0), p.width = static_cast<int>(width);
