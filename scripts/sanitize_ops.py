@@ -105,6 +105,28 @@ def lm_head_family():
         compare(f"token_logprobs entropy={entropy}", tl, lambda a: tl(a, ops.token_logprobs_reference), h)
 
 
+def lm_head_fused():
+    """The sm_90a fused path of lm_head_blocks_ (hidden > 896, bf16, no bias): the logits GEMM with the softmax in its
+    epilogue, the merge kernel and its correction of G (vocabulary rows 1100-1160 scaled past the slack), a ragged
+    last block and a token tail; against the host loop (SWIFTLORA_LM_HEAD_FUSED=0) on the same inputs. Elsewhere
+    (other GPUs, CPU) both runs take the host loop."""
+    import os
+
+    rows, hidden, vocab = 200, 1024, 2568
+    h, w = torch.randn(rows, hidden, device=DEV, dtype=BF16), torch.randn(vocab, hidden, device=DEV, dtype=BF16) * 0.03
+    w[1100:1160] *= 60
+    y = torch.randint(0, vocab, (rows,), device=DEV)
+    out = []
+    for fused in ("1", "0"):
+        os.environ["SWIFTLORA_LM_HEAD_FUSED"] = fused
+        stats, g = torch.empty(rows, 6, device=DEV), torch.empty(rows, hidden, device=DEV)
+        torch.ops.swiftlora.lm_head_blocks_(h, w, None, y, stats, g, None, 1024, -100, 0.0, 1.0, 3)
+        out.append((stats[:, 0] + stats[:, 1].log(), g / stats[:, 1:2]))
+    os.environ.pop("SWIFTLORA_LM_HEAD_FUSED")
+    check("lm_head_fused lse", out[0][0], out[1][0], 1e-3)
+    check("lm_head_fused G/s", out[0][1], out[1][1], 2e-2)
+
+
 def _nf4_weights():
     for n, k, nested in ((384, 512, True), (96, 320, False)):
         w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.02
@@ -165,8 +187,8 @@ def gguf_family():
         check(f"gguf {qtype}", ops.gguf_dequantize_reference(data.cpu(), qtype).view(x.shape), x.float().cpu(), 0.6)
 
 
-STEPS = [norms_and_activations, cross_entropy_family, softmax_block, lm_head_family, nf4_kernels, lora_family,
-         gguf_family]
+STEPS = [norms_and_activations, cross_entropy_family, softmax_block, lm_head_family, lm_head_fused, nf4_kernels,
+         lora_family, gguf_family]
 
 
 def main(argv: list[str] | None = None) -> int:
