@@ -250,6 +250,42 @@ __device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
   return in;
 }
 
+// Row h's label logit, when the label's column `rel` (relative to the tile) is one of this thread's pairs:
+// stats[row][4..5] = (z_label, scale), as online_softmax_block_'s lean kernel writes them. Rare: one tile of ~500.
+__device__ __forceinline__ void store_label_logit(const Params& p, const uint32_t (&pk)[64], int h, int rel, int grow,
+                                                  int tq) {
+  if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {
+    uint32_t w = pk[h];
+    const int jl = rel >> 3;
+#pragma unroll
+    for (int j = 1; j < 32; ++j) {  // selects in asm: as C++, the chain became an indexed local-memory copy of pk
+      asm("{\n .reg .pred q;\n setp.eq.s32 q, %2, %3;\n selp.b32 %0, %4, %1, q;\n}"
+          : "=r"(w)
+          : "r"(w), "r"(jl), "r"(j), "r"(pk[2 * j + h]));
+    }
+    float* st = p.stats + static_cast<int64_t>(grow) * 6;
+    st[4] = __fmul_rn((rel & 1) ? bf_hi(w) : bf_lo(w), p.scale);
+    st[5] = p.scale;
+  }
+}
+
+// The reference max the tile uses for row h: the row's `ref`, unless the tile's max (over its valid column blocks)
+// passes it by more than the slack (ref = −inf: always the tile's own max).
+template <bool kFull>
+__device__ __forceinline__ float tile_reference(const Params& p, const uint32_t (&pk)[64], int h, int nvalid,
+                                                float ref) {
+  // 4 independent chains (one chain of 32 left the epilogue latency-bound: 2.4 us a tile)
+  uint32_t mw[4] = {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u};  // (−inf, −inf)
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    if (kFull || j < nvalid) mw[j & 3] = hmax2_bf16(mw[j & 3], pk[2 * j + h]);
+  }
+  const uint32_t m2 = hmax2_bf16(hmax2_bf16(mw[0], mw[1]), hmax2_bf16(mw[2], mw[3]));
+  // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
+  const float cm = __fmul_rn(quad_max(fmaxf(bf_lo(m2), bf_hi(m2))), p.scale);
+  return cm > ref + p.slack ? cm : ref;
+}
+
 // The accumulator fragment (wgmma m64nNk16, fp32 D): thread lane = 4g + tq of warp wi holds acc[4j + 2h + e] at
 // row 16·wi + g + 8h, column 8j + 2tq + e (j < 32). pk[2j + h] = that pair rounded to bf16: the logits as a bf16 GEMM
 // gives them, so z here is exactly the z online_softmax_block_ reads. The softmax then overwrites pk with P.
@@ -263,30 +299,8 @@ __device__ __forceinline__ void softmax_rows(const Params& p, uint32_t (&pk)[64]
 #pragma unroll
   for (int h = kH0; h < kH1; ++h) {
     const int grow = row0 + 8 * h;
-    const int rel = in[h].lc - n0;  // the label's column in this tile, if it is here
-    if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {  // rare: one tile of the row's ~500
-      uint32_t w = pk[h];
-      const int jl = rel >> 3;
-#pragma unroll
-      for (int j = 1; j < 32; ++j) {  // selects in asm: as C++, the chain became an indexed local-memory copy of pk
-        asm("{\n .reg .pred q;\n setp.eq.s32 q, %2, %3;\n selp.b32 %0, %4, %1, q;\n}"
-            : "=r"(w)
-            : "r"(w), "r"(jl), "r"(j), "r"(pk[2 * j + h]));
-      }
-      float* st = p.stats + static_cast<int64_t>(grow) * 6;
-      st[4] = __fmul_rn((rel & 1) ? bf_hi(w) : bf_lo(w), p.scale);
-      st[5] = p.scale;
-    }
-    // 4 independent chains in every reduction (one chain of 32 left the epilogue latency-bound: 2.4 us a tile)
-    uint32_t mw[4] = {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u};  // (−inf, −inf)
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      if (kFull || j < nvalid) mw[j & 3] = hmax2_bf16(mw[j & 3], pk[2 * j + h]);
-    }
-    const uint32_t m2 = hmax2_bf16(hmax2_bf16(mw[0], mw[1]), hmax2_bf16(mw[2], mw[3]));
-    // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
-    const float cm = __fmul_rn(quad_max(fmaxf(bf_lo(m2), bf_hi(m2))), p.scale);
-    const float use = cm > in[h].ref + p.slack ? cm : in[h].ref;  // ref = −inf: the tile's own max
+    store_label_logit(p, pk, h, in[h].lc - n0, grow, tq);
+    const float use = tile_reference<kFull>(p, pk, h, nvalid, in[h].ref);
     const float u3 = use * kLog2e - p.log2_scale;
     float sa[4] = {0.f, 0.f, 0.f, 0.f}, sxa[4] = {0.f, 0.f, 0.f, 0.f}, xsa[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -481,29 +495,8 @@ __device__ __forceinline__ void epilogue_slice(const Params& p, uint32_t (&pk)[6
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int grow = e.row0 + 8 * h;
-        const int rel = e.in[h].lc - e.n0;  // the label's column in this tile, if it is here
-        if (rel >= 0 && rel < kBN && ((rel >> 1) & 3) == tq && grow < p.m) {  // rare: one tile of the row's ~500
-          uint32_t w = pk[h];
-          const int jl = rel >> 3;
-#pragma unroll
-          for (int j = 1; j < 32; ++j) {  // selects in asm: as C++, the chain became an indexed local-memory array
-            asm("{\n .reg .pred q;\n setp.eq.s32 q, %2, %3;\n selp.b32 %0, %4, %1, q;\n}"
-                : "=r"(w)
-                : "r"(w), "r"(jl), "r"(j), "r"(pk[2 * j + h]));
-          }
-          float* st = p.stats + static_cast<int64_t>(grow) * 6;
-          st[4] = __fmul_rn((rel & 1) ? bf_hi(w) : bf_lo(w), p.scale);
-          st[5] = p.scale;
-        }
-        uint32_t mw[4] = {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u};  // (−inf, −inf)
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          if (j < nvalid) mw[j & 3] = hmax2_bf16(mw[j & 3], pk[2 * j + h]);
-        }
-        const uint32_t m2 = hmax2_bf16(hmax2_bf16(mw[0], mw[1]), hmax2_bf16(mw[2], mw[3]));
-        // scale > 0 (the host's condition): max(x·scale) = max(x)·scale, both rounded the same way
-        const float cm = __fmul_rn(quad_max(fmaxf(bf_lo(m2), bf_hi(m2))), p.scale);
-        e.use[h] = cm > e.in[h].ref + p.slack ? cm : e.in[h].ref;  // ref = −inf: the tile's own max
+        store_label_logit(p, pk, h, e.in[h].lc - e.n0, grow, tq);
+        e.use[h] = tile_reference<false>(p, pk, h, nvalid, e.in[h].ref);
         e.u3[h] = e.use[h] * kLog2e - p.log2_scale;
         e.s[h] = e.sx[h] = e.xs[h] = 0.f;
       }
