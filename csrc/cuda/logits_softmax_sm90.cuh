@@ -11,15 +11,15 @@
 //     K-major with the 128-byte swizzle). With kCluster = 2 the two CTAs of a cluster take token tiles 2p and 2p + 1
 //     of the same columns and each loads half of B, multicast into both CTAs (measured: no faster; kept as a knob).
 //   warpgroups 1 and 2: wgmma m64n256k16 with both operands in shared memory, 128 fp32 accumulators a thread. After
-//     a tile's last k-tile each thread runs the softmax on its two rows' 64 columns in registers (the row's other
-//     192 columns sit in the 3 other lanes of its quad: 2 shuffles a reduction), then stores P through a 2 KB
-//     per-warp staging buffer (16-byte global stores), while the producer already fills the ring for the next tile.
+//     a tile's last k-tile each thread holds its two rows' 64 columns (the row's other 192 columns sit in the 3 other
+//     lanes of its quad: 2 shuffles a reduction) as packed bf16 z. consume(): the softmax and the P stores (through a
+//     2 KB per-warp staging buffer, 16-byte global stores) run right away; consume_overlapped() (kOverlap, what
+//     lm_head_blocks_ runs: csrc/cuda/lm_head_fused_sm90.cu) runs them in kSlices slices under the next tile's first
+//     k-tiles, with setmaxnreg 40 / 232 so the packed tile and the next accumulators fit together.
 // Why not an epilogue by separate warps under the next tile's MMAs (the first version): its 64 KB staging tile left
 // room for 3 stages only, and the GEMM alone runs 8% slower with 3 stages than with 4 (bench/NOTES.md, session 10).
-// Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1, scale > 0.
-// Status: not called by the library yet. Its one user is bench/micro/logits_softmax (checks against cuBLAS and the
-// host, timing); wiring it into lm_head_blocks_ waits for the epilogue to overlap the next tile's MMAs
-// (bench/NOTES.md, "Session 10").
+// Restrictions (the host checks them): bf16, width % 8 == 0, K % 8 == 0 (16-byte rows for TMA), M ≥ 1, scale > 0,
+// and K > kSlices·64 for the overlapped consumer. Standalone checks and timing: bench/micro/logits_softmax.
 #pragma once
 #include <cuda.h>  // CUtensorMap
 #include <cuda_bf16.h>
