@@ -97,3 +97,13 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if _initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """The end of a distributed job: every rank waits for the others, then the process group is destroyed. Left to
+    interpreter exit, a gloo process group's threads sometimes abort a rank ("terminate called without an active
+    exception", exit code -6) after its work is done, and torchrun / accelerate then report the job as failed.
+    A no-op in a single process."""
+    if _initialized():
+        barrier()
+        torch.distributed.destroy_process_group()

@@ -223,3 +223,20 @@ def test_launcher_environment_errors_and_placement(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "gpu1")
     with pytest.raises(ValueError, match="LOCAL_RANK must be an integer"):
         distributed.placement()
+
+
+def test_shutdown_destroys_the_process_group(tmp_path):
+    """distributed.shutdown(): a no-op without a process group; with one (a one-rank gloo group here), the group is
+    destroyed after the barrier, so the process ends without the group's threads (the CLI calls it last)."""
+    from swiftlora import distributed
+
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed.placement().world_size == 1 and torch.distributed.is_initialized()
+        distributed.shutdown()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..distributed import shutdown
 from .main_job import DEFAULT_PROMPT, JobConfig, run
 
 DEFAULTS = JobConfig()
@@ -78,4 +79,5 @@ def main(args: argparse.Namespace) -> int:
                     save_merged=None if args.save_merged == "none" else args.save_merged, prompt=args.prompt,
                     max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir)
     run(cfg)
+    shutdown()  # under torchrun / accelerate: a clean end for every rank
     return 0
