@@ -250,6 +250,19 @@ __device__ __forceinline__ RowIn load_row_in(const Params& p, int grow) {
   return in;
 }
 
+// The finished tile's accumulators as bf16 pairs: pk[2j + h] = (column 8j + 2tq, + 1) of row h (see softmax_rows),
+// pinned here so the accumulators die now (left to itself ptxas repacked them at every use, keeping all 128 alive
+// through the softmax, and spilled 2 KB).
+__device__ __forceinline__ void pack_tile(const float (&acc)[128], uint32_t (&pk)[64]) {
+#pragma unroll
+  for (int jj = 0; jj < 32; ++jj) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pk[2 * jj + h] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
+}
+
 // Row h's label logit, when the label's column `rel` (relative to the tile) is one of this thread's pairs:
 // stats[row][4..5] = (z_label, scale), as online_softmax_block_'s lean kernel writes them. Rare: one tile of ~500.
 __device__ __forceinline__ void store_label_logit(const Params& p, const uint32_t (&pk)[64], int h, int rel, int grow,
@@ -417,15 +430,7 @@ __device__ __forceinline__ void consume(const Params& p, const Smem& l, const Ti
       if (acc[0] + acc[127] == 1.2345e-30f) p.part[0].x = acc[64];
     } else {
       uint32_t pk[64];
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) pk[2 * jj + h] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
-      }
-      // pinned here: the accumulators die now (left to itself ptxas repacked them at every use, keeping all 128
-      // alive through the softmax, and spilled 2 KB)
-#pragma unroll
-      for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
+      pack_tile(acc, pk);
       if constexpr (kMode == kModeSoftmax) {
         if (t.y + kBN <= p.width) {
           softmax_rows<true>(p, pk, in, row0, t.y, t.y / kBN, lane & 3);
@@ -571,13 +576,7 @@ __device__ __forceinline__ void consume_overlapped(const Params& p, const Smem& 
     wgmma_wait<0>();
     pin(acc);
     release((it - 1) % kStages);
-#pragma unroll
-    for (int jj = 0; jj < 32; ++jj) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) pk[2 * jj + h] = pack_bf16(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
-    }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(pk[i])::"memory");
+    pack_tile(acc, pk);
     e.row0 = row0, e.n0 = t.y, e.in[0] = in[0], e.in[1] = in[1];
     pending = true;
   }
