@@ -77,6 +77,13 @@ void check_online_softmax_block_args(const at::Tensor& block, const at::Tensor& 
 void check_lm_head_blocks_args(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& labels, const at::Tensor& stats, const at::Tensor& g,
                                const std::optional<at::Tensor>& gz, int64_t cols);
+// online_softmax_block_ through the dispatcher (the backend's kernel), and the statistics it starts from (m = −inf,
+// the rest 0): the block-0 steps of every lm_head_blocks_ loop (csrc/cpu/lm_head_blocks.cpp).
+at::Tensor online_softmax_block_call(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels,
+                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
+                                     double softcap, double logit_scale, const std::optional<at::Tensor>& g,
+                                     const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale);
+void reset_online_stats(at::Tensor& stats);
 // The op's host loop (csrc/cpu/lm_head_blocks.cpp), for both backends; fp32_out_gemm: the backend's GEMMs take
 // 16-bit operands with a float32 output (CUDA sm80+), else 16-bit P and W are upcast for the accumulation.
 void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

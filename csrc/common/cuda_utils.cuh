@@ -59,6 +59,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Sum over the threadIdx.x dimension of a block shaped [rows = blockDim.y][threads = blockDim.x], every thread of
 // the row getting the result. `scratch` holds blockDim.y * 32 floats. Contains __syncthreads: all threads call it.
 __device__ __forceinline__ float row_sum(float v, float* scratch) {

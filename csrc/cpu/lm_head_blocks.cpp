@@ -87,6 +87,23 @@ const c10::TypedOperatorHandle<SoftmaxBlockFn>& softmax_block_op() {
   return op;
 }
 
+}  // namespace
+
+at::Tensor online_softmax_block_call(at::Tensor& block, at::Tensor& stats, const std::optional<at::Tensor>& labels,
+                                     const std::optional<at::Tensor>& pz, int64_t col0, int64_t ignore_index,
+                                     double softcap, double logit_scale, const std::optional<at::Tensor>& g,
+                                     const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale) {
+  return softmax_block_op().call(block, stats, labels, pz, col0, ignore_index, softcap, logit_scale, g, gz,
+                                 g_rescale);
+}
+
+void reset_online_stats(at::Tensor& stats) {
+  stats.zero_();
+  stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
+}
+
+namespace {
+
 const c10::TypedOperatorHandle<ScaleRowsFn>& scale_rows_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("swiftlora::scale_rows_", "").typed<ScaleRowsFn>();
   return op;
@@ -145,8 +162,7 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
       at::mm_out(block, hc, wt);
     }
     if (j == 0) {  // the starting statistics (m = −inf, the rest 0), as lm_head_blocks.reset_stats_
-      stats.zero_();
-      stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
+      reset_online_stats(stats);
     }
     const std::optional<at::Tensor> pz =
         pzs.defined() ? std::optional<at::Tensor>(pzs.select(0, j % 2).narrow(0, 0, c * width).view({c, width}))
@@ -155,7 +171,7 @@ void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const s
     // through block j−2 here (its accumulation was issued before), and block j−1's accumulation, issued next,
     // needs r_{j−1}·G + P_{j−1} @ W_{j−1}: the same G, scaled by the same float32 multiply, as scale_rows_ gave.
     const bool fold = pending.j >= 1;
-    at::Tensor r = softmax_block_op().call(block, stats, labels, pz, v0, ignore_index, softcap, logit_scale,
+    at::Tensor r = online_softmax_block_call(block, stats, labels, pz, v0, ignore_index, softcap, logit_scale,
                                            fold ? g_opt : std::nullopt, fold ? gz_opt : std::nullopt,
                                            fold ? std::optional<at::Tensor>(pending.r) : std::nullopt);
     if (pending.j >= 0) accumulate(pending, false);  // the previous block, while this block's softmax runs

@@ -10,7 +10,6 @@
 //      with r = e^{m_ref − M} (rare: a later block beating block 0's best logit by 32).
 // The statistics are those of online_softmax_block_ up to the reference max (any reference gives the same
 // lse = m + log s and the same G / s); sums the caller did not ask for (`sums`) are left unspecified.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -39,12 +38,6 @@ namespace ls = logits_sm90;
 constexpr float kFusedSlack = 32.f;
 constexpr int kMergeRows = 8;  // rows (warps) per merge CTA
 
-__device__ __forceinline__ float warp_max_all(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // One warp per row: the block's partials into the row's statistics, and G's row corrected for flagged tiles.
 // p: the block's P [rows, ldp] (bf16), w: the block's first W row [width, h].
 __global__ void __launch_bounds__(32 * kMergeRows)
@@ -63,7 +56,7 @@ __global__ void __launch_bounds__(32 * kMergeRows)
     const float u = pr[t].x;
     if (u != m_old) flagged = true, mx = fmaxf(mx, u);
   }
-  const float m_new = warp_max_all(mx);
+  const float m_new = warp_max(mx);
   const bool any = __any_sync(0xffffffffu, flagged);
   const float r = m_new == m_old ? 1.f : (m_old == -INFINITY ? 0.f : __expf(m_old - m_new));
   float s = 0.f, spz = 0.f, zs = 0.f;
@@ -115,17 +108,6 @@ __global__ void __launch_bounds__(32 * kMergeRows)
   }
 }
 
-using SoftmaxBlockFn = at::Tensor(at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, int64_t, int64_t, double, double,
-                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&);
-
-const c10::TypedOperatorHandle<SoftmaxBlockFn>& softmax_block_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("swiftlora::online_softmax_block_", "").typed<SoftmaxBlockFn>();
-  return op;
-}
-
 bool rows16(const at::Tensor& t) {  // TMA: 16-byte aligned base and row pitch, unit column stride
   return t.dim() == 2 && t.stride(1) == 1 && (t.stride(0) * 2) % 16 == 0 && aligned_to(t.const_data_ptr(), 16);
 }
@@ -134,12 +116,7 @@ bool rows16(const at::Tensor& t) {  // TMA: 16-byte aligned base and row pitch, 
 template <typename L>
 void launch_fused(const ls::Params& p, int grid) {
   auto kernel = ls::logits_softmax_kernel_c1<ls::kModeSoftmax, L, true>;
-  static bool attr_set[64] = {};  // per device: the dynamic shared memory opt-in, once
-  const int dev = c10::cuda::current_device();
-  if (dev >= 64 || !attr_set[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ls::kSmemBytes));
-    if (dev < 64) attr_set[dev] = true;
-  }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ls::kSmemBytes));
   kernel<<<grid, ls::kThreads, ls::kSmemBytes, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -154,6 +131,7 @@ bool lm_head_fused_supported(const at::Tensor& hc, const at::Tensor& weight, con
 #else
   const char* env = std::getenv("SWIFTLORA_LM_HEAD_FUSED");  // "0": the host loop (A/B runs, bisecting)
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (hc.dim() != 2 || weight.dim() != 2) return false;  // the host loop's checks then name what is wrong
   if (!hc.is_cuda() || hc.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return false;
   if (bias.has_value() || gz.has_value() || softcap != 0.0 || !(logit_scale > 0.0) || !std::isfinite(logit_scale)) {
     return false;
@@ -192,10 +170,9 @@ void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const 
   at::Tensor block0 = buf.narrow(0, 0, c * w0).view({c, w0});
   const at::Tensor wt0 = weight.narrow(0, 0, w0);
   at::mm_out(block0, hc, wt0.t());
-  stats.zero_();
-  stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
-  softmax_block_op().call(block0, stats, labels, std::nullopt, 0, ignore_index, 0.0, logit_scale, std::nullopt,
-                          std::nullopt, std::nullopt);
+  reset_online_stats(stats);
+  online_softmax_block_call(block0, stats, labels, std::nullopt, 0, ignore_index, 0.0, logit_scale, std::nullopt,
+                            std::nullopt, std::nullopt);
   compat::addmm_fp32_(g, block0, wt0, true, 0.0);
   if (w0 == vocab) return;
 

@@ -98,19 +98,13 @@ struct Params {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+using wgmma::desc_sw128;
 using wgmma::pin;
 using wgmma::smem_u32;
 using wgmma::tma_load_2d;
 using wgmma::wgmma_commit;
 using wgmma::wgmma_fence;
 using wgmma::wgmma_wait;
-
-// B descriptor of a K-major, 128B-swizzled [rows × 64] bf16/fp16 tile at `addr` (1024-byte aligned, plus 32 bytes
-// per k16 step): 8-row groups 1024 bytes apart (SBO), LBO unused for this layout.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
 
 // Where everything lives in the CTA's shared window (computed once from the dynamic base): the stages below the
 // 64 KB-aligned table while they fit, the epilogue buffers and barriers in what is left below it if they fit
