@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._compat import keep_bnb_standard_layout
 from ..ops.lora_weights import LoRAProjection, NF4Weight
 from ..ops.nf4 import nf4_gemv
 
@@ -62,7 +61,6 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if weight is not None:
             y = nf4_gemv(x, *weight.tensors(), blocksize=weight.blocksize, out_features=weight.shape[0])
             return y if module.bias is None else y + module.bias.to(y.dtype)
-    keep_bnb_standard_layout(module)  # else bitsandbytes may repack the weight here, out of the GEMV's reach
     return module(x)
 
 
