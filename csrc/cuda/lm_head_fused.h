@@ -10,17 +10,15 @@
 
 namespace swiftlora::cuda {
 
-// Which optional row sums the caller needs (lm_head_blocks_'s `sums`): the others are left unspecified.
-constexpr int64_t kLmHeadSumZ = 1;   // stats[:, 2] = Σz (label smoothing)
-constexpr int64_t kLmHeadSumEz = 2;  // stats[:, 3] = Σe^{z−m}·z (entropy)
-
 // Whether the fused path takes this call: an sm_90a build on an sm_90 device, bf16 hc and weight with 16-byte
 // rows, no bias, no gz, no soft-cap, logit_scale > 0, hidden size > 896 (the epilogue rides 14 k-tiles), and
 // SWIFTLORA_LM_HEAD_FUSED not "0".
 bool lm_head_fused_supported(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& gz, double softcap, double logit_scale);
 
-// The whole vocabulary loop of one token chunk (the arguments as lm_head_blocks_'s, already checked).
+// The whole vocabulary loop of one token chunk (the arguments as lm_head_blocks_'s, already checked). `sums`: the
+// optional row sums the caller reads (logits_sm90::kSumZ: stats[:, 2] = Σz; kSumEz: stats[:, 3] = Σe^{z−m}·z); the
+// others are left unspecified.
 void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& labels,
                           at::Tensor& stats, at::Tensor& g, int64_t cols, int64_t ignore_index, double logit_scale,
                           int64_t sums);

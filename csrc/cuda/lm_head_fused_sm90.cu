@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(32 * kMergeRows)
   if (lane == 0) {
     st[0] = m_new;
     st[1] = fmaf(r, st[1], s);
-    if (sums & kLmHeadSumZ) st[2] += zs;
-    if (sums & kLmHeadSumEz) st[3] = fmaf(r, st[3], spz);
+    if (sums & ls::kSumZ) st[2] += zs;
+    if (sums & ls::kSumEz) st[3] = fmaf(r, st[3], spz);
   }
   if (!any) return;
   // G's row: r·G + Σ_f (e^{use_f − m_new} − r)·F_f, F_f = Σ_{k in tile f} P[row, k]·W[k, :]; 8 columns a lane
@@ -192,7 +192,7 @@ void lm_head_blocks_fused(const at::Tensor& hc, const at::Tensor& weight, const 
   p.scale = static_cast<float>(logit_scale), p.slack = kFusedSlack;
   p.c_exp = static_cast<float>(logit_scale * 1.4426950408889634);
   p.log2_scale = static_cast<float>(std::log2(logit_scale));
-  p.sums = static_cast<int>(sums & (kLmHeadSumZ | kLmHeadSumEz));
+  p.sums = static_cast<int>(sums & (ls::kSumZ | ls::kSumEz));
   const bool i32 = labels.has_value() && labels->scalar_type() == at::kInt;
   for (int64_t v0 = w0; v0 < vocab; v0 += wide) {
     const int64_t width = std::min(wide, vocab - v0);
