@@ -84,6 +84,8 @@ at::Tensor online_softmax_block_call(at::Tensor& block, at::Tensor& stats, const
                                      double softcap, double logit_scale, const std::optional<at::Tensor>& g,
                                      const std::optional<at::Tensor>& gz, const std::optional<at::Tensor>& g_rescale);
 void reset_online_stats(at::Tensor& stats);
+// lm_head_blocks_'s `sums`: 0..3 (bit 1: Σz, bit 2: Σe·z).
+void check_lm_head_sums(int64_t sums);
 // The op's host loop (csrc/cpu/lm_head_blocks.cpp), for both backends; fp32_out_gemm: the backend's GEMMs take
 // 16-bit operands with a float32 output (CUDA sm80+), else 16-bit P and W are upcast for the accumulation.
 void lm_head_blocks_host(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -97,6 +97,11 @@ at::Tensor online_softmax_block_call(at::Tensor& block, at::Tensor& stats, const
                                  g_rescale);
 }
 
+void check_lm_head_sums(int64_t sums) {
+  TORCH_CHECK_VALUE(sums >= 0 && sums <= 3, "lm_head_blocks_: sums must be a combination of 1 (Σz) and 2 (Σe·z), 0 to ",
+                    "3, got ", sums);
+}
+
 void reset_online_stats(at::Tensor& stats) {
   stats.zero_();
   stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
@@ -185,7 +190,8 @@ namespace {
 void lm_head_blocks_cpu(const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& labels, at::Tensor& stats, at::Tensor& g,
                         const std::optional<at::Tensor>& gz, int64_t cols, int64_t ignore_index, double softcap,
-                        double logit_scale, int64_t /*sums: the CPU forms every statistic*/) {
+                        double logit_scale, int64_t sums) {
+  check_lm_head_sums(sums);  // the CPU forms every statistic whatever it says
   // CPU GEMMs have no float32-output 16-bit overload: 16-bit P and W are upcast (as _compat.addmm_fp32_ does)
   lm_head_blocks_host(hc, weight, bias, labels, stats, g, gz, cols, ignore_index, softcap, logit_scale, false);
 }

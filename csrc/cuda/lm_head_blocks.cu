@@ -20,6 +20,7 @@ void lm_head_blocks_cuda(const at::Tensor& hc, const at::Tensor& weight, const s
                          const std::optional<at::Tensor>& gz, int64_t cols, int64_t ignore_index, double softcap,
                          double logit_scale, int64_t sums) {
   const c10::cuda::CUDAGuard guard(hc.device());  // device_major() reads the current device
+  check_lm_head_sums(sums);
   if (lm_head_fused_supported(hc, weight, bias, gz, softcap, logit_scale)) {
     check_lm_head_blocks_args(hc, weight, bias, labels, stats, g, gz, cols);
     lm_head_blocks_fused(hc, weight, labels, stats, g, cols, ignore_index, logit_scale, sums);

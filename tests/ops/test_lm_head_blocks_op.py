@@ -116,6 +116,8 @@ def test_rejects_bad_input():
         (ValueError, "g and gz share memory", dict(gz=g)),
         (ValueError, "cols .* must be >= 1", dict(cols=0)),
         (ValueError, "hc .* must be a non-empty 2-D", dict(hc=hidden[:0])),
+        (ValueError, "sums must be a combination of 1 .* and 2 .*, got 4", dict(sums=4)),
+        (ValueError, "sums must be .*got -1", dict(sums=-1)),
     ]
     for exc, msg, kw in cases:
         with pytest.raises(exc, match=msg):
