@@ -42,11 +42,18 @@ if want sanitizer; then
   # Every kernel once or twice at small shapes (scripts/sanitize_ops.py: the test suite under racecheck takes
   # hours). Each tensor gets its own allocation (no caching allocator) so an out-of-bounds access cannot land
   # silently in a neighbouring tensor; only swiftlora's kernels are instrumented.
+  # racecheck stops at any cuBLAS GEMM on the H100, so it leaves out the steps that call cuBLAS and checks the
+  # fused logits kernel (lm_head_fused's) through its standalone micro instead, which has host references.
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 900 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=python:. \
       compute-sanitizer --tool "$tool" --error-exitcode 17 --kernel-name kns=swiftlora --print-limit 20 \
-      "$PY" scripts/sanitize_ops.py
+      "$PY" scripts/sanitize_ops.py $([ "$tool" = racecheck ] && echo --without-cublas)
   done
+  if [[ $SWIFTLORA_CUDA_ARCHS == *90a* ]]; then
+    step sanitizer-racecheck-logits-micro 600 bash -c 'nvcc -O3 -std=c++17 -arch=sm_90a -I csrc -o "$1/lsm_bench" \
+      bench/micro/logits_softmax/lsm_bench.cu -lcublas && LSM_SANITIZE=1 compute-sanitizer --tool racecheck \
+      --error-exitcode 17 --print-limit 20 "$1/lsm_bench"' _ "$out"
+  fi
 fi
 # Opt-in (STEPS="sanitizer-tests"): memcheck over the ops' whole gpu test suite (slow).
 want sanitizer-tests && step sanitizer-tests-memcheck 3600 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=python:. \

@@ -24,3 +24,12 @@ def test_a_wrong_kernel_result_fails_its_step(monkeypatch, capsys):
     monkeypatch.setattr(mod.ops, "rms_norm", lambda x, w, *a, **k: real(x, w, *a, **k) * 1.05)
     assert mod.main(["--device", "cpu", "--steps", "norms_and_activations"]) == 1
     assert "FAIL norms_and_activations" in capsys.readouterr().out
+
+def test_without_cublas_leaves_out_exactly_the_cublas_steps(capsys):
+    mod = _load()
+    assert mod.main(["--device", "cpu", "--without-cublas"]) == 0
+    out = capsys.readouterr().out
+    ran = {line.split()[1] for line in out.splitlines() if line.startswith("ok   ")}
+    assert ran == {f.__name__ for f in mod.STEPS} - set(mod.CUBLAS_STEPS)
+    assert set(mod.CUBLAS_STEPS) <= {f.__name__ for f in mod.STEPS}  # no stale names
+    assert out.startswith("skip lm_head_family, lm_head_fused, lora_family")
