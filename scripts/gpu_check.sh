@@ -50,9 +50,7 @@ if want sanitizer; then
       "$PY" scripts/sanitize_ops.py $([ "$tool" = racecheck ] && echo --without-cublas)
   done
   if [[ $SWIFTLORA_CUDA_ARCHS == *90a* ]]; then
-    step sanitizer-racecheck-logits-micro 600 bash -c 'nvcc -O3 -std=c++17 -arch=sm_90a -I csrc -o "$1/lsm_bench" \
-      bench/micro/logits_softmax/lsm_bench.cu -lcublas && LSM_SANITIZE=1 compute-sanitizer --tool racecheck \
-      --error-exitcode 17 --print-limit 20 "$1/lsm_bench"' _ "$out"
+    step sanitizer-racecheck-logits-micro 600 env LSM_SANITIZE=1 bash bench/micro/logits_softmax/run.sh
   fi
 fi
 # Opt-in (STEPS="sanitizer-tests"): memcheck over the ops' whole gpu test suite (slow).

@@ -112,6 +112,21 @@ struct Block {
   int tiles_m, tiles_n;
 };
 
+// hidden [m, k] ~ N(0, 1) and W [vtot, k] ~ N(0, 0.06²) in bf16 (logits ~ N(0, 2.7) at k = 2048), on host and device
+static Problem make_problem(int m, int k, int vtot) {
+  Problem pr{};
+  pr.m = m, pr.k = k, pr.vtot = vtot;
+  pr.hh.resize(static_cast<size_t>(pr.m) * pr.k);
+  pr.hw.resize(static_cast<size_t>(pr.vtot) * pr.k);
+  for (auto& x : pr.hh) x = f2bf(static_cast<float>(rndn()));
+  for (auto& x : pr.hw) x = f2bf(static_cast<float>(rndn() * 0.06));
+  CK(cudaMalloc(&pr.h, pr.hh.size() * 2));
+  CK(cudaMalloc(&pr.w, pr.hw.size() * 2));
+  CK(cudaMemcpy(pr.h, pr.hh.data(), pr.hh.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(pr.w, pr.hw.data(), pr.hw.size() * 2, cudaMemcpyHostToDevice));
+  return pr;
+}
+
 static ls::Params make_params(const Problem& pr, const Block& b, int cluster, float scale, float slack) {
   ls::Params p{};
   p.ta = tmap_bf16(pr.h, pr.k, pr.m, ls::kBM);
@@ -335,16 +350,7 @@ struct Timer {
 // overlapped consumer (the library's), the plain one, the 2-CTA cluster; a K tail (1000 = 15 k-tiles + 40), 200
 // tokens (a tile's rows past M), a ragged last block, a block not starting on a tile, flagged and unflagged tiles.
 static int sanitize_run() {
-  Problem pr{};
-  pr.m = 200, pr.k = 1000, pr.vtot = 2568;
-  pr.hh.resize(static_cast<size_t>(pr.m) * pr.k);
-  pr.hw.resize(static_cast<size_t>(pr.vtot) * pr.k);
-  for (auto& x : pr.hh) x = f2bf(static_cast<float>(rndn()));
-  for (auto& x : pr.hw) x = f2bf(static_cast<float>(rndn() * 0.06));
-  CK(cudaMalloc(&pr.h, pr.hh.size() * 2));
-  CK(cudaMalloc(&pr.w, pr.hw.size() * 2));
-  CK(cudaMemcpy(pr.h, pr.hh.data(), pr.hh.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(pr.w, pr.hw.data(), pr.hw.size() * 2, cudaMemcpyHostToDevice));
+  Problem pr = make_problem(200, 1000, 2568);
   g_sms = 4;  // a few persistent CTAs, each through several tiles (the overlapped epilogue's tile-to-tile hand-off)
   Block mid = make_block(pr, 256, 1024), last = make_block(pr, 1280, 1288), odd = make_block(pr, 8, 8 * 37);
   bool ok = true;
@@ -377,16 +383,7 @@ int main() {
   cublasHandle_t hd;
   CB(cublasCreate(&hd));
 
-  Problem pr{};
-  pr.m = 2048, pr.k = 2048, pr.vtot = 8192 + 8192 + 5376;  // two full blocks and a ragged one (V = 21760)
-  pr.hh.resize(static_cast<size_t>(pr.m) * pr.k);
-  pr.hw.resize(static_cast<size_t>(pr.vtot) * pr.k);
-  for (auto& x : pr.hh) x = f2bf(static_cast<float>(rndn()));
-  for (auto& x : pr.hw) x = f2bf(static_cast<float>(rndn() * 0.06));  // logits ~ N(0, 2.7)
-  CK(cudaMalloc(&pr.h, pr.hh.size() * 2));
-  CK(cudaMalloc(&pr.w, pr.hw.size() * 2));
-  CK(cudaMemcpy(pr.h, pr.hh.data(), pr.hh.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(pr.w, pr.hw.data(), pr.hw.size() * 2, cudaMemcpyHostToDevice));
+  Problem pr = make_problem(2048, 2048, 8192 + 8192 + 5376);  // two full blocks and a ragged one (V = 21760)
 
   bool ok = true;
   if (getenv("LSM_PROFILE")) {  // one launch of each, for ncu: cuBLAS, then ours (cluster 1: copy, softmax)
